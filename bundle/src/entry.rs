@@ -1,0 +1,181 @@
+//! Names of systemd-boot Type #1 entries, with Automatic Boot Assessment
+//! try counters.
+//!
+//! An entry file is `loader/entries/<slot>[+<left>[-<done>]].conf`.
+//! systemd-boot decrements `left` and increments `done` by renaming the file
+//! before it boots the entry; an entry at `+0-N` is bad and sorts last. A
+//! blessed entry has no counter at all.
+
+use std::fmt;
+
+use crate::slot::Slot;
+
+/// Where the boot entries live on the ESP.
+pub const ENTRIES_DIR: &str = "loader/entries";
+
+/// The try counter of an entry that has not been blessed yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TriesCounter {
+    left: u32,
+    done: Option<u32>,
+}
+
+impl TriesCounter {
+    /// A fresh counter: `left` tries, none used (`+left`).
+    pub fn fresh(left: u32) -> TriesCounter {
+        TriesCounter { left, done: None }
+    }
+
+    /// A counter with both fields, `+left-done`.
+    pub fn new(left: u32, done: u32) -> TriesCounter {
+        TriesCounter { left, done: Some(done) }
+    }
+
+    /// Tries the bootloader still grants this entry.
+    pub fn tries_left(&self) -> u32 {
+        self.left
+    }
+
+    /// Tries already used.
+    pub fn tries_done(&self) -> u32 {
+        self.done.unwrap_or(0)
+    }
+
+    /// True when no tries are left: the bootloader treats the entry as bad.
+    pub fn is_bad(&self) -> bool {
+        self.left == 0
+    }
+}
+
+/// The file name of one slot's boot entry, parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BootEntryName {
+    /// The slot this entry boots.
+    pub slot: Slot,
+    /// `None` once blessed; otherwise the try counter.
+    pub counter: Option<TriesCounter>,
+}
+
+/// The state of a boot entry as Automatic Boot Assessment sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryState {
+    /// No counter: known good.
+    Good,
+    /// A counter with tries left: on trial.
+    Indeterminate,
+    /// A counter at zero: the bootloader will not pick it while another
+    /// entry is usable.
+    Bad,
+}
+
+impl BootEntryName {
+    /// A blessed entry for `slot`: `<slot>.conf`.
+    pub fn blessed(slot: Slot) -> BootEntryName {
+        BootEntryName { slot, counter: None }
+    }
+
+    /// An entry on trial with `tries` boots to prove itself: `<slot>+N.conf`.
+    pub fn on_trial(slot: Slot, tries: u32) -> BootEntryName {
+        BootEntryName { slot, counter: Some(TriesCounter::fresh(tries)) }
+    }
+
+    /// The same entry with the counter removed, as blessing renames it.
+    pub fn bless(self) -> BootEntryName {
+        BootEntryName { slot: self.slot, counter: None }
+    }
+
+    /// The same entry marked bad (`+0-N`), as a failed boot leaves it.
+    pub fn mark_bad(self) -> BootEntryName {
+        let done = self.counter.map(|c| c.tries_done() + c.tries_left()).unwrap_or(1);
+        BootEntryName { slot: self.slot, counter: Some(TriesCounter::new(0, done.max(1))) }
+    }
+
+    /// What the bootloader makes of the entry.
+    pub fn state(&self) -> EntryState {
+        match self.counter {
+            None => EntryState::Good,
+            Some(c) if c.is_bad() => EntryState::Bad,
+            Some(_) => EntryState::Indeterminate,
+        }
+    }
+
+    /// The entry's id as systemd-boot reports it in `LoaderEntrySelected`:
+    /// the file name without the counter, with `.conf`.
+    pub fn id(&self) -> String {
+        format!("{}.conf", self.slot)
+    }
+
+    /// Parses a file name such as `a+3.conf`, `b+0-3.conf` or `a.conf`.
+    /// Returns `None` for any file that is not a basalt slot entry.
+    pub fn parse(file_name: &str) -> Option<BootEntryName> {
+        let stem = file_name.strip_suffix(".conf")?;
+        let (slot_part, counter_part) = match stem.split_once('+') {
+            Some((s, c)) => (s, Some(c)),
+            None => (stem, None),
+        };
+        let slot = slot_part.parse::<Slot>().ok()?;
+        let counter = match counter_part {
+            None => None,
+            Some(c) => {
+                let (left, done) = match c.split_once('-') {
+                    Some((l, d)) => (l, Some(d)),
+                    None => (c, None),
+                };
+                let left = parse_decimal(left)?;
+                let done = match done {
+                    Some(d) => Some(parse_decimal(d)?),
+                    None => None,
+                };
+                Some(TriesCounter { left, done })
+            }
+        };
+        Some(BootEntryName { slot, counter })
+    }
+}
+
+fn parse_decimal(s: &str) -> Option<u32> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+impl fmt::Display for BootEntryName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.slot)?;
+        if let Some(c) = self.counter {
+            write!(f, "+{}", c.left)?;
+            if let Some(d) = c.done {
+                write!(f, "-{d}")?;
+            }
+        }
+        f.write_str(".conf")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_formats_every_counter_form() {
+        for name in ["a.conf", "b+3.conf", "a+2-1.conf", "b+0-3.conf"] {
+            let parsed = BootEntryName::parse(name).unwrap();
+            assert_eq!(parsed.to_string(), name);
+        }
+        let e = BootEntryName::parse("b+2-1.conf").unwrap();
+        assert_eq!(e.slot, Slot::B);
+        assert_eq!(e.state(), EntryState::Indeterminate);
+        assert_eq!(e.bless().to_string(), "b.conf");
+        assert_eq!(e.mark_bad().to_string(), "b+0-3.conf");
+        assert_eq!(BootEntryName::parse("a+0-3.conf").unwrap().state(), EntryState::Bad);
+        assert_eq!(BootEntryName::parse("a.conf").unwrap().state(), EntryState::Good);
+    }
+
+    #[test]
+    fn rejects_foreign_entries() {
+        for name in ["c.conf", "a+x.conf", "a+1-.conf", "a", "a+.conf", "debian.conf", "a+-1.conf"] {
+            assert_eq!(BootEntryName::parse(name), None, "{name}");
+        }
+    }
+}

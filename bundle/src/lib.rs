@@ -1,0 +1,20 @@
+//! Formats that the basalt host tool and the device both read.
+//!
+//! This crate owns every byte layout that crosses from the build host to a
+//! device: partition labels and type GUIDs, slot names, the names of boot
+//! entries with their try counters, and the configuration files the builder
+//! writes into an image for `basalt-init` to read. It does no I/O beyond
+//! parsing and formatting, and holds no policy: the builder decides what to
+//! write, the device decides what to do with it.
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod entry;
+pub mod guid;
+pub mod layout;
+pub mod slot;
+
+pub use config::{ImageConfig, SlotConfig};
+pub use entry::{BootEntryName, TriesCounter};
+pub use guid::Guid;
+pub use slot::Slot;

@@ -1,0 +1,16 @@
+//! The basalt host tool: a recipe and a board in, a flashable A/B disk
+//! image out.
+//!
+//! The build runs in two steps, as ripgrep and mkosi do: [`recipe`] and
+//! [`board`] read the user's TOML into plain structs, and [`plan`] resolves
+//! them into one [`plan::Plan`] (inputs read and hashed, sizes computed),
+//! which [`build`] turns into artifacts. Each on-disk format is a module of
+//! its own, judged in tests by the real tool that reads it.
+#![deny(missing_docs)]
+
+pub mod cpio;
+pub mod fat;
+pub mod gpt;
+pub mod squashfs;
+pub mod tree;
+pub mod verity;
