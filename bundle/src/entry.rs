@@ -179,3 +179,90 @@ mod tests {
         }
     }
 }
+
+/// The sort key every basalt entry carries, so that systemd-boot orders
+/// the slots by `version` alone.
+pub const SORT_KEY: &str = "basalt";
+
+/// The content of one Type #1 boot entry file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryConf {
+    /// Menu title.
+    pub title: String,
+    /// The image version; systemd-boot boots the highest version among
+    /// entries that still have tries left.
+    pub version: String,
+    /// Path of the kernel on the ESP (`/a/vmlinuz`).
+    pub linux: String,
+    /// Path of the initrd on the ESP (`/a/initrd`).
+    pub initrd: String,
+    /// Kernel command line; carries `basalt.slot=`.
+    pub options: String,
+}
+
+impl EntryConf {
+    /// The entry for `slot`, with the board's command line and the image's
+    /// name and version.
+    pub fn for_slot(slot: Slot, image: &str, version: &str, cmdline: &str) -> EntryConf {
+        let options = if cmdline.is_empty() {
+            format!("basalt.slot={slot}")
+        } else {
+            format!("{cmdline} basalt.slot={slot}")
+        };
+        EntryConf {
+            title: format!("{image} {version} (slot {slot})"),
+            version: version.to_string(),
+            linux: format!("/{}/vmlinuz", slot.esp_dir()),
+            initrd: format!("/{}/initrd", slot.esp_dir()),
+            options,
+        }
+    }
+
+    /// The file's text.
+    pub fn to_text(&self) -> String {
+        format!(
+            "title {}\nversion {}\nsort-key {}\nlinux {}\ninitrd {}\noptions {}\n",
+            self.title, self.version, SORT_KEY, self.linux, self.initrd, self.options
+        )
+    }
+
+    /// Reads the keys basalt writes; other keys are ignored, as
+    /// systemd-boot ignores unknown keys.
+    pub fn parse(text: &str) -> Option<EntryConf> {
+        let mut conf = EntryConf {
+            title: String::new(),
+            version: String::new(),
+            linux: String::new(),
+            initrd: String::new(),
+            options: String::new(),
+        };
+        for line in text.lines() {
+            let line = line.trim();
+            let (key, value) = match line.split_once(char::is_whitespace) {
+                Some((k, v)) => (k, v.trim().to_string()),
+                None => continue,
+            };
+            match key {
+                "title" => conf.title = value,
+                "version" => conf.version = value,
+                "linux" => conf.linux = value,
+                "initrd" => conf.initrd = value,
+                "options" => conf.options = value,
+                _ => {}
+            }
+        }
+        (!conf.linux.is_empty()).then_some(conf)
+    }
+}
+
+#[cfg(test)]
+mod conf_tests {
+    use super::*;
+
+    #[test]
+    fn entry_text_round_trips() {
+        let c = EntryConf::for_slot(Slot::B, "minimal", "1.2.0", "console=ttyS0");
+        assert_eq!(c.options, "console=ttyS0 basalt.slot=b");
+        assert_eq!(EntryConf::parse(&c.to_text()), Some(c));
+    }
+}

@@ -15,6 +15,6 @@ pub mod layout;
 pub mod slot;
 
 pub use config::{ImageConfig, SlotConfig};
-pub use entry::{BootEntryName, TriesCounter};
+pub use entry::{BootEntryName, EntryConf, EntryState, TriesCounter};
 pub use guid::Guid;
 pub use slot::Slot;
