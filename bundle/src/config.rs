@@ -263,7 +263,11 @@ mod tests {
             board: "qemu-x86_64".into(),
             hostname: "gw".into(),
             network: NetworkConfig::default(),
-            boot: BootConfig { bless_after_ms: 2000, bless_deadline_ms: 60000, stop_timeout_ms: 5000 },
+            boot: BootConfig {
+                bless_after_ms: 2000,
+                bless_deadline_ms: 60000,
+                stop_timeout_ms: 5000,
+            },
             services: vec![ServiceConfig {
                 name: "hello".into(),
                 command: vec!["/usr/bin/hello".into()],

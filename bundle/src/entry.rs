@@ -174,7 +174,8 @@ mod tests {
 
     #[test]
     fn rejects_foreign_entries() {
-        for name in ["c.conf", "a+x.conf", "a+1-.conf", "a", "a+.conf", "debian.conf", "a+-1.conf"] {
+        for name in ["c.conf", "a+x.conf", "a+1-.conf", "a", "a+.conf", "debian.conf", "a+-1.conf"]
+        {
             assert_eq!(BootEntryName::parse(name), None, "{name}");
         }
     }

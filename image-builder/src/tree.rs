@@ -138,10 +138,9 @@ impl Tree {
         }
         match self.nodes.get(parent) {
             Some(Node { kind: NodeKind::Dir, .. }) => Ok(()),
-            Some(_) => Err(TreeError::NotADirectory {
-                path: path.to_string(),
-                parent: parent.to_string(),
-            }),
+            Some(_) => {
+                Err(TreeError::NotADirectory { path: path.to_string(), parent: parent.to_string() })
+            }
             None => {
                 self.ensure_parents(parent)?;
                 self.nodes.insert(
@@ -280,8 +279,7 @@ mod tests {
     fn explicit_dir_takes_over_an_implicit_one() {
         let mut t = Tree::new(Meta::root(0o755, 0));
         t.add_file("/data/x", vec![], Meta::root(0o644, 0), Origin::Build).unwrap();
-        t.add_dir("/data", Meta { uid: 1, gid: 2, mode: 0o700, mtime: 0 }, Origin::Build)
-            .unwrap();
+        t.add_dir("/data", Meta { uid: 1, gid: 2, mode: 0o700, mtime: 0 }, Origin::Build).unwrap();
         assert_eq!(t.get("/data").unwrap().meta.mode, 0o700);
     }
 }
