@@ -8,9 +8,21 @@
 //! its own, judged in tests by the real tool that reads it.
 #![deny(missing_docs)]
 
+pub mod bmap;
+pub mod board;
+pub mod build;
 pub mod cpio;
+pub mod diag;
+pub mod duration;
+pub mod ext4;
 pub mod fat;
 pub mod gpt;
+pub mod inspect;
+pub mod kernel;
+pub mod plan;
+pub mod qemu;
+pub mod recipe;
+pub mod sbom;
 pub mod squashfs;
 pub mod tree;
 pub mod verity;

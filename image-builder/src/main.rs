@@ -1,1 +1,175 @@
-fn main() {}
+//! The `basalt` command: parses arguments, calls the library, maps errors to
+//! exit codes.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand};
+
+use basalt::plan::{self, PlanOptions};
+
+/// Build, inspect and run basalt images.
+#[derive(Parser)]
+#[command(name = "basalt", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build a disk image from a recipe.
+    ///
+    /// Writes DIR/disk.img, DIR/report.json, DIR/disk.img.bmap and
+    /// DIR/sbom.spdx.json. The build happens in a temporary folder that is
+    /// renamed at the end: a failed build leaves nothing behind.
+    Build {
+        /// The recipe file.
+        recipe: PathBuf,
+        /// A board name from boards/ or a path to a board file; the
+        /// recipe's `image.board` by default.
+        #[arg(long)]
+        board: Option<String>,
+        /// Output folder; `out/<image name>` by default.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Print the build report as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Folder with the static device programs (basalt-init,
+        /// basalt-demo); found beside basalt by default.
+        #[arg(long, env = "BASALT_DEVICE_BIN")]
+        device_bin: Option<PathBuf>,
+    },
+    /// Show partitions, slots, boot entries and versions of a disk image.
+    Inspect {
+        /// The disk image.
+        disk: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Boot a disk image in QEMU with its serial console on this terminal.
+    ///
+    /// Ports the recipe lists under [run] are forwarded to 127.0.0.1.
+    /// Ctrl-C stops the machine. The image file is used directly, so boot
+    /// counters and the data partition persist between runs.
+    Run {
+        /// The disk image (its report.json beside it names the board).
+        disk: PathBuf,
+        /// Board name or file, when there is no report.json beside the disk.
+        #[arg(long)]
+        board: Option<String>,
+        /// Stop with success as soon as the console prints this text.
+        #[arg(long)]
+        until: Option<String>,
+        /// Give up after this many seconds (exit code 3).
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// Forward this guest TCP port to the same port on 127.0.0.1
+        /// (repeatable; adds to the recipe's).
+        #[arg(long = "port")]
+        ports: Vec<u16>,
+        /// Write the console to this file as well.
+        #[arg(long)]
+        console_log: Option<PathBuf>,
+    },
+    /// Print shell completions.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+}
+
+fn source_date_epoch() -> anyhow::Result<u64> {
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(v) => v.trim().parse().map_err(|_| {
+            anyhow::anyhow!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds; unset it or give e.g. 1700000000")
+        }),
+        Err(_) => Ok(std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)),
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let interactive = std::io::stderr().is_terminal() && std::env::var_os("CI").is_none();
+    match cli.command {
+        Command::Build { recipe, board, out, json, device_bin } => {
+            let opts = PlanOptions {
+                board,
+                source_date_epoch: source_date_epoch()?,
+                cache_dir: plan::default_cache_dir(),
+                device_bin,
+            };
+            let start = std::time::Instant::now();
+            let plan = plan::resolve(&recipe, &opts)?;
+            let out = out.unwrap_or_else(|| PathBuf::from("out").join(&plan.name));
+            let mut log = |line: &str| {
+                if interactive {
+                    eprintln!("\x1b[1mbasalt\x1b[0m: {line}");
+                } else {
+                    eprintln!("basalt: {line}");
+                }
+            };
+            log(&format!("building {} {} for {}", plan.name, plan.version, plan.board.name.value));
+            let report = basalt::build::build(&plan, &out, &mut log)?;
+            log(&format!("built {} in {:.2} s", out.display(), start.elapsed().as_secs_f64()));
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Inspect { disk, json } => {
+            let info = basalt::inspect::inspect(&disk)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                print!("{}", info.to_text());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { disk, board, until, timeout, ports, console_log } => {
+            let outcome = basalt::qemu::run_disk(&basalt::qemu::RunOptions {
+                disk,
+                board,
+                until,
+                timeout: timeout.map(std::time::Duration::from_secs),
+                extra_ports: ports,
+                console_log,
+                echo: true,
+            })?;
+            Ok(match outcome {
+                basalt::qemu::Outcome::Exited(0) | basalt::qemu::Outcome::MarkerSeen => {
+                    ExitCode::SUCCESS
+                }
+                basalt::qemu::Outcome::Exited(code) => ExitCode::from(code.clamp(1, 255) as u8),
+                basalt::qemu::Outcome::TimedOut => {
+                    eprintln!("basalt: timed out");
+                    ExitCode::from(3)
+                }
+            })
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "basalt", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            let mut source = e.source();
+            while let Some(s) = source {
+                eprintln!("  caused by: {s}");
+                source = s.source();
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -4,9 +4,11 @@
 //! arguments, so it can be tested on a host without root.
 
 pub mod block;
+pub mod console;
 pub mod dm;
 pub mod kmod;
 pub mod mount;
+pub mod net;
 pub mod process;
 pub mod reboot;
 pub mod signal;

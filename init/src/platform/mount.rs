@@ -78,3 +78,29 @@ pub fn mounts(proc_mounts: &Path) -> io::Result<Vec<(String, String, String)>> {
         })
         .collect())
 }
+
+/// Flushes the filesystem that holds `path` (`syncfs`), e.g. the ESP after
+/// renaming a boot entry, without waiting for every other filesystem.
+pub fn sync_fs(path: &Path) -> io::Result<()> {
+    let dir = std::fs::File::open(path)?;
+    nix::unistd::syncfs(&dir).map_err(io_err)
+}
+
+/// True if something is mounted exactly at `target`, per `proc_mounts`.
+pub fn is_mounted(proc_mounts: &Path, target: &Path) -> bool {
+    let Some(target) = target.to_str() else { return false };
+    mounts(proc_mounts).map(|m| m.iter().any(|(_, t, _)| t == target)).unwrap_or(false)
+}
+
+/// Whether `path` is on a RAM-backed filesystem (tmpfs or ramfs), as the
+/// initramfs is. Stage 1 checks this before it deletes the initramfs's
+/// files, so that a mistaken run can never empty a disk.
+pub fn is_ram_backed(path: &Path) -> io::Result<bool> {
+    /// `RAMFS_MAGIC` from `<linux/magic.h>`; nix does not name it.
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    let fs = nix::sys::statfs::statfs(path).map_err(io_err)?;
+    let ty = fs.filesystem_type();
+    #[allow(clippy::unnecessary_cast)] // fs_type_t is i64 on glibc, u64 or u32 elsewhere
+    let raw = ty.0 as i64;
+    Ok(ty == nix::sys::statfs::TMPFS_MAGIC || raw == RAMFS_MAGIC)
+}

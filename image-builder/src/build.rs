@@ -1,0 +1,533 @@
+//! Turning a [`Plan`] into artifacts: the disk image, its report, its
+//! `.bmap` and its SBOM.
+//!
+//! Order matters: the squashfs comes first, then its verity tree, whose
+//! root hash goes into the initramfs, which goes onto the ESP, which goes
+//! into the disk. Everything is written into a temporary folder beside the
+//! output and renamed at the end, so a failed build leaves nothing behind.
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use basalt_bundle::config::{SlotConfig, VerityParams, SLOT_CONFIG_PATH};
+use basalt_bundle::entry::{BootEntryName, EntryConf, ENTRIES_DIR};
+use basalt_bundle::layout::{self, Arch};
+use basalt_bundle::{Guid, Slot};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::gpt::{DiskLayout, PartitionSpec};
+use crate::plan::Plan;
+use crate::tree::{Meta, NodeKind, Origin, Tree};
+use crate::{bmap, cpio, ext4, fat, gpt, sbom, squashfs, verity};
+
+/// Why a build failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The squashfs could not be written.
+    #[error(transparent)]
+    Squashfs(#[from] squashfs::SquashfsError),
+    /// The verity tree could not be built.
+    #[error(transparent)]
+    Verity(#[from] verity::VerityError),
+    /// The initramfs could not be written.
+    #[error(transparent)]
+    Cpio(#[from] cpio::CpioError),
+    /// The ESP could not be written.
+    #[error("the ESP: {0}")]
+    Fat(#[from] fat::FatError),
+    /// The partition table could not be written.
+    #[error(transparent)]
+    Gpt(#[from] gpt::GptError),
+    /// The data partition could not be made.
+    #[error(transparent)]
+    Ext4(#[from] ext4::Ext4Error),
+    /// The bmap could not be written.
+    #[error(transparent)]
+    Bmap(#[from] bmap::BmapError),
+    /// A root filesystem does not fit its slot.
+    #[error("the root filesystem needs {needed_mib} MiB (squashfs and hash tree) but a slot has {have_mib} MiB; raise [disk] root_mib in {board}")]
+    RootTooBig {
+        /// MiB needed.
+        needed_mib: u64,
+        /// MiB available.
+        have_mib: u64,
+        /// The board file.
+        board: String,
+    },
+    /// The initramfs tree is inconsistent.
+    #[error("initramfs: {0}")]
+    Tree(#[from] crate::tree::TreeError),
+    /// A file could not be read or written.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The output folder exists and is not a previous build.
+    #[error("refusing to replace {0}: it exists and is not a basalt output folder (no report.json); choose another --out or remove it")]
+    ForeignOutput(PathBuf),
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> BuildError + 'a {
+    move |source| BuildError::Io { what, path: path.to_path_buf(), source }
+}
+
+/// One slot's content: what goes into its root partition and onto the ESP.
+#[derive(Debug, Clone)]
+pub struct SlotArtifacts {
+    /// The squashfs image, padded to 4 KiB.
+    pub squashfs: Vec<u8>,
+    /// The verity superblock and tree, to write right after the squashfs.
+    pub hash_area: Vec<u8>,
+    /// Verity parameters (root hash, offsets).
+    pub verity: VerityParams,
+    /// The compressed initramfs.
+    pub initrd: Vec<u8>,
+    /// The initramfs tree (for the SBOM).
+    pub initrd_tree: Tree,
+    /// The kernel image.
+    pub vmlinuz: Arc<Vec<u8>>,
+}
+
+impl SlotArtifacts {
+    /// Bytes the slot's root partition must hold.
+    pub fn root_bytes(&self) -> u64 {
+        (self.squashfs.len() + self.hash_area.len()) as u64
+    }
+}
+
+/// Builds the root filesystem, its verity tree and the matching initramfs.
+pub fn build_slot(plan: &Plan) -> Result<SlotArtifacts, BuildError> {
+    let sde = plan.source_date_epoch;
+    let identity = plan.identity();
+    let squashfs = squashfs::write_squashfs(&plan.rootfs, sde)?;
+    let salt: [u8; 32] = Sha256::digest(format!("verity salt\0{identity}").as_bytes()).into();
+    let uuid = *Guid::derived("verity", &identity).as_bytes();
+    let v = verity::build_verity(&squashfs, &salt, uuid)?;
+
+    let mut tree = Tree::new(Meta::root(0o755, sde));
+    let init = fs::read(&plan.init_binary).map_err(io("cannot read", &plan.init_binary))?;
+    tree.add_file("/init", init, Meta::root(0o755, sde), Origin::Build)?;
+    for d in ["/proc", "/sys", "/dev", "/newroot"] {
+        tree.add_dir(d, Meta::root(0o755, sde), Origin::Build)?;
+    }
+    let mut modules = Vec::new();
+    for m in &plan.stage1_modules {
+        let host = plan.kernel.modules_root.join(&m.rel_path);
+        let bytes = fs::read(&host).map_err(io("cannot read module", &host))?;
+        let path = format!("/lib/modules/{}/{}", plan.kernel.release, m.rel_path.display());
+        tree.add_file(
+            &path,
+            bytes,
+            Meta::root(0o644, sde),
+            Origin::Kernel(plan.kernel.origin.clone()),
+        )?;
+        modules.push(path);
+    }
+    let slot_config = SlotConfig {
+        image: plan.name.clone(),
+        version: plan.version.to_string(),
+        kernel_release: plan.kernel.release.clone(),
+        modules,
+        root_wait_ms: plan.board.root_wait.as_millis(),
+        verity: v.params.clone(),
+        root_fstype: "squashfs".into(),
+        data_fstype: "ext4".into(),
+    };
+    tree.add_file(
+        SLOT_CONFIG_PATH,
+        slot_config.to_toml().into_bytes(),
+        Meta::root(0o644, sde),
+        Origin::Build,
+    )?;
+    let cpio = cpio::write_newc(&tree)?;
+    let initrd = zstd::bulk::compress(&cpio, 9)
+        .map_err(io("cannot compress the initramfs", Path::new("initrd")))?;
+    let vmlinuz =
+        fs::read(&plan.kernel.vmlinuz).map_err(io("cannot read", &plan.kernel.vmlinuz))?;
+    Ok(SlotArtifacts {
+        squashfs,
+        hash_area: v.hash_area,
+        verity: v.params,
+        initrd,
+        initrd_tree: tree,
+        vmlinuz: Arc::new(vmlinuz),
+    })
+}
+
+/// What `report.json` says about a build.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Image name.
+    pub name: String,
+    /// Image version.
+    pub version: String,
+    /// Board name.
+    pub board: String,
+    /// Architecture.
+    pub arch: String,
+    /// Kernel release.
+    pub kernel_release: String,
+    /// Timestamp of every file in the image.
+    pub source_date_epoch: u64,
+    /// The disk image.
+    pub disk: DiskReport,
+    /// Partitions in table order.
+    pub partitions: Vec<PartitionReport>,
+    /// Slot `a` (the factory slot).
+    pub slot_a: SlotReport,
+    /// Size of the root filesystem.
+    pub rootfs: RootfsReport,
+    /// The QEMU machine `basalt run` boots this image in, if the board
+    /// has one.
+    pub machine: Option<crate::qemu::MachineSpec>,
+    /// Wall time of each build step, in milliseconds.
+    pub timings_ms: Vec<(String, u64)>,
+}
+
+/// The disk file.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskReport {
+    /// File name inside the output folder.
+    pub file: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// sha256 of the whole file.
+    pub sha256: String,
+    /// Disk GUID.
+    pub guid: String,
+}
+
+/// One partition.
+#[derive(Debug, Clone, Serialize)]
+pub struct PartitionReport {
+    /// Number, from 1.
+    pub index: u32,
+    /// PARTLABEL.
+    pub label: String,
+    /// Type GUID.
+    pub type_guid: String,
+    /// Unique GUID.
+    pub guid: String,
+    /// Byte offset.
+    pub offset: u64,
+    /// Byte size.
+    pub size: u64,
+}
+
+/// A filled root slot.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlotReport {
+    /// Image version in the slot.
+    pub version: String,
+    /// Boot entry file name on the ESP.
+    pub entry: String,
+    /// Bytes of squashfs data (the verity data area).
+    pub squashfs_bytes: u64,
+    /// Bytes of verity superblock and tree.
+    pub hash_tree_bytes: u64,
+    /// Bytes of the compressed initramfs.
+    pub initrd_bytes: u64,
+    /// Verity parameters.
+    pub verity: VerityParams,
+}
+
+/// What the root filesystem holds.
+#[derive(Debug, Clone, Serialize)]
+pub struct RootfsReport {
+    /// Entries (files, dirs, links).
+    pub entries: usize,
+    /// Bytes of file content.
+    pub file_bytes: u64,
+    /// File bytes that are kernel modules.
+    pub module_bytes: u64,
+    /// File bytes minus kernel modules: the OS's own overhead.
+    pub os_overhead_bytes: u64,
+}
+
+/// Writes `data` into `file` at `offset`, skipping 4 KiB blocks of zeros
+/// so the disk image stays sparse.
+pub fn write_sparse(file: &mut fs::File, offset: u64, data: &[u8]) -> std::io::Result<()> {
+    const BLOCK: usize = 4096;
+    for (i, chunk) in data.chunks(BLOCK).enumerate() {
+        if chunk.iter().all(|b| *b == 0) {
+            continue;
+        }
+        file.seek(SeekFrom::Start(offset + (i * BLOCK) as u64))?;
+        file.write_all(chunk)?;
+    }
+    Ok(())
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / 1048576.0)
+}
+
+/// The ESP's files for the given slots.
+pub fn esp_files<'a>(
+    plan: &Plan,
+    sd_boot: &'a [u8],
+    slots: &'a [(Slot, &'a SlotArtifacts, String)],
+    loader_conf: &'a [u8],
+) -> Vec<(String, Vec<u8>)> {
+    let boot_file = format!("EFI/BOOT/{}", plan.board.arch.efi_boot_file());
+    let mut files = vec![
+        (boot_file, sd_boot.to_vec()),
+        ("loader/loader.conf".to_string(), loader_conf.to_vec()),
+    ];
+    for (slot, art, entry_name) in slots {
+        let conf = EntryConf::for_slot(*slot, &plan.name, &plan.version.to_string(), &plan.cmdline);
+        files.push((format!("{ENTRIES_DIR}/{entry_name}"), conf.to_text().into_bytes()));
+        files.push((format!("{}/vmlinuz", slot.esp_dir()), art.vmlinuz.to_vec()));
+        files.push((format!("{}/initrd", slot.esp_dir()), art.initrd.clone()));
+    }
+    files
+}
+
+/// `loader.conf`: boot at once, and no `default` line, because a default
+/// would override the boot counters and keep booting a bad slot.
+pub const LOADER_CONF: &str = "timeout 0\neditor no\nauto-entries no\nauto-firmware no\n";
+
+/// Builds the image described by `plan` into `out`.
+pub fn build(plan: &Plan, out: &Path, log: &mut dyn FnMut(&str)) -> Result<Report, BuildError> {
+    let mut timings = Vec::new();
+    let mut step = |name: &str, start: Instant| {
+        timings.push((name.to_string(), start.elapsed().as_millis() as u64))
+    };
+    let identity = plan.identity();
+    let sde = plan.source_date_epoch;
+
+    let t = Instant::now();
+    let slot_a = build_slot(plan)?;
+    step("rootfs+verity+initrd", t);
+    log(&format!(
+        "rootfs: {} entries, squashfs {} + hash tree {}; root hash {}",
+        plan.rootfs.len(),
+        mib(slot_a.squashfs.len() as u64),
+        mib(slot_a.hash_area.len() as u64),
+        slot_a.verity.root_hash
+    ));
+    let root_size = plan.board.disk.root_mib.value << 20;
+    if slot_a.root_bytes() > root_size {
+        return Err(BuildError::RootTooBig {
+            needed_mib: slot_a.root_bytes().div_ceil(1 << 20),
+            have_mib: plan.board.disk.root_mib.value,
+            board: plan.board_path.display().to_string(),
+        });
+    }
+
+    let t = Instant::now();
+    let sd_boot_path = plan
+        .board_path
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join(&plan.board.firmware.systemd_boot.value);
+    let sd_boot = fs::read(&sd_boot_path).map_err(io("cannot read", &sd_boot_path))?;
+    let entry_a = BootEntryName::on_trial(Slot::A, plan.tries).to_string();
+    let slots = [(Slot::A, &slot_a, entry_a.clone())];
+    let files = esp_files(plan, &sd_boot, &slots, LOADER_CONF.as_bytes());
+    let fat_files: Vec<fat::FatFile<'_>> =
+        files.iter().map(|(p, d)| fat::FatFile::new(p.clone(), d)).collect();
+    let esp_guid = Guid::derived("esp-volume", &identity);
+    let vol = esp_guid.as_bytes();
+    let esp = fat::write_fat32(
+        &fat_files,
+        &fat::FatOptions {
+            size_bytes: plan.board.disk.esp_mib.value << 20,
+            volume_id: u32::from_le_bytes([vol[0], vol[1], vol[2], vol[3]]),
+            label: "ESP".into(),
+            mtime: sde,
+            hidden_sectors: 2048,
+        },
+    )?;
+    step("esp", t);
+    log(&format!("esp: {} files, initrd {}", files.len(), mib(slot_a.initrd.len() as u64)));
+
+    // The output goes to a temporary folder beside `out`.
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(io("cannot create", parent))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(
+            ".{}.tmp-",
+            out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        ))
+        .tempdir_in(parent)
+        .map_err(io("cannot create a folder in", parent))?;
+
+    let t = Instant::now();
+    let data_size = plan.board.disk.data_mib.value << 20;
+    let data_path = tmp.path().join("data.ext4");
+    ext4::make_ext4(
+        &data_path,
+        data_size,
+        layout::DATA_LABEL,
+        Guid::derived("data-fs", &identity),
+        sde,
+    )?;
+    let data = fs::read(&data_path).map_err(io("cannot read", &data_path))?;
+    fs::remove_file(&data_path).map_err(io("cannot remove", &data_path))?;
+    step("data", t);
+
+    let t = Instant::now();
+    let root_type = plan.board.arch.root_type();
+    let part = |label: &str, type_guid: Guid, size_bytes: u64| PartitionSpec {
+        label: label.to_string(),
+        type_guid,
+        guid: Guid::derived("partition", &format!("{identity}\0{label}")),
+        size_bytes,
+    };
+    let layout = DiskLayout {
+        disk_guid: Guid::derived("disk", &identity),
+        partitions: vec![
+            part(layout::ESP_LABEL, layout::ESP_TYPE, plan.board.disk.esp_mib.value << 20),
+            part(layout::ROOTFS_A_LABEL, root_type, root_size),
+            part(layout::ROOTFS_B_LABEL, root_type, root_size),
+            part(layout::DATA_LABEL, layout::LINUX_DATA_TYPE, data_size),
+        ],
+        disk_size: plan.board.disk.total_mib.as_ref().map(|t| t.value << 20),
+    };
+    let (placed, disk_size) = gpt::plan(&layout)?;
+    let disk_path = tmp.path().join("disk.img");
+    let mut disk = fs::File::create(&disk_path).map_err(io("cannot create", &disk_path))?;
+    disk.set_len(disk_size).map_err(io("cannot size", &disk_path))?;
+    gpt::write_headers(&mut disk, disk_size, layout.disk_guid, &placed)?;
+    for p in &placed {
+        let w = |disk: &mut fs::File, off: u64, bytes: &[u8]| {
+            write_sparse(disk, off, bytes).map_err(io("cannot write", &disk_path))
+        };
+        match p.label.as_str() {
+            layout::ESP_LABEL => w(&mut disk, p.offset, &esp)?,
+            layout::ROOTFS_A_LABEL => {
+                w(&mut disk, p.offset, &slot_a.squashfs)?;
+                w(&mut disk, p.offset + slot_a.verity.hash_offset, &slot_a.hash_area)?;
+            }
+            layout::DATA_LABEL => w(&mut disk, p.offset, &data)?,
+            _ => {}
+        }
+    }
+    disk.sync_all().map_err(io("cannot sync", &disk_path))?;
+    drop(disk);
+    step("disk", t);
+
+    let t = Instant::now();
+    let bmap_xml = bmap::write_bmap(&disk_path)?;
+    fs::write(tmp.path().join("disk.img.bmap"), bmap_xml)
+        .map_err(io("cannot write", tmp.path()))?;
+    let mut f = fs::File::open(&disk_path).map_err(io("cannot read", &disk_path))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io("cannot read", &disk_path))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    let disk_sha = hex::encode(h.finalize());
+
+    let extra: Vec<sbom::ExtraFile<'_>> = files
+        .iter()
+        .filter(|(p, _)| !p.ends_with("/initrd"))
+        .map(|(p, d)| sbom::ExtraFile {
+            name: format!("esp:/{p}"),
+            data: d,
+            origin: if p.ends_with("vmlinuz") {
+                Origin::Kernel(plan.kernel.origin.clone())
+            } else {
+                Origin::Build
+            },
+        })
+        .collect();
+    let sbom_json = sbom::spdx_json(&sbom::SbomInput {
+        name: &plan.name,
+        version: &plan.version.to_string(),
+        created: sbom::rfc3339(sde),
+        kernel_package: plan.kernel.package.as_ref().map(|(n, v)| (n.as_str(), v.as_str())),
+        trees: vec![("rootfs:", &plan.rootfs), ("initrd:", &slot_a.initrd_tree)],
+        extra,
+    });
+    let sbom_text = serde_json::to_string_pretty(&sbom_json).unwrap_or_default();
+    fs::write(tmp.path().join("sbom.spdx.json"), sbom_text)
+        .map_err(io("cannot write", tmp.path()))?;
+    step("bmap+sbom", t);
+
+    let module_bytes: u64 = plan
+        .rootfs
+        .iter()
+        .filter(|(p, _)| p.starts_with("/lib/modules/"))
+        .map(|(_, n)| if let NodeKind::File(d) = &n.kind { d.len() as u64 } else { 0 })
+        .sum();
+    let report = Report {
+        name: plan.name.clone(),
+        version: plan.version.to_string(),
+        board: plan.board.name.value.clone(),
+        arch: match plan.board.arch {
+            Arch::X86_64 => "x86_64".into(),
+            Arch::Aarch64 => "aarch64".into(),
+        },
+        kernel_release: plan.kernel.release.clone(),
+        source_date_epoch: sde,
+        disk: DiskReport {
+            file: "disk.img".into(),
+            size: disk_size,
+            sha256: disk_sha,
+            guid: layout.disk_guid.to_string(),
+        },
+        partitions: placed
+            .iter()
+            .map(|p| PartitionReport {
+                index: p.index,
+                label: p.label.clone(),
+                type_guid: p.type_guid.to_string(),
+                guid: p.guid.to_string(),
+                offset: p.offset,
+                size: p.size,
+            })
+            .collect(),
+        slot_a: SlotReport {
+            version: plan.version.to_string(),
+            entry: entry_a,
+            squashfs_bytes: slot_a.squashfs.len() as u64,
+            hash_tree_bytes: slot_a.hash_area.len() as u64,
+            initrd_bytes: slot_a.initrd.len() as u64,
+            verity: slot_a.verity.clone(),
+        },
+        rootfs: RootfsReport {
+            entries: plan.rootfs.len(),
+            file_bytes: plan.rootfs.file_bytes(),
+            module_bytes,
+            os_overhead_bytes: plan.rootfs.file_bytes() - module_bytes,
+        },
+        machine: crate::qemu::spec_of_board(&plan.board, &plan.ports, plan.memory_mib),
+        timings_ms: timings,
+    };
+    let report_text = serde_json::to_string_pretty(&report).unwrap_or_default();
+    fs::write(tmp.path().join("report.json"), report_text)
+        .map_err(io("cannot write", tmp.path()))?;
+
+    // Replace a previous build only; never a folder we did not make.
+    if out.exists() {
+        let empty = fs::read_dir(out).map(|mut d| d.next().is_none()).unwrap_or(false);
+        if !empty && !out.join("report.json").exists() {
+            return Err(BuildError::ForeignOutput(out.to_path_buf()));
+        }
+        fs::remove_dir_all(out).map_err(io("cannot replace", out))?;
+    }
+    let kept = tmp.keep();
+    fs::rename(&kept, out).map_err(io("cannot move the finished build to", out))?;
+    log(&format!(
+        "disk: {} ({}), sha256 {}",
+        out.join("disk.img").display(),
+        mib(disk_size),
+        report.disk.sha256
+    ));
+    Ok(report)
+}

@@ -1,0 +1,254 @@
+//! `basalt inspect`: what a disk image holds, read back from the image
+//! itself (partition table, ESP, boot entries, each slot's initramfs).
+
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use basalt_bundle::config::{SlotConfig, SLOT_CONFIG_PATH};
+use basalt_bundle::entry::{BootEntryName, EntryConf, EntryState, ENTRIES_DIR};
+use basalt_bundle::layout::ESP_LABEL;
+use basalt_bundle::Slot;
+use serde::Serialize;
+
+use crate::{fat, gpt};
+
+/// Why an image could not be inspected.
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The partition table is unreadable.
+    #[error("{0}")]
+    Gpt(#[from] gpt::GptError),
+    /// The ESP is unreadable.
+    #[error("the ESP: {0}")]
+    Fat(#[from] fat::FatError),
+    /// The image is not a basalt image.
+    #[error("{0}")]
+    NotBasalt(String),
+}
+
+/// What an image holds.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageInfo {
+    /// Disk GUID.
+    pub disk_guid: String,
+    /// Partitions.
+    pub partitions: Vec<PartInfo>,
+    /// Boot entries on the ESP.
+    pub entries: Vec<EntryInfo>,
+    /// What each slot holds.
+    pub slots: Vec<SlotInfo>,
+}
+
+/// One partition.
+#[derive(Debug, Clone, Serialize)]
+pub struct PartInfo {
+    /// Number.
+    pub index: u32,
+    /// PARTLABEL.
+    pub label: String,
+    /// Type GUID.
+    pub type_guid: String,
+    /// Byte offset.
+    pub offset: u64,
+    /// Byte size.
+    pub size: u64,
+}
+
+/// One boot entry.
+#[derive(Debug, Clone, Serialize)]
+pub struct EntryInfo {
+    /// File name.
+    pub file: String,
+    /// Slot it boots.
+    pub slot: Slot,
+    /// `good`, `trying` or `bad`.
+    pub state: String,
+    /// Tries left, if on trial.
+    pub tries_left: Option<u32>,
+    /// Tries used, if on trial.
+    pub tries_done: Option<u32>,
+    /// The version the entry says it boots.
+    pub version: String,
+}
+
+/// One slot.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlotInfo {
+    /// The slot.
+    pub slot: Slot,
+    /// Image name and version from the slot's initramfs, if it has one.
+    pub image: Option<String>,
+    /// Version.
+    pub version: Option<String>,
+    /// Verity root hash.
+    pub root_hash: Option<String>,
+    /// Whether the root partition holds a squashfs.
+    pub rootfs_present: bool,
+}
+
+/// Reads one file out of a newc cpio archive.
+pub fn cpio_file(archive: &[u8], want: &str) -> Option<Vec<u8>> {
+    let want = want.trim_start_matches('/');
+    let mut at = 0usize;
+    let field = |a: &[u8], i: usize| -> Option<usize> {
+        usize::from_str_radix(std::str::from_utf8(a.get(i..i + 8)?).ok()?, 16).ok()
+    };
+    loop {
+        let h = archive.get(at..at + 110)?;
+        if &h[..6] != b"070701" {
+            return None;
+        }
+        let size = field(h, 54)?;
+        let namesize = field(h, 94)?;
+        let name = archive.get(at + 110..at + 110 + namesize.checked_sub(1)?)?;
+        let data_start = (at + 110 + namesize).div_ceil(4) * 4;
+        if name == b"TRAILER!!!" {
+            return None;
+        }
+        if name == want.as_bytes() {
+            return archive.get(data_start..data_start + size).map(<[u8]>::to_vec);
+        }
+        at = (data_start + size).div_ceil(4) * 4;
+    }
+}
+
+fn read_at(f: &mut File, path: &Path, offset: u64, len: usize) -> Result<Vec<u8>, InspectError> {
+    let err = |source| InspectError::Read { path: path.to_path_buf(), source };
+    f.seek(SeekFrom::Start(offset)).map_err(err)?;
+    let mut buf = vec![0u8; len];
+    f.read_exact(&mut buf).map_err(err)?;
+    Ok(buf)
+}
+
+/// Inspects a disk image.
+pub fn inspect(disk: &Path) -> Result<ImageInfo, InspectError> {
+    let mut f =
+        File::open(disk).map_err(|source| InspectError::Read { path: disk.into(), source })?;
+    let (guid, parts) = gpt::read(&mut f)?;
+    let esp = parts.iter().find(|p| p.label == ESP_LABEL).ok_or_else(|| {
+        InspectError::NotBasalt(format!(
+            "{} has no partition labelled `{ESP_LABEL}`: not a basalt image",
+            disk.display()
+        ))
+    })?;
+    let esp_bytes = read_at(&mut f, disk, esp.offset, esp.size as usize)?;
+    let reader = fat::FatReader::new(&esp_bytes)?;
+    let mut entries = Vec::new();
+    for e in reader.list_dir(ENTRIES_DIR).unwrap_or_default() {
+        let Some(name) = BootEntryName::parse(&e.name) else { continue };
+        let conf = reader
+            .read_file(&format!("{ENTRIES_DIR}/{}", e.name))
+            .ok()
+            .and_then(|b| EntryConf::parse(&String::from_utf8_lossy(&b)));
+        entries.push(EntryInfo {
+            file: e.name.clone(),
+            slot: name.slot,
+            state: match name.state() {
+                EntryState::Good => "good",
+                EntryState::Indeterminate => "trying",
+                EntryState::Bad => "bad",
+            }
+            .to_string(),
+            tries_left: name.counter.map(|c| c.tries_left()),
+            tries_done: name.counter.map(|c| c.tries_done()),
+            version: conf.map(|c| c.version).unwrap_or_default(),
+        });
+    }
+    let mut slots = Vec::new();
+    for slot in Slot::ALL {
+        let cfg = reader
+            .read_file(&format!("{}/initrd", slot.esp_dir()))
+            .ok()
+            .and_then(|z| zstd::stream::decode_all(&z[..]).ok())
+            .and_then(|cpio| cpio_file(&cpio, SLOT_CONFIG_PATH))
+            .and_then(|t| SlotConfig::from_toml(&String::from_utf8_lossy(&t)).ok());
+        let rootfs_present = match parts.iter().find(|p| p.label == slot.root_partlabel()) {
+            Some(p) => read_at(&mut f, disk, p.offset, 4)? == b"hsqs",
+            None => false,
+        };
+        slots.push(SlotInfo {
+            slot,
+            image: cfg.as_ref().map(|c| c.image.clone()),
+            version: cfg.as_ref().map(|c| c.version.clone()),
+            root_hash: cfg.as_ref().map(|c| c.verity.root_hash.clone()),
+            rootfs_present,
+        });
+    }
+    Ok(ImageInfo {
+        disk_guid: guid.to_string(),
+        partitions: parts
+            .iter()
+            .map(|p| PartInfo {
+                index: p.index,
+                label: p.label.clone(),
+                type_guid: p.type_guid.to_string(),
+                offset: p.offset,
+                size: p.size,
+            })
+            .collect(),
+        entries,
+        slots,
+    })
+}
+
+impl ImageInfo {
+    /// A human-readable summary.
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "disk {}", self.disk_guid);
+        let _ = writeln!(s, "partitions:");
+        for p in &self.partitions {
+            let _ = writeln!(
+                s,
+                "  {} {:<9} offset {:>6} MiB  size {:>6} MiB  type {}",
+                p.index,
+                p.label,
+                p.offset >> 20,
+                p.size >> 20,
+                p.type_guid
+            );
+        }
+        let _ = writeln!(s, "boot entries:");
+        if self.entries.is_empty() {
+            let _ = writeln!(s, "  (none)");
+        }
+        for e in &self.entries {
+            let tries = match (e.tries_left, e.tries_done) {
+                (Some(l), Some(d)) => format!(" ({l} tries left, {d} used)"),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                s,
+                "  {:<12} slot {} version {} {}{}",
+                e.file, e.slot, e.version, e.state, tries
+            );
+        }
+        let _ = writeln!(s, "slots:");
+        for sl in &self.slots {
+            match (&sl.image, &sl.version, &sl.root_hash) {
+                (Some(i), Some(v), Some(h)) => {
+                    let _ = writeln!(
+                        s,
+                        "  {}: {i} {v}, root hash {h}{}",
+                        sl.slot,
+                        if sl.rootfs_present { "" } else { " (root partition EMPTY)" }
+                    );
+                }
+                _ => {
+                    let _ = writeln!(s, "  {}: empty", sl.slot);
+                }
+            }
+        }
+        s
+    }
+}

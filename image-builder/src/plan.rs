@@ -1,0 +1,763 @@
+//! Resolving a recipe and a board into one [`Plan`]: every input read and
+//! checked, every size known, the root filesystem tree assembled. The rest
+//! of the build takes the plan as its only input.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use basalt_bundle::config::{
+    BootConfig, HealthCheck, HealthProbe, ImageConfig, NetworkConfig, NetworkMode, RestartPolicy,
+    ServiceConfig, IMAGE_CONFIG_PATH,
+};
+use basalt_bundle::layout::Arch;
+
+use crate::board::Board;
+use crate::diag::{with_help, Diagnostic, Located, Source};
+use crate::kernel::{self, KernelFiles, ModuleFile, ModuleIndex};
+use crate::recipe::{Mode, Recipe};
+use crate::tree::{Meta, Origin, Tree};
+
+/// Why a recipe could not be resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Something in a recipe or board file is wrong; points at the place.
+    #[error("{0}")]
+    At(Box<Diagnostic>),
+    /// The kernel input is wrong.
+    #[error(transparent)]
+    Kernel(#[from] kernel::KernelError),
+    /// A static device program is missing.
+    #[error("the static {name} for {target} is not built (looked in {looked}); build it with `cargo build --release --target {target} -p basalt-init --bins`, or set BASALT_DEVICE_BIN to the folder that holds it")]
+    DeviceBinary {
+        /// Program name.
+        name: String,
+        /// Rust target triple.
+        target: String,
+        /// Folders searched.
+        looked: String,
+    },
+}
+
+impl From<Diagnostic> for PlanError {
+    fn from(d: Diagnostic) -> Self {
+        PlanError::At(Box::new(d))
+    }
+}
+
+/// Options from the command line that shape the plan.
+#[derive(Debug, Clone, Default)]
+pub struct PlanOptions {
+    /// `--board`: a board name or a path to a board file.
+    pub board: Option<String>,
+    /// `SOURCE_DATE_EPOCH`: every timestamp in the image.
+    pub source_date_epoch: u64,
+    /// Where unpacked kernels are cached.
+    pub cache_dir: PathBuf,
+    /// Folder with the static device programs, instead of the search.
+    pub device_bin: Option<PathBuf>,
+}
+
+/// Everything a build needs, resolved.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The recipe file.
+    pub recipe_path: PathBuf,
+    /// The board file.
+    pub board_path: PathBuf,
+    /// Image name.
+    pub name: String,
+    /// Image version.
+    pub version: semver::Version,
+    /// The board.
+    pub board: Board,
+    /// Every timestamp in the image.
+    pub source_date_epoch: u64,
+    /// The kernel.
+    pub kernel: KernelFiles,
+    /// Modules for the initramfs, in load order.
+    pub stage1_modules: Vec<ModuleFile>,
+    /// Path of the static basalt-init.
+    pub init_binary: PathBuf,
+    /// The root filesystem.
+    pub rootfs: Tree,
+    /// The configuration stage 2 reads.
+    pub image_config: ImageConfig,
+    /// Kernel command line without `basalt.slot=`.
+    pub cmdline: String,
+    /// Boot tries a new slot gets.
+    pub tries: u32,
+    /// Guest ports `basalt run` forwards.
+    pub ports: Vec<u16>,
+    /// Guest memory for `basalt run`.
+    pub memory_mib: Option<u32>,
+}
+
+impl Plan {
+    /// A name for everything derived from the image's identity (GUIDs,
+    /// salts), so a rebuild gives the same bytes.
+    pub fn identity(&self) -> String {
+        format!("{} {} {}", self.name, self.version, self.board.name.value)
+    }
+}
+
+/// The cache folder: `$BASALT_CACHE`, else `$XDG_CACHE_HOME/basalt`, else
+/// `~/.cache/basalt`.
+pub fn default_cache_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("BASALT_CACHE") {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(p).join("basalt");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/tmp".into());
+    home.join(".cache").join("basalt")
+}
+
+fn read_source(path: &Path) -> Result<Source, PlanError> {
+    Source::read(path).map_err(|source| PlanError::Read { path: path.to_path_buf(), source })
+}
+
+/// Finds a board file: a path (anything with `/` or ending in `.toml`), or
+/// a name looked up in `boards/` beside the recipe's folder, in the
+/// recipe's folder, and in `$BASALT_BOARDS`.
+pub fn find_board(spec: &str, recipe_dir: &Path) -> Option<PathBuf> {
+    if spec.contains('/') || spec.ends_with(".toml") {
+        let p = recipe_dir.join(spec);
+        let p = if Path::new(spec).is_absolute() || !p.exists() { PathBuf::from(spec) } else { p };
+        return p.exists().then_some(p);
+    }
+    let file = format!("{spec}.toml");
+    let mut dirs = vec![recipe_dir.join("../boards"), recipe_dir.join("boards")];
+    if let Some(extra) = std::env::var_os("BASALT_BOARDS") {
+        dirs.push(PathBuf::from(extra));
+    }
+    dirs.into_iter().map(|d| d.join(&file)).find(|p| p.exists())
+}
+
+/// Finds a static device program for `arch`: in `explicit`, else
+/// `$BASALT_DEVICE_BIN`, else the cargo target folders beside the running
+/// `basalt` (`target/<triple>/release` or `debug`), else beside it.
+pub fn find_device_binary(
+    name: &str,
+    arch: Arch,
+    explicit: Option<&Path>,
+) -> Result<PathBuf, PlanError> {
+    let target = arch.musl_target();
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    if let Some(d) = explicit {
+        dirs.push(d.to_path_buf());
+    } else if let Some(d) = std::env::var_os("BASALT_DEVICE_BIN") {
+        dirs.push(PathBuf::from(d));
+    } else if let Ok(exe) = std::env::current_exe() {
+        if let Some(exe_dir) = exe.parent() {
+            // target/release/basalt → target/<triple>/release/, and
+            // target/debug/deps/<test> → target/<triple>/release/.
+            for up in
+                [exe_dir.parent(), exe_dir.parent().and_then(Path::parent)].into_iter().flatten()
+            {
+                dirs.push(up.join(target).join("release"));
+                dirs.push(up.join(target).join("debug"));
+            }
+            dirs.push(exe_dir.to_path_buf());
+        }
+    }
+    dirs.iter().map(|d| d.join(name)).find(|p| p.is_file()).ok_or_else(|| PlanError::DeviceBinary {
+        name: name.to_string(),
+        target: target.to_string(),
+        looked: dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "),
+    })
+}
+
+fn check_image_path(src: &Source, path: &Located<String>) -> Result<(), Diagnostic> {
+    let p = &path.value;
+    let clean = p.starts_with('/')
+        && p.len() > 1
+        && !p.ends_with('/')
+        && p[1..].split('/').all(|c| !c.is_empty() && c != "." && c != "..");
+    if clean {
+        Ok(())
+    } else {
+        Err(with_help(
+            src.error(path.span.clone(), format!("`{p}` is not an absolute path in the image")),
+            "write a clean absolute path such as \"/usr/bin/app\" (no `.`, `..` or trailing `/`)",
+        ))
+    }
+}
+
+fn host_path(recipe_dir: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        recipe_dir.join(p)
+    }
+}
+
+fn missing_input(
+    src: &Source,
+    loc: &Located<PathBuf>,
+    full: &Path,
+    e: std::io::Error,
+) -> Diagnostic {
+    with_help(
+        src.error(loc.span.clone(), format!("cannot read `{}`: {e}", full.display())),
+        "paths are relative to the recipe's folder; check that the file exists",
+    )
+}
+
+fn tree_error(src: &Source, span: std::ops::Range<usize>, e: crate::tree::TreeError) -> Diagnostic {
+    src.error(span, e.to_string())
+}
+
+/// Resolves a recipe file into a plan.
+pub fn resolve(recipe_path: &Path, opts: &PlanOptions) -> Result<Plan, PlanError> {
+    let src = read_source(recipe_path)?;
+    let recipe: Recipe = src.parse()?;
+    let recipe_dir = recipe_path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let recipe_dir =
+        if recipe_dir.as_os_str().is_empty() { PathBuf::from(".") } else { recipe_dir };
+    let sde = opts.source_date_epoch;
+
+    // [image]
+    let name = &recipe.image.name;
+    let name_ok = name.value.chars().next().is_some_and(|c| c.is_ascii_lowercase())
+        && name.value.len() <= 48
+        && name.value.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if !name_ok {
+        return Err(with_help(
+            src.error(name.span.clone(), format!("image name `{}` is not allowed", name.value)),
+            "use lowercase letters, digits and `-`, starting with a letter, at most 48 characters",
+        )
+        .into());
+    }
+    let version = semver::Version::parse(&recipe.image.version.value).map_err(|e| {
+        with_help(
+            src.error(recipe.image.version.span.clone(), format!("version is not semver: {e}")),
+            "write a version such as \"1.0.0\"",
+        )
+    })?;
+
+    // The board.
+    let board_spec = opts.board.clone().unwrap_or_else(|| recipe.image.board.value.clone());
+    let board_path = find_board(&board_spec, &recipe_dir).ok_or_else(|| {
+        let d =
+            src.error(recipe.image.board.span.clone(), format!("board `{board_spec}` not found"));
+        with_help(d, "give a board name from boards/ (e.g. qemu-x86_64) or a path to a board file")
+    })?;
+    let board_src = read_source(&board_path)?;
+    let board: Board = board_src.parse()?;
+    if board.bootloader.value != "systemd-boot" {
+        return Err(with_help(
+            board_src.error(board.bootloader.span.clone(), "unknown bootloader back-end"),
+            "the back-ends are: systemd-boot",
+        )
+        .into());
+    }
+    let sd_boot =
+        host_path(board_path.parent().unwrap_or(Path::new(".")), &board.firmware.systemd_boot);
+    if !sd_boot.is_file() {
+        return Err(with_help(
+            board_src.error(
+                board.firmware.systemd_boot.span.clone(),
+                format!("`{}` does not exist", sd_boot.display()),
+            ),
+            "install Debian's systemd-boot-efi (ci/setup.sh does) or point at the EFI binary",
+        )
+        .into());
+    }
+
+    // The kernel.
+    let k = &recipe.kernel;
+    let kernel = match (&k.deb, &k.vmlinuz, &k.modules_dir) {
+        (Some(deb), None, None) => {
+            let full = host_path(&recipe_dir, deb);
+            std::fs::metadata(&full).map_err(|e| missing_input(&src, deb, &full, e))?;
+            kernel::load_deb(&full, &opts.cache_dir).map_err(|e| match e {
+                kernel::KernelError::NotKernelPackage { .. } => {
+                    PlanError::from(src.error(deb.span.clone(), e.to_string()))
+                }
+                other => other.into(),
+            })?
+        }
+        (None, Some(vm), Some(md)) => {
+            let vm_full = host_path(&recipe_dir, vm);
+            let md_full = host_path(&recipe_dir, md);
+            std::fs::metadata(&vm_full).map_err(|e| missing_input(&src, vm, &vm_full, e))?;
+            std::fs::metadata(&md_full).map_err(|e| missing_input(&src, md, &md_full, e))?;
+            kernel::load_files(&vm_full, &md_full)?
+        }
+        _ => return Err(PlanError::from(with_help(
+            src.error(
+                0..0,
+                "[kernel] needs either `deb`, or `vmlinuz` together with `modules_dir`",
+            ),
+            "e.g. deb = \"../.cache/kernel/linux-image-cloud-amd64.deb\" (ci/setup.sh fetches it)",
+        ))),
+    };
+    let index = ModuleIndex::scan(&kernel)?;
+    let module_err = |src: &Source, span: std::ops::Range<usize>, e: kernel::KernelError| match e {
+        kernel::KernelError::UnknownModule { .. } => {
+            PlanError::from(src.error(span, e.to_string()))
+        }
+        other => other.into(),
+    };
+    let mut stage1_names = Vec::new();
+    for m in &board.stage1_modules {
+        index.closure([m.value.as_str()]).map_err(|e| module_err(&board_src, m.span.clone(), e))?;
+        stage1_names.push(m.value.as_str());
+    }
+    let stage1_modules = index.closure(stage1_names)?;
+    for m in &k.modules {
+        index.closure([m.value.as_str()]).map_err(|e| module_err(&src, m.span.clone(), e))?;
+    }
+    let rootfs_modules = index.closure(k.modules.iter().map(|m| m.value.as_str()))?;
+
+    // The root filesystem.
+    let dir_meta = Meta::root(0o755, sde);
+    let mut tree = Tree::new(dir_meta);
+    let add = |tree: &mut Tree, path: &str, r: Result<(), crate::tree::TreeError>| {
+        r.map_err(|e| PlanError::from(src.error(0..0, format!("{path}: {e}"))))?;
+        let _ = tree;
+        Ok::<(), PlanError>(())
+    };
+    for d in ["/proc", "/sys", "/dev", "/run", "/tmp", "/data", "/etc", "/sbin", "/usr/bin"] {
+        let r = tree.add_dir(d, dir_meta, Origin::Build);
+        add(&mut tree, d, r)?;
+    }
+    let init_binary = find_device_binary("basalt-init", board.arch, opts.device_bin.as_deref())?;
+    let init_bytes = std::fs::read(&init_binary)
+        .map_err(|source| PlanError::Read { path: init_binary.clone(), source })?;
+    let init_bytes = Arc::new(init_bytes);
+    let r = tree.add_file("/sbin/init", init_bytes.clone(), Meta::root(0o755, sde), Origin::Build);
+    add(&mut tree, "/sbin/init", r)?;
+    let os_release = format!(
+        "NAME=basalt\nID=basalt\nIMAGE_ID={}\nIMAGE_VERSION={}\nVARIANT_ID={}\n",
+        name.value, version, board.name.value
+    );
+    let r = tree.add_file(
+        "/etc/os-release",
+        os_release.into_bytes(),
+        Meta::root(0o644, sde),
+        Origin::Build,
+    );
+    add(&mut tree, "/etc/os-release", r)?;
+    for m in &rootfs_modules {
+        let host = index.root().join(&m.rel_path);
+        let bytes = std::fs::read(&host)
+            .map_err(|source| PlanError::Read { path: host.clone(), source })?;
+        let path = format!("/lib/modules/{}/{}", kernel.release, m.rel_path.display());
+        let r = tree.add_file(
+            &path,
+            bytes,
+            Meta::root(0o644, sde),
+            Origin::Kernel(kernel.origin.clone()),
+        );
+        add(&mut tree, &path, r)?;
+    }
+
+    for d in &recipe.dirs {
+        check_image_path(&src, &d.path)?;
+        let mode = d.mode.as_ref().map(|m| m.value.0).unwrap_or(0o755);
+        let meta = Meta { uid: d.owner, gid: d.group, mode, mtime: sde };
+        let origin = Origin::Recipe(format!("dir {}", d.path.value));
+        tree.add_dir(&d.path, meta, origin.clone())
+            .map_err(|e| tree_error(&src, d.path.span.clone(), e))?;
+        if let Some(source) = &d.source {
+            let full = host_path(&recipe_dir, source);
+            copy_host_dir(&mut tree, &full, &d.path, d.owner, d.group, sde, &origin).map_err(
+                |e| match e {
+                    CopyError::Io(e) => missing_input(&src, source, &full, e),
+                    CopyError::Tree(e) => tree_error(&src, d.path.span.clone(), e),
+                },
+            )?;
+        }
+    }
+    for f in &recipe.files {
+        check_image_path(&src, &f.path)?;
+        let given = [f.source.is_some(), f.text.is_some(), f.build.is_some()];
+        if given.iter().filter(|g| **g).count() != 1 {
+            return Err(with_help(
+                src.error(
+                    f.path.span.clone(),
+                    format!("file `{}` needs exactly one of source, text, build", f.path.value),
+                ),
+                "source = a host file, text = inline content, build = a basalt device program",
+            )
+            .into());
+        }
+        let (bytes, default_mode, origin) = if let Some(source) = &f.source {
+            let full = host_path(&recipe_dir, source);
+            let bytes = std::fs::read(&full).map_err(|e| missing_input(&src, source, &full, e))?;
+            let exec = std::fs::metadata(&full)
+                .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0)
+                .unwrap_or(false);
+            (
+                Arc::new(bytes),
+                if exec { 0o755 } else { 0o644 },
+                format!("file {} from {}", f.path.value, source.display()),
+            )
+        } else if let Some(text) = &f.text {
+            (Arc::new(text.clone().into_bytes()), 0o644, format!("file {} (inline)", f.path.value))
+        } else if let Some(build) = &f.build {
+            if build.value != "basalt-demo" && build.value != "basalt-init" {
+                return Err(with_help(
+                    src.error(
+                        build.span.clone(),
+                        format!("`{}` is not a basalt device program", build.value),
+                    ),
+                    "the device programs are: basalt-demo, basalt-init",
+                )
+                .into());
+            }
+            let path = find_device_binary(&build.value, board.arch, opts.device_bin.as_deref())?;
+            let bytes = std::fs::read(&path)
+                .map_err(|source| PlanError::Read { path: path.clone(), source })?;
+            (
+                Arc::new(bytes),
+                0o755,
+                format!("file {} (basalt build {})", f.path.value, build.value),
+            )
+        } else {
+            unreachable_default()
+        };
+        let mode = f.mode.as_ref().map(|m: &Located<Mode>| m.value.0).unwrap_or(default_mode);
+        let meta = Meta { uid: f.owner, gid: f.group, mode, mtime: sde };
+        let origin = if f.build.is_some() { Origin::Build } else { Origin::Recipe(origin) };
+        tree.add_file(&f.path, bytes, meta, origin)
+            .map_err(|e| tree_error(&src, f.path.span.clone(), e))?;
+    }
+    for t in &recipe.tarballs {
+        let dest = t.path.as_ref().map(|p| p.value.clone()).unwrap_or_else(|| "/".into());
+        if let Some(p) = &t.path {
+            check_image_path(&src, p)?;
+        }
+        let full = host_path(&recipe_dir, &t.source);
+        unpack_tarball(&mut tree, &full, &dest, sde).map_err(|e| match e {
+            CopyError::Io(e) => missing_input(&src, &t.source, &full, e),
+            CopyError::Tree(e) => tree_error(&src, t.source.span.clone(), e),
+        })?;
+    }
+
+    // Services, checked against the tree they will run from.
+    let mut services = Vec::new();
+    let mut seen = BTreeSet::new();
+    for s in &recipe.services {
+        if !seen.insert(s.name.value.clone()) {
+            return Err(src
+                .error(s.name.span.clone(), format!("service `{}` is defined twice", s.name.value))
+                .into());
+        }
+        let Some(program) = s.command.value.first() else {
+            return Err(src.error(s.command.span.clone(), "command is empty").into());
+        };
+        match tree.get(program) {
+            Some(node)
+                if matches!(node.kind, crate::tree::NodeKind::File(_))
+                    && node.meta.mode & 0o111 != 0 => {}
+            Some(_) => {
+                return Err(with_help(
+                    src.error(
+                        s.command.span.clone(),
+                        format!("`{program}` is in the image but not an executable file"),
+                    ),
+                    "give it mode = 0o755 in its [[file]] entry",
+                )
+                .into())
+            }
+            None => {
+                return Err(with_help(
+                    src.error(s.command.span.clone(), format!("`{program}` is not in the image")),
+                    "add it with a [[file]] entry, or fix the path",
+                )
+                .into())
+            }
+        }
+        let restart = match s.restart.as_ref().map(|r| r.value.as_str()) {
+            None | Some("on-failure") => RestartPolicy::OnFailure,
+            Some("always") => RestartPolicy::Always,
+            Some("never") => RestartPolicy::Never,
+            Some(other) => {
+                let span = s.restart.as_ref().map(|r| r.span.clone()).unwrap_or(0..0);
+                return Err(with_help(
+                    src.error(span, format!("unknown restart policy `{other}`")),
+                    "use always, on-failure or never",
+                )
+                .into());
+            }
+        };
+        let health = match &s.health {
+            None => None,
+            Some(h) => {
+                let probe = match (&h.http, &h.command) {
+                    (Some(url), None) => {
+                        if !url.value.starts_with("http://") {
+                            return Err(src.error(url.span.clone(), "health URL must start with http:// (loopback only)").into());
+                        }
+                        HealthProbe::Http(url.value.clone())
+                    }
+                    (None, Some(cmd)) if !cmd.is_empty() => HealthProbe::Command(cmd.clone()),
+                    _ => {
+                        return Err(with_help(
+                            src.error(s.name.span.clone(), format!("service `{}`: [service.health] needs exactly one of http or command", s.name.value)),
+                            "e.g. http = \"http://127.0.0.1:8000/healthz\"",
+                        )
+                        .into())
+                    }
+                };
+                Some(HealthCheck {
+                    probe,
+                    interval_ms: h.interval.as_millis(),
+                    timeout_ms: h.timeout.as_millis(),
+                })
+            }
+        };
+        services.push(ServiceConfig {
+            name: s.name.value.clone(),
+            command: s.command.value.clone(),
+            env: s.env.clone(),
+            restart,
+            restart_delay_ms: s.restart_delay.as_millis(),
+            restart_delay_max_ms: s.restart_delay_max.as_millis().max(s.restart_delay.as_millis()),
+            after: s.after.iter().map(|a| a.value.clone()).collect(),
+            health,
+            required: s.required,
+        });
+    }
+    for s in &recipe.services {
+        for a in &s.after {
+            if !seen.contains(&a.value) {
+                return Err(src
+                    .error(
+                        a.span.clone(),
+                        format!(
+                            "service `{}` waits for `{}`, which is not defined",
+                            s.name.value, a.value
+                        ),
+                    )
+                    .into());
+            }
+        }
+    }
+
+    let n = &recipe.network;
+    let mode = match n.mode.as_ref().map(|m| m.value.as_str()) {
+        None | Some("none") => NetworkMode::None,
+        Some("dhcp") => NetworkMode::Dhcp,
+        Some("static") => NetworkMode::Static,
+        Some(other) => {
+            let span = n.mode.as_ref().map(|m| m.span.clone()).unwrap_or(0..0);
+            return Err(with_help(
+                src.error(span, format!("unknown network mode `{other}`")),
+                "use none, dhcp or static",
+            )
+            .into());
+        }
+    };
+    if mode == NetworkMode::Static && n.address.is_none() {
+        let span = n.mode.as_ref().map(|m| m.span.clone()).unwrap_or(0..0);
+        return Err(with_help(
+            src.error(span, "static network needs `address`"),
+            "e.g. address = \"192.168.1.10/24\"",
+        )
+        .into());
+    }
+    let network = NetworkConfig {
+        interface: (mode != NetworkMode::None)
+            .then(|| n.interface.clone().unwrap_or_else(|| "eth0".into())),
+        mode,
+        address: n.address.as_ref().map(|a| a.value.clone()),
+        gateway: n.gateway.as_ref().map(|a| a.value.clone()),
+        dns: n.dns.clone(),
+    };
+
+    let b = &recipe.boot;
+    if b.tries.value == 0 || b.tries.value > 9 {
+        return Err(with_help(
+            src.error(b.tries.span.clone(), "tries must be 1 to 9"),
+            "3 is a good default",
+        )
+        .into());
+    }
+    let hostname = recipe
+        .image
+        .hostname
+        .as_ref()
+        .map(|h| h.value.clone())
+        .unwrap_or_else(|| name.value.clone());
+    let image_config = ImageConfig {
+        name: name.value.clone(),
+        version: version.to_string(),
+        board: board.name.value.clone(),
+        hostname,
+        network,
+        boot: BootConfig {
+            bless_after_ms: b.bless_after.as_millis(),
+            bless_deadline_ms: b.bless_deadline.as_millis(),
+            stop_timeout_ms: b.stop_timeout.as_millis(),
+        },
+        services,
+    };
+    tree.add_file(
+        IMAGE_CONFIG_PATH,
+        image_config.to_toml().into_bytes(),
+        Meta::root(0o644, sde),
+        Origin::Build,
+    )
+    .map_err(|e| PlanError::from(src.error(0..0, e.to_string())))?;
+    tree.add_file(
+        "/etc/hostname",
+        format!("{}\n", image_config.hostname).into_bytes(),
+        Meta::root(0o644, sde),
+        Origin::Build,
+    )
+    .map_err(|e| PlanError::from(src.error(0..0, e.to_string())))?;
+
+    let mut cmdline: Vec<String> = board.cmdline.clone();
+    cmdline.extend(k.cmdline.iter().cloned());
+    Ok(Plan {
+        recipe_path: recipe_path.to_path_buf(),
+        board_path,
+        name: name.value.clone(),
+        version,
+        source_date_epoch: sde,
+        kernel,
+        stage1_modules,
+        init_binary,
+        rootfs: tree,
+        image_config,
+        cmdline: cmdline.join(" "),
+        tries: b.tries.value,
+        ports: recipe.run.ports.clone(),
+        memory_mib: recipe.run.memory_mib,
+        board,
+    })
+}
+
+fn unreachable_default() -> (Arc<Vec<u8>>, u32, String) {
+    (Arc::new(Vec::new()), 0o644, String::new())
+}
+
+enum CopyError {
+    Io(std::io::Error),
+    Tree(crate::tree::TreeError),
+}
+
+impl From<std::io::Error> for CopyError {
+    fn from(e: std::io::Error) -> Self {
+        CopyError::Io(e)
+    }
+}
+
+impl From<crate::tree::TreeError> for CopyError {
+    fn from(e: crate::tree::TreeError) -> Self {
+        CopyError::Tree(e)
+    }
+}
+
+/// Copies a host folder into the tree, sorted, keeping permission bits and
+/// links, with the given owner and the build's time.
+fn copy_host_dir(
+    tree: &mut Tree,
+    host: &Path,
+    dest: &str,
+    uid: u32,
+    gid: u32,
+    mtime: u64,
+    origin: &Origin,
+) -> Result<(), CopyError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut entries: Vec<_> = std::fs::read_dir(host)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let path = format!("{}/{}", dest.trim_end_matches('/'), name);
+        let md = std::fs::symlink_metadata(e.path())?;
+        let meta = Meta { uid, gid, mode: md.permissions().mode() & 0o7777, mtime };
+        if md.is_dir() {
+            tree.add_dir(&path, meta, origin.clone())?;
+            copy_host_dir(tree, &e.path(), &path, uid, gid, mtime, origin)?;
+        } else if md.file_type().is_symlink() {
+            let target = std::fs::read_link(e.path())?;
+            tree.add_symlink(
+                &path,
+                &target.to_string_lossy(),
+                Meta { mode: 0o777, ..meta },
+                origin.clone(),
+            )?;
+        } else if md.is_file() {
+            tree.add_file(&path, std::fs::read(e.path())?, meta, origin.clone())?;
+        }
+    }
+    Ok(())
+}
+
+/// Unpacks a tar archive into the tree below `dest`.
+fn unpack_tarball(tree: &mut Tree, archive: &Path, dest: &str, sde: u64) -> Result<(), CopyError> {
+    use std::io::Read;
+    let file = std::fs::File::open(archive)?;
+    let name = archive.to_string_lossy();
+    let reader: Box<dyn Read> = if name.ends_with(".gz") || name.ends_with(".tgz") {
+        Box::new(flate2::read::GzDecoder::new(file))
+    } else if name.ends_with(".zst") {
+        Box::new(zstd::stream::read::Decoder::new(file)?)
+    } else {
+        Box::new(file)
+    };
+    let origin = Origin::Recipe(format!("tarball {}", archive.display()));
+    let mut tar = tar::Archive::new(reader);
+    let mut links: BTreeMap<String, String> = BTreeMap::new();
+    for entry in tar.entries()? {
+        let mut entry = entry?;
+        let rel = entry.path()?.to_string_lossy().into_owned();
+        let rel = rel.trim_start_matches("./").trim_end_matches('/');
+        if rel.is_empty() {
+            continue;
+        }
+        let path = if dest == "/" { format!("/{rel}") } else { format!("{dest}/{rel}") };
+        let h = entry.header();
+        let meta = Meta {
+            uid: h.uid().unwrap_or(0) as u32,
+            gid: h.gid().unwrap_or(0) as u32,
+            mode: h.mode().unwrap_or(0o644) & 0o7777,
+            mtime: h.mtime().unwrap_or(sde).min(sde),
+        };
+        let kind = h.entry_type();
+        if kind.is_dir() {
+            tree.add_dir(&path, meta, origin.clone())?;
+        } else if kind.is_symlink() {
+            let target =
+                entry.link_name()?.map(|t| t.to_string_lossy().into_owned()).unwrap_or_default();
+            tree.add_symlink(&path, &target, meta, origin.clone())?;
+        } else if kind.is_hard_link() {
+            let target =
+                entry.link_name()?.map(|t| t.to_string_lossy().into_owned()).unwrap_or_default();
+            links.insert(path, target);
+        } else if kind.is_file() {
+            let mut data = Vec::new();
+            entry.read_to_end(&mut data)?;
+            tree.add_file(&path, data, meta, origin.clone())?;
+        }
+    }
+    // Hard links become copies: squashfs would store them once anyway.
+    for (path, target) in links {
+        let target = if dest == "/" {
+            format!("/{}", target.trim_start_matches("./"))
+        } else {
+            format!("{dest}/{}", target.trim_start_matches("./"))
+        };
+        if let Some(node) = tree.get(&target).cloned() {
+            if let crate::tree::NodeKind::File(data) = node.kind {
+                tree.add_file(&path, data, node.meta, origin.clone())?;
+            }
+        }
+    }
+    Ok(())
+}
