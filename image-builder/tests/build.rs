@@ -1,0 +1,204 @@
+//! `basalt build` judged by the real tools: unsquashfs, veritysetup,
+//! sgdisk, fsck.vfat, e2fsck, bmaptool; reproducibility; bad input.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{extract, ok, root, run};
+
+fn minimal() -> std::path::PathBuf {
+    root().join("recipes/minimal.toml")
+}
+
+fn part<'a>(r: &'a basalt::build::Report, label: &str) -> &'a basalt::build::PartitionReport {
+    r.partitions.iter().find(|p| p.label == label).unwrap()
+}
+
+#[test]
+fn minimal_image_passes_every_judge_and_rebuilds_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let r = common::build(&minimal(), &out);
+    let disk = out.join("disk.img");
+    for f in ["disk.img", "report.json", "disk.img.bmap", "sbom.spdx.json"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+
+    // GPT.
+    let v = ok(Command::new("sgdisk").arg("-v").arg(&disk));
+    assert!(v.contains("No problems found"), "{v}");
+    let p = ok(Command::new("sgdisk").arg("-p").arg(&disk));
+    for label in ["esp", "rootfs_a", "rootfs_b", "data"] {
+        assert!(p.contains(label), "{p}");
+    }
+    let i = ok(Command::new("sgdisk").args(["-i", "2"]).arg(&disk));
+    assert!(i.to_lowercase().contains("4f68bce3-e8cd-4db1-96e7-fbcaf984b709"), "{i}");
+
+    // ESP: FAT judged by fsck.vfat, content by mtools.
+    let esp = dir.path().join("esp.img");
+    let e = part(&r, "esp");
+    extract(&disk, e.offset, e.size, &esp);
+    let fsck = run(Command::new("fsck.vfat").arg("-n").arg(&esp));
+    assert!(fsck.status.success(), "{}", String::from_utf8_lossy(&fsck.stdout));
+    let conf = ok(Command::new("mtype").env("MTOOLS_SKIP_CHECK", "1").args(["-i"]).arg(&esp).arg("::/loader/loader.conf"));
+    assert!(conf.contains("timeout 0") && !conf.contains("default"), "{conf}");
+    let entry = ok(Command::new("mtype").env("MTOOLS_SKIP_CHECK", "1").args(["-i"]).arg(&esp).arg("::/loader/entries/a+3.conf"));
+    assert!(entry.contains("basalt.slot=a") && entry.contains("version 1.0.0"), "{entry}");
+    assert!(entry.contains("sort-key basalt"), "{entry}");
+
+    // Root slot: squashfs listed by unsquashfs, verified by veritysetup.
+    let a = part(&r, "rootfs_a");
+    let slot = dir.path().join("rootfs_a.img");
+    extract(&disk, a.offset, a.size, &slot);
+    let list = ok(Command::new("unsquashfs").arg("-lln").arg(&slot).env("TZ", "UTC"));
+    for want in ["squashfs-root/sbin/init", "squashfs-root/etc/basalt/image.toml", "squashfs-root/usr/bin/basalt-demo", "squashfs-root/data"] {
+        assert!(list.contains(want), "{want} not in\n{list}");
+    }
+    assert!(list.lines().filter(|l| l.contains("/sbin/init")).all(|l| l.starts_with("-rwxr-xr-x 0/0")), "{list}");
+    let vp = &r.slot_a.verity;
+    let verify = |img: &Path| {
+        run(Command::new("veritysetup")
+            .arg("verify")
+            .arg(img)
+            .arg(img)
+            .arg(&vp.root_hash)
+            .arg(format!("--hash-offset={}", vp.hash_offset)))
+    };
+    assert!(verify(&slot).status.success(), "veritysetup verify failed on a fresh slot");
+    let mut bytes = std::fs::read(&slot).unwrap();
+    bytes[5000] ^= 1;
+    std::fs::write(&slot, bytes).unwrap();
+    assert!(!verify(&slot).status.success(), "veritysetup accepted a flipped byte");
+
+    // Data partition.
+    let d = part(&r, "data");
+    let data = dir.path().join("data.img");
+    extract(&disk, d.offset, d.size, &data);
+    let fsck = run(Command::new("e2fsck").arg("-fn").arg(&data));
+    assert!(fsck.status.success(), "{}", String::from_utf8_lossy(&fsck.stdout));
+
+    // bmap: bmaptool reproduces the image from it.
+    let copy = dir.path().join("copy.img");
+    ok(Command::new("bmaptool").arg("copy").arg("--bmap").arg(out.join("disk.img.bmap")).arg(&disk).arg(&copy));
+    assert!(std::fs::read(&copy).unwrap() == std::fs::read(&disk).unwrap(), "bmaptool copy differs");
+
+    // SBOM: SPDX 2.3 with every rootfs file.
+    let sbom: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("sbom.spdx.json")).unwrap()).unwrap();
+    assert_eq!(sbom["spdxVersion"], "SPDX-2.3");
+    let names: Vec<&str> = sbom["files"].as_array().unwrap().iter().map(|f| f["fileName"].as_str().unwrap()).collect();
+    assert!(names.contains(&"rootfs:/sbin/init") && names.contains(&"esp:/a/vmlinuz"), "{names:?}");
+
+    // Reproducible: a second build gives the same disk.
+    let out2 = dir.path().join("out2");
+    let r2 = common::build(&minimal(), &out2);
+    assert_eq!(r.disk.sha256, r2.disk.sha256, "two builds differ");
+}
+
+#[test]
+fn inspect_reads_back_what_build_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let r = common::build(&minimal(), &out);
+    let info = basalt::inspect::inspect(&out.join("disk.img")).unwrap();
+    assert_eq!(info.partitions.len(), 4);
+    assert_eq!(info.entries.len(), 1);
+    assert_eq!(info.entries[0].file, "a+3.conf");
+    assert_eq!(info.entries[0].tries_left, Some(3));
+    assert_eq!(info.slots[0].root_hash.as_deref(), Some(r.slot_a.verity.root_hash.as_str()));
+    assert_eq!(info.slots[1].version, None);
+}
+
+/// Writes a recipe beside a copy of the minimal one and runs `basalt build`.
+fn build_bad(recipe_text: &str, extra: &[(&str, &[u8])]) -> (bool, String, std::path::PathBuf, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let recipes = dir.path().join("recipes");
+    std::fs::create_dir(&recipes).unwrap();
+    std::os::unix::fs::symlink(root().join("boards"), dir.path().join("boards")).unwrap();
+    std::os::unix::fs::symlink(root().join(".cache"), dir.path().join(".cache")).unwrap();
+    for (name, bytes) in extra {
+        std::fs::write(recipes.join(name), bytes).unwrap();
+    }
+    let recipe = recipes.join("bad.toml");
+    std::fs::write(&recipe, recipe_text).unwrap();
+    let out = dir.path().join("out");
+    let o = run(Command::new(env!("CARGO_BIN_EXE_basalt"))
+        .arg("build")
+        .arg(&recipe)
+        .arg("--out")
+        .arg(&out)
+        .env("SOURCE_DATE_EPOCH", "1700000000"));
+    (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned(), out, dir)
+}
+
+fn minimal_text() -> String {
+    std::fs::read_to_string(minimal()).unwrap()
+}
+
+fn assert_refused(text: &str, extra: &[(&str, &[u8])], wants: &[&str]) {
+    let (ok, err, out, dir) = build_bad(text, extra);
+    assert!(!ok, "build succeeded:\n{err}");
+    for w in wants {
+        assert!(err.contains(w), "error lacks {w:?}:\n{err}");
+    }
+    assert!(!out.exists(), "a failed build left {}", out.display());
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name()).filter(|n| n.to_string_lossy().contains("tmp")).collect();
+    assert!(leftovers.is_empty(), "temporary output left: {leftovers:?}");
+}
+
+#[test]
+fn unknown_key_names_file_line_and_key() {
+    let text = minimal_text().replace("hostname = ", "hostnme = ");
+    assert_refused(&text, &[], &["bad.toml:6:", "unknown field `hostnme`", "help:"]);
+}
+
+#[test]
+fn wrong_type_names_the_line() {
+    let text = minimal_text().replace("restart = \"always\"", "restart = 3");
+    assert_refused(&text, &[], &["bad.toml:", "restart"]);
+}
+
+#[test]
+fn missing_input_file_is_named() {
+    let text = format!("{}\n[[file]]\npath = \"/etc/app.conf\"\nsource = \"app.conf\"\n", minimal_text());
+    assert_refused(&text, &[], &["bad.toml:", "app.conf", "relative to the recipe"]);
+}
+
+#[test]
+fn unknown_module_is_named() {
+    let text = minimal_text().replace("[kernel]\n", "[kernel]\nmodules = [\"no_such_module\"]\n");
+    assert_refused(&text, &[], &["bad.toml:", "module `no_such_module` is not in kernel 6.1"]);
+}
+
+#[test]
+fn partitions_that_do_not_fit_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let board = std::fs::read_to_string(root().join("boards/qemu-x86_64.toml")).unwrap().replace("data_mib = 256", "data_mib = 256\ntotal_mib = 300");
+    let board_path = dir.path().join("tiny.toml");
+    std::fs::write(&board_path, board).unwrap();
+    let text = minimal_text().replace("board = \"qemu-x86_64\"", &format!("board = \"{}\"", board_path.display()));
+    assert_refused(&text, &[], &["partitions need a disk of at least"]);
+}
+
+#[test]
+fn a_deb_that_is_not_a_kernel_is_refused() {
+    // A real Debian package that is not a kernel: build one with dpkg-deb.
+    let dir = tempfile::tempdir().unwrap();
+    let pkg = dir.path().join("pkg");
+    std::fs::create_dir_all(pkg.join("DEBIAN")).unwrap();
+    std::fs::create_dir_all(pkg.join("usr/share/doc/hello")).unwrap();
+    std::fs::write(pkg.join("DEBIAN/control"), "Package: hello\nVersion: 1.0\nArchitecture: all\nMaintainer: nobody <nobody@example.invalid>\nDescription: not a kernel\n").unwrap();
+    std::fs::write(pkg.join("usr/share/doc/hello/README"), "hi").unwrap();
+    let deb = dir.path().join("hello.deb");
+    ok(Command::new("dpkg-deb").arg("--build").arg(&pkg).arg(&deb));
+    let bytes = std::fs::read(&deb).unwrap();
+    let text = minimal_text().replace("deb = \"../.cache/kernel/linux-image-cloud-amd64.deb\"", "deb = \"hello.deb\"");
+    assert_refused(&text, &[("hello.deb", &bytes)], &["bad.toml:", "not a kernel package", "hello"]);
+}
+
+#[test]
+fn a_service_whose_program_is_not_in_the_image_is_refused() {
+    let text = minimal_text().replace("command = [\"/usr/bin/basalt-demo\"", "command = [\"/usr/bin/nothere\"");
+    assert_refused(&text, &[], &["bad.toml:", "`/usr/bin/nothere` is not in the image"]);
+}

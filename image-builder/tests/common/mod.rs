@@ -1,0 +1,56 @@
+//! Shared set-up of the integration tests: paths, building images through
+//! the library, running external judges.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use basalt::build::Report;
+use basalt::plan::{self, PlanOptions};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// The fixed build time of every test image.
+pub const SDE: u64 = 1_700_000_000;
+
+/// Resolves and builds a recipe into `out`.
+pub fn build(recipe: &Path, out: &Path) -> Report {
+    let opts = PlanOptions {
+        board: None,
+        source_date_epoch: SDE,
+        cache_dir: plan::default_cache_dir(),
+        device_bin: None,
+    };
+    let plan = plan::resolve(recipe, &opts).unwrap_or_else(|e| panic!("{e}"));
+    basalt::build::build(&plan, out, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Runs a command and returns its output; panics if it cannot start.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// Runs a command that must succeed; returns stdout.
+pub fn ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Copies `len` bytes at `offset` of `file` into a new file.
+pub fn extract(file: &Path, offset: u64, len: u64, dest: &Path) {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(file).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    let mut buf = vec![0u8; len as usize];
+    f.read_exact(&mut buf).unwrap();
+    std::fs::write(dest, buf).unwrap();
+}
