@@ -227,7 +227,7 @@ impl Geometry {
     fn of_disk(disk_size: u64) -> Option<Geometry> {
         let sectors = disk_size / SECTOR_SIZE;
         let fits = sectors > Self::FIRST_USABLE + ENTRIES_SECTORS + 1;
-        (fits && disk_size % SECTOR_SIZE == 0).then_some(Geometry { sectors })
+        (fits && disk_size.is_multiple_of(SECTOR_SIZE)).then_some(Geometry { sectors })
     }
 
     fn backup_header(self) -> u64 {
@@ -290,7 +290,9 @@ pub fn plan(layout: &DiskLayout) -> Result<(Vec<PlacedPartition>, u64), GptError
     let needed = next.checked_add(BACKUP_BYTES).and_then(round_up).ok_or(GptError::SizeOverflow)?;
     let disk_size = match layout.disk_size {
         None => needed,
-        Some(size) if size % ALIGNMENT != 0 => return Err(GptError::UnalignedDiskSize(size)),
+        Some(size) if !size.is_multiple_of(ALIGNMENT) => {
+            return Err(GptError::UnalignedDiskSize(size))
+        }
         Some(size) if size < needed => {
             return Err(GptError::DoesNotFit { needed, disk_size: size })
         }
@@ -507,7 +509,10 @@ fn check_placement(geometry: Geometry, parts: &[PlacedPartition]) -> Result<(), 
         if std::mem::replace(&mut used[slot], true) {
             return bad("is numbered twice");
         }
-        if part.size == 0 || part.offset % SECTOR_SIZE != 0 || part.size % SECTOR_SIZE != 0 {
+        if part.size == 0
+            || !part.offset.is_multiple_of(SECTOR_SIZE)
+            || !part.size.is_multiple_of(SECTOR_SIZE)
+        {
             return bad("is empty or not a whole number of sectors");
         }
         if part.offset < free_from {
@@ -613,7 +618,7 @@ fn read_copy(
         Ok(header) => header,
         Err(defect) => return Ok(Err(defect)),
     };
-    if header.entry_size < ENTRY_SIZE || header.entry_size % 8 != 0 {
+    if header.entry_size < ENTRY_SIZE || !header.entry_size.is_multiple_of(8) {
         return Ok(Err(TableDefect::EntryArray("entry size is below 128 or not a multiple of 8")));
     }
     let array_bytes = u64::from(header.entry_count) * u64::from(header.entry_size);

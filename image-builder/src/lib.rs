@@ -26,3 +26,4 @@ pub mod sbom;
 pub mod squashfs;
 pub mod tree;
 pub mod verity;
+pub mod reference;
