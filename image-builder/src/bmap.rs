@@ -6,12 +6,12 @@
 //! through `lseek(SEEK_DATA)` / `lseek(SEEK_HOLE)`, the same source
 //! `bmaptool create` uses, rather than a scan for all-zero blocks. A block
 //! left out of the map is not written, so the device keeps whatever it held
-//! before. The image writers leave holes only where content does not
-//! matter, and write zeros where zeros are meaningful: the unused slots of
-//! the GPT entry array (covered by its CRC), free clusters in a FAT. A zero
-//! scan would drop those blocks and leave stale bytes there on a reused
-//! card; the extents keep them. Reading holes costs nothing either way, and
-//! on a filesystem that does not report holes every block is simply mapped.
+//! before. That makes holes mean "content does not matter" and written
+//! zeros mean "must be zero": the unused slots of the GPT entry array are
+//! zeros its CRC covers, and a zero scan would drop them and leave stale
+//! bytes there on a reused card. Image writers must therefore write zeros
+//! wherever zeros matter. Reading holes costs nothing either way, and on a
+//! filesystem that does not report holes every block is simply mapped.
 
 use std::fmt::Write as _;
 use std::fs::File;

@@ -253,18 +253,40 @@ pub struct RootfsReport {
     pub os_overhead_bytes: u64,
 }
 
-/// Writes `data` into `file` at `offset`, skipping 4 KiB blocks of zeros
-/// so the disk image stays sparse.
-pub fn write_sparse(file: &mut fs::File, offset: u64, data: &[u8]) -> std::io::Result<()> {
+/// How a partition's content goes into the disk file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fill {
+    /// Every byte up to the last non-zero 4 KiB block is written, zeros
+    /// included, so the `.bmap` maps them: a FAT's free-cluster table and a
+    /// verity-covered filesystem must read back exactly, even when the
+    /// image is flashed over a used card. Only the all-zero tail (free
+    /// space) stays a hole.
+    Dense,
+    /// All-zero 4 KiB blocks are left as holes. Only for ext4 made with
+    /// lazy initialisation, which never trusts unwritten blocks to be zero.
+    Sparse,
+}
+
+/// Writes `data` into `file` at `offset`, leaving holes as `fill` allows.
+pub fn write_part(file: &mut fs::File, offset: u64, data: &[u8], fill: Fill) -> std::io::Result<()> {
     const BLOCK: usize = 4096;
-    for (i, chunk) in data.chunks(BLOCK).enumerate() {
-        if chunk.iter().all(|b| *b == 0) {
-            continue;
+    let is_zero = |c: &[u8]| c.iter().all(|b| *b == 0);
+    match fill {
+        Fill::Dense => {
+            let used = data.chunks(BLOCK).rposition(|c| !is_zero(c)).map_or(0, |i| ((i + 1) * BLOCK).min(data.len()));
+            file.seek(SeekFrom::Start(offset))?;
+            file.write_all(&data[..used])
         }
-        file.seek(SeekFrom::Start(offset + (i * BLOCK) as u64))?;
-        file.write_all(chunk)?;
+        Fill::Sparse => {
+            for (i, chunk) in data.chunks(BLOCK).enumerate() {
+                if !is_zero(chunk) {
+                    file.seek(SeekFrom::Start(offset + (i * BLOCK) as u64))?;
+                    file.write_all(chunk)?;
+                }
+            }
+            Ok(())
+        }
     }
-    Ok(())
 }
 
 fn mib(bytes: u64) -> String {
@@ -400,16 +422,17 @@ pub fn build(plan: &Plan, out: &Path, log: &mut dyn FnMut(&str)) -> Result<Repor
     disk.set_len(disk_size).map_err(io("cannot size", &disk_path))?;
     gpt::write_headers(&mut disk, disk_size, layout.disk_guid, &placed)?;
     for p in &placed {
-        let w = |disk: &mut fs::File, off: u64, bytes: &[u8]| {
-            write_sparse(disk, off, bytes).map_err(io("cannot write", &disk_path))
+        let w = |disk: &mut fs::File, off: u64, bytes: &[u8], fill| {
+            write_part(disk, off, bytes, fill).map_err(io("cannot write", &disk_path))
         };
         match p.label.as_str() {
-            layout::ESP_LABEL => w(&mut disk, p.offset, &esp)?,
+            layout::ESP_LABEL => w(&mut disk, p.offset, &esp, Fill::Dense)?,
             layout::ROOTFS_A_LABEL => {
-                w(&mut disk, p.offset, &slot_a.squashfs)?;
-                w(&mut disk, p.offset + slot_a.verity.hash_offset, &slot_a.hash_area)?;
+                w(&mut disk, p.offset, &slot_a.squashfs, Fill::Dense)?;
+                let hash_at = p.offset + slot_a.verity.hash_offset;
+                w(&mut disk, hash_at, &slot_a.hash_area, Fill::Dense)?;
             }
-            layout::DATA_LABEL => w(&mut disk, p.offset, &data)?,
+            layout::DATA_LABEL => w(&mut disk, p.offset, &data, Fill::Sparse)?,
             _ => {}
         }
     }

@@ -47,10 +47,12 @@ pub fn make_ext4(
     let out = Command::new("mke2fs")
         .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-L", label, "-U"])
         .arg(uuid.to_string())
-        // The directory hash seed is random unless given; lazy init would
-        // leave the result depending on what the kernel does later.
+        // The directory hash seed is random unless given. Lazy inode-table
+        // and journal initialisation mean ext4 never trusts an unwritten
+        // block to read as zero, so the image may stay sparse and a
+        // `.bmap` flash over a used card is still correct.
         .arg("-E")
-        .arg(format!("hash_seed={uuid},lazy_itable_init=0,lazy_journal_init=0,root_owner=0:0"))
+        .arg(format!("hash_seed={uuid},lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0"))
         .arg(path)
         .env("E2FSPROGS_FAKE_TIME", mtime.to_string())
         .env("SOURCE_DATE_EPOCH", mtime.to_string())

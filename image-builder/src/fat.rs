@@ -8,9 +8,10 @@
 //! always FAT32 (never a FAT16 in disguise), `.` and `..` as plain 8.3
 //! entries, long names with correct short aliases and checksums.
 //!
-//! Output is deterministic: entries are sorted, every timestamp comes from
-//! one input time, clusters are handed out in a fixed order, and each file
-//! is contiguous. Nothing here touches the host's filesystem.
+//! Output is deterministic: entries are sorted (by the bytes of their long
+//! names, so `EFI` comes before `a`), every timestamp comes from one input
+//! time, clusters are handed out in a fixed order, and each file is
+//! contiguous. Nothing here touches the host's filesystem.
 //!
 //! Not owned here: the partition table (see [`crate::gpt`]) and what goes
 //! into the ESP (the build decides that).
@@ -286,7 +287,7 @@ impl Layout {
         // Grow the FATs until the data region starts on a cluster
         // boundary, as `mkfs.fat` does, so clusters line up with the
         // flash pages beneath a 1 MiB-aligned partition.
-        while (reserved + u64::from(NUM_FATS) * fat) % spc64 != 0 {
+        while !(reserved + u64::from(NUM_FATS) * fat).is_multiple_of(spc64) {
             fat += 1;
         }
         let data_start = reserved + u64::from(NUM_FATS) * fat;
@@ -373,7 +374,7 @@ struct Plan<'a> {
 impl<'a> Plan<'a> {
     fn new(files: &[FatFile<'a>], opts: &FatOptions) -> Result<Plan<'a>, FatError> {
         let size = opts.size_bytes;
-        if size % SECTOR != 0 {
+        if !size.is_multiple_of(SECTOR) {
             return Err(FatError::Unaligned { size });
         }
         let total_sectors =
@@ -489,6 +490,8 @@ impl<'a> Plan<'a> {
             out.write_all(&fat)?;
             write_zeros(out, fat_bytes - fat.len() as u64)?;
         }
+        let data_at = out.stream_position()? - base;
+        debug_assert_eq!(data_at, self.layout.data_start_bytes(), "FATs end where data starts");
 
         let cluster = self.layout.cluster_bytes();
         for (i, dir) in self.dirs.iter().enumerate() {
@@ -963,7 +966,7 @@ fn put32(b: &mut [u8], at: usize, v: u32) {
 }
 
 fn write_zeros<W: Write>(out: &mut W, mut n: u64) -> io::Result<()> {
-    const ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+    static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
     while n > 0 {
         let chunk = n.min(ZEROS.len() as u64) as usize;
         out.write_all(&ZEROS[..chunk])?;
@@ -978,7 +981,7 @@ fn write_zeros<W: Write>(out: &mut W, mut n: u64) -> io::Result<()> {
 /// Paths are `/`-separated and looked up as FAT does, ignoring case. Every
 /// offset is checked, so a damaged image gives [`FatError::Corrupt`], never
 /// a panic.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct FatReader<'a> {
     bytes: &'a [u8],
     cluster_bytes: u64,
@@ -988,6 +991,19 @@ pub struct FatReader<'a> {
     root_cluster: u32,
     volume_id: u32,
     label: [u8; 11],
+}
+
+/// Geometry only: the image itself would flood a log.
+impl std::fmt::Debug for FatReader<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FatReader")
+            .field("len", &self.bytes.len())
+            .field("cluster_bytes", &self.cluster_bytes)
+            .field("clusters", &self.clusters)
+            .field("root_cluster", &self.root_cluster)
+            .field("volume_id", &format_args!("{:08X}", self.volume_id))
+            .finish_non_exhaustive()
+    }
 }
 
 /// A directory entry as stored, with its long name resolved.
@@ -1673,7 +1689,7 @@ mod tests {
             let l = Layout::for_sectors((size / SECTOR) as u32).unwrap();
             assert!(l.clusters >= MIN_CLUSTERS && l.clusters <= MAX_CLUSTERS, "{size}: {l:?}");
             assert!(u64::from(l.clusters + 2) * 4 <= u64::from(l.fat_sectors) * SECTOR);
-            assert_eq!(l.data_start_bytes() % l.cluster_bytes(), 0, "{size}: {l:?}");
+            assert!(l.data_start_bytes().is_multiple_of(l.cluster_bytes()), "{size}: {l:?}");
             let end = l.data_start_bytes() + u64::from(l.clusters) * l.cluster_bytes();
             assert!(end <= size, "{size}: {l:?}");
             // The FATs are sized for the clusters, not much beyond.

@@ -8,10 +8,9 @@
 //! GUIDs come from `basalt_bundle::layout`; nothing here knows which
 //! partition is which.
 //!
-//! Every partition starts and ends on a 1 MiB boundary: flash media erase in
-//! blocks of up to 1 MiB (and some eMMC in 4 MiB pages, which 1 MiB still
-//! divides the large partitions into cleanly), and partitioning tools warn
-//! about anything else.
+//! Every partition starts and ends on a 1 MiB boundary, so that partitions
+//! line up with the erase blocks of flash media and partitioning tools find
+//! nothing to warn about.
 
 use std::io::{self, Read, Seek, SeekFrom, Write};
 
@@ -205,6 +204,14 @@ pub enum TableDefect {
         stored: u32,
         /// Value computed over the entries.
         computed: u32,
+    },
+    /// The header's usable area is empty or extends past the disk.
+    #[error("usable area LBA {first}-{last} is empty or extends past the end of the disk")]
+    UsableArea {
+        /// First usable LBA as the header gives it.
+        first: u64,
+        /// Last usable LBA as the header gives it.
+        last: u64,
     },
     /// An entry whose range is empty or outside the usable area.
     #[error("partition {0} lies outside the usable area or ends before it starts")]
@@ -618,6 +625,10 @@ fn read_copy(
         Ok(header) => header,
         Err(defect) => return Ok(Err(defect)),
     };
+    if header.first_usable > header.last_usable || header.last_usable >= geometry.sectors {
+        let (first, last) = (header.first_usable, header.last_usable);
+        return Ok(Err(TableDefect::UsableArea { first, last }));
+    }
     if header.entry_size < ENTRY_SIZE || !header.entry_size.is_multiple_of(8) {
         return Ok(Err(TableDefect::EntryArray("entry size is below 128 or not a multiple of 8")));
     }

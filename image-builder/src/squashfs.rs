@@ -478,29 +478,3 @@ mod tests {
         assert!(err.to_string().contains("SOURCE_DATE_EPOCH"));
     }
 }
-#[cfg(test)]
-mod scratch_timing {
-    use super::*;
-    use crate::tree::Origin;
-    #[test]
-    fn scratch_timing() {
-        let mut t = Tree::new(Meta::root(0o755, 1));
-        let mut x: u64 = 88172645463325252;
-        let mut total = 0;
-        for i in 0..200 {
-            let len = 1000 + (i * 7919) % 50000;
-            let data: Vec<u8> = (0..len).map(|j| { x ^= x << 13; x ^= x >> 7; x ^= x << 17; if j % 3 == 0 { (x & 0xff) as u8 } else { b"abcdefgh"[(j % 8) as usize] } }).collect();
-            total += data.len();
-            t.add_file(&format!("/usr/lib/d{}/f{i}", i % 10), data, Meta::root(0o644, 1), Origin::Build).unwrap();
-        }
-        let big: Vec<u8> = (0..3_000_000u32).map(|j| (j.wrapping_mul(2654435761) >> 13) as u8 ^ (j as u8)).collect();
-        total += big.len();
-        t.add_file("/usr/bin/big", big, Meta::root(0o755, 1), Origin::Build).unwrap();
-        let s = std::time::Instant::now();
-        let img = write_squashfs(&t, 1).unwrap();
-        let d = s.elapsed();
-        let s2 = std::time::Instant::now();
-        let v = crate::verity::build_verity(&vec![7u8; 64 << 20], &[1; 32], [0; 16]).unwrap();
-        eprintln!("TIMING squashfs {} bytes in -> {} out: {:?}; verity 64MiB {:?} ({})", total, img.len(), d, s2.elapsed(), v.hash_area.len());
-    }
-}

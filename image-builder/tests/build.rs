@@ -83,6 +83,7 @@ fn minimal_image_passes_every_judge_and_rebuilds_identically() {
     let copy = dir.path().join("copy.img");
     ok(Command::new("bmaptool").arg("copy").arg("--bmap").arg(out.join("disk.img.bmap")).arg(&disk).arg(&copy));
     assert!(std::fs::read(&copy).unwrap() == std::fs::read(&disk).unwrap(), "bmaptool copy differs");
+    bmap_flash_over_a_used_card_is_still_correct(&r, &out, dir.path());
 
     // SBOM: SPDX 2.3 with every rootfs file.
     let sbom: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("sbom.spdx.json")).unwrap()).unwrap();
@@ -94,6 +95,30 @@ fn minimal_image_passes_every_judge_and_rebuilds_identically() {
     let out2 = dir.path().join("out2");
     let r2 = common::build(&minimal(), &out2);
     assert_eq!(r.disk.sha256, r2.disk.sha256, "two builds differ");
+}
+
+/// Regression: blocks the bmap leaves out keep whatever the card held, so
+/// every zero that matters must be mapped. Flash onto 0xFF and judge again.
+fn bmap_flash_over_a_used_card_is_still_correct(r: &basalt::build::Report, out: &Path, tmp: &Path) {
+    let used = tmp.join("used-card.img");
+    std::fs::write(&used, vec![0xffu8; r.disk.size as usize]).unwrap();
+    ok(Command::new("bmaptool").arg("copy").arg("--bmap").arg(out.join("disk.img.bmap")).arg(out.join("disk.img")).arg(&used));
+    let e = part(r, "esp");
+    let esp = tmp.join("used-esp.img");
+    extract(&used, e.offset, e.size, &esp);
+    let fsck = run(Command::new("fsck.vfat").arg("-n").arg(&esp));
+    assert!(fsck.status.success(), "ESP after flashing over 0xFF: {}", String::from_utf8_lossy(&fsck.stdout));
+    let a = part(r, "rootfs_a");
+    let slot = tmp.join("used-rootfs_a.img");
+    extract(&used, a.offset, a.size, &slot);
+    let v = run(Command::new("veritysetup").arg("verify").arg(&slot).arg(&slot).arg(&r.slot_a.verity.root_hash).arg(format!("--hash-offset={}", r.slot_a.verity.hash_offset)));
+    assert!(v.status.success(), "rootfs_a after flashing over 0xFF does not verify");
+    let d = part(r, "data");
+    let data = tmp.join("used-data.img");
+    extract(&used, d.offset, d.size, &data);
+    let fsck = run(Command::new("e2fsck").arg("-fn").arg(&data));
+    assert!(fsck.status.success(), "data after flashing over 0xFF: {}", String::from_utf8_lossy(&fsck.stdout));
+    std::fs::remove_file(&used).unwrap();
 }
 
 #[test]
