@@ -71,6 +71,14 @@ pub enum BuildError {
         /// Why.
         source: std::io::Error,
     },
+    /// The two slots were planned for different boards.
+    #[error("slot a is for board {a} but slot b for {b}; build both for the same board")]
+    SlotBBoard {
+        /// Slot a's board.
+        a: String,
+        /// Slot b's board.
+        b: String,
+    },
     /// The output folder exists and is not a previous build.
     #[error("refusing to replace {0}: it exists and is not a basalt output folder (no report.json); choose another --out or remove it")]
     ForeignOutput(PathBuf),
@@ -184,6 +192,8 @@ pub struct Report {
     pub partitions: Vec<PartitionReport>,
     /// Slot `a` (the factory slot).
     pub slot_a: SlotReport,
+    /// Slot `b`, when the build filled it too.
+    pub slot_b: Option<SlotReport>,
     /// Size of the root filesystem.
     pub rootfs: RootfsReport,
     /// The QEMU machine `basalt run` boots this image in, if the board
@@ -268,12 +278,20 @@ pub enum Fill {
 }
 
 /// Writes `data` into `file` at `offset`, leaving holes as `fill` allows.
-pub fn write_part(file: &mut fs::File, offset: u64, data: &[u8], fill: Fill) -> std::io::Result<()> {
+pub fn write_part(
+    file: &mut fs::File,
+    offset: u64,
+    data: &[u8],
+    fill: Fill,
+) -> std::io::Result<()> {
     const BLOCK: usize = 4096;
     let is_zero = |c: &[u8]| c.iter().all(|b| *b == 0);
     match fill {
         Fill::Dense => {
-            let used = data.chunks(BLOCK).rposition(|c| !is_zero(c)).map_or(0, |i| ((i + 1) * BLOCK).min(data.len()));
+            let used = data
+                .chunks(BLOCK)
+                .rposition(|c| !is_zero(c))
+                .map_or(0, |i| ((i + 1) * BLOCK).min(data.len()));
             file.seek(SeekFrom::Start(offset))?;
             file.write_all(&data[..used])
         }
@@ -293,19 +311,32 @@ fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / 1048576.0)
 }
 
+/// One slot as it goes onto the disk: which slot, the plan it was built
+/// from, its artifacts and its boot entry's file name.
+pub struct FilledSlot<'a> {
+    /// The slot.
+    pub slot: Slot,
+    /// The plan of the image in it.
+    pub plan: &'a Plan,
+    /// Its root filesystem, verity tree, initramfs and kernel.
+    pub art: SlotArtifacts,
+    /// Its boot entry's file name (`a+3.conf`).
+    pub entry: String,
+}
+
 /// The ESP's files for the given slots.
-pub fn esp_files<'a>(
-    plan: &Plan,
-    sd_boot: &'a [u8],
-    slots: &'a [(Slot, &'a SlotArtifacts, String)],
-    loader_conf: &'a [u8],
+pub fn esp_files(
+    arch: Arch,
+    sd_boot: &[u8],
+    slots: &[FilledSlot<'_>],
+    loader_conf: &[u8],
 ) -> Vec<(String, Vec<u8>)> {
-    let boot_file = format!("EFI/BOOT/{}", plan.board.arch.efi_boot_file());
+    let boot_file = format!("EFI/BOOT/{}", arch.efi_boot_file());
     let mut files = vec![
         (boot_file, sd_boot.to_vec()),
         ("loader/loader.conf".to_string(), loader_conf.to_vec()),
     ];
-    for (slot, art, entry_name) in slots {
+    for FilledSlot { slot, plan, art, entry: entry_name } in slots {
         let conf = EntryConf::for_slot(*slot, &plan.name, &plan.version.to_string(), &plan.cmdline);
         files.push((format!("{ENTRIES_DIR}/{entry_name}"), conf.to_text().into_bytes()));
         files.push((format!("{}/vmlinuz", slot.esp_dir()), art.vmlinuz.to_vec()));
@@ -318,33 +349,76 @@ pub fn esp_files<'a>(
 /// would override the boot counters and keep booting a bad slot.
 pub const LOADER_CONF: &str = "timeout 0\neditor no\nauto-entries no\nauto-firmware no\n";
 
-/// Builds the image described by `plan` into `out`.
-pub fn build(plan: &Plan, out: &Path, log: &mut dyn FnMut(&str)) -> Result<Report, BuildError> {
+/// Builds the root filesystem of `plan` for `slot` and checks it fits.
+fn fill_slot<'a>(
+    slot: Slot,
+    plan: &'a Plan,
+    root_size: u64,
+    board: &Plan,
+    log: &mut dyn FnMut(&str),
+) -> Result<FilledSlot<'a>, BuildError> {
+    let art = build_slot(plan)?;
+    log(&format!(
+        "slot {slot}: {} {}, {} entries, squashfs {} + hash tree {}; root hash {}",
+        plan.name,
+        plan.version,
+        plan.rootfs.len(),
+        mib(art.squashfs.len() as u64),
+        mib(art.hash_area.len() as u64),
+        art.verity.root_hash
+    ));
+    if art.root_bytes() > root_size {
+        return Err(BuildError::RootTooBig {
+            needed_mib: art.root_bytes().div_ceil(1 << 20),
+            have_mib: board.board.disk.root_mib.value,
+            board: board.board_path.display().to_string(),
+        });
+    }
+    let entry = BootEntryName::on_trial(slot, plan.tries).to_string();
+    Ok(FilledSlot { slot, plan, art, entry })
+}
+
+fn slot_report(f: &FilledSlot<'_>) -> SlotReport {
+    SlotReport {
+        version: f.plan.version.to_string(),
+        entry: f.entry.clone(),
+        squashfs_bytes: f.art.squashfs.len() as u64,
+        hash_tree_bytes: f.art.hash_area.len() as u64,
+        initrd_bytes: f.art.initrd.len() as u64,
+        verity: f.art.verity.clone(),
+    }
+}
+
+/// Builds the image described by `plan` into `out`; slot `b` stays empty
+/// unless `slot_b` gives the plan of a second image to put there (for
+/// tests of fallback, and for factory images that ship a known-good
+/// fallback).
+pub fn build(
+    plan: &Plan,
+    slot_b: Option<&Plan>,
+    out: &Path,
+    log: &mut dyn FnMut(&str),
+) -> Result<Report, BuildError> {
     let mut timings = Vec::new();
     let mut step = |name: &str, start: Instant| {
         timings.push((name.to_string(), start.elapsed().as_millis() as u64))
     };
     let identity = plan.identity();
     let sde = plan.source_date_epoch;
+    let root_size = plan.board.disk.root_mib.value << 20;
 
     let t = Instant::now();
-    let slot_a = build_slot(plan)?;
-    step("rootfs+verity+initrd", t);
-    log(&format!(
-        "rootfs: {} entries, squashfs {} + hash tree {}; root hash {}",
-        plan.rootfs.len(),
-        mib(slot_a.squashfs.len() as u64),
-        mib(slot_a.hash_area.len() as u64),
-        slot_a.verity.root_hash
-    ));
-    let root_size = plan.board.disk.root_mib.value << 20;
-    if slot_a.root_bytes() > root_size {
-        return Err(BuildError::RootTooBig {
-            needed_mib: slot_a.root_bytes().div_ceil(1 << 20),
-            have_mib: plan.board.disk.root_mib.value,
-            board: plan.board_path.display().to_string(),
-        });
+    let mut slots = vec![fill_slot(Slot::A, plan, root_size, plan, log)?];
+    if let Some(b) = slot_b {
+        if b.board.name.value != plan.board.name.value {
+            return Err(BuildError::SlotBBoard {
+                a: plan.board.name.value.clone(),
+                b: b.board.name.value.clone(),
+            });
+        }
+        slots.push(fill_slot(Slot::B, b, root_size, plan, log)?);
     }
+    step("rootfs+verity+initrd", t);
 
     let t = Instant::now();
     let sd_boot_path = plan
@@ -353,9 +427,7 @@ pub fn build(plan: &Plan, out: &Path, log: &mut dyn FnMut(&str)) -> Result<Repor
         .unwrap_or(Path::new("."))
         .join(&plan.board.firmware.systemd_boot.value);
     let sd_boot = fs::read(&sd_boot_path).map_err(io("cannot read", &sd_boot_path))?;
-    let entry_a = BootEntryName::on_trial(Slot::A, plan.tries).to_string();
-    let slots = [(Slot::A, &slot_a, entry_a.clone())];
-    let files = esp_files(plan, &sd_boot, &slots, LOADER_CONF.as_bytes());
+    let files = esp_files(plan.board.arch, &sd_boot, &slots, LOADER_CONF.as_bytes());
     let fat_files: Vec<fat::FatFile<'_>> =
         files.iter().map(|(p, d)| fat::FatFile::new(p.clone(), d)).collect();
     let esp_guid = Guid::derived("esp-volume", &identity);
@@ -367,11 +439,12 @@ pub fn build(plan: &Plan, out: &Path, log: &mut dyn FnMut(&str)) -> Result<Repor
             volume_id: u32::from_le_bytes([vol[0], vol[1], vol[2], vol[3]]),
             label: "ESP".into(),
             mtime: sde,
+            // The ESP is the first partition, at 1 MiB.
             hidden_sectors: 2048,
         },
     )?;
     step("esp", t);
-    log(&format!("esp: {} files, initrd {}", files.len(), mib(slot_a.initrd.len() as u64)));
+    log(&format!("esp: {} files", files.len()));
 
     // The output goes to a temporary folder beside `out`.
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -427,13 +500,14 @@ pub fn build(plan: &Plan, out: &Path, log: &mut dyn FnMut(&str)) -> Result<Repor
         };
         match p.label.as_str() {
             layout::ESP_LABEL => w(&mut disk, p.offset, &esp, Fill::Dense)?,
-            layout::ROOTFS_A_LABEL => {
-                w(&mut disk, p.offset, &slot_a.squashfs, Fill::Dense)?;
-                let hash_at = p.offset + slot_a.verity.hash_offset;
-                w(&mut disk, hash_at, &slot_a.hash_area, Fill::Dense)?;
-            }
             layout::DATA_LABEL => w(&mut disk, p.offset, &data, Fill::Sparse)?,
-            _ => {}
+            label => {
+                if let Some(f) = slots.iter().find(|f| f.slot.root_partlabel() == label) {
+                    w(&mut disk, p.offset, &f.art.squashfs, Fill::Dense)?;
+                    let hash_at = p.offset + f.art.verity.hash_offset;
+                    w(&mut disk, hash_at, &f.art.hash_area, Fill::Dense)?;
+                }
+            }
         }
     }
     disk.sync_all().map_err(io("cannot sync", &disk_path))?;
@@ -474,7 +548,7 @@ pub fn build(plan: &Plan, out: &Path, log: &mut dyn FnMut(&str)) -> Result<Repor
         version: &plan.version.to_string(),
         created: sbom::rfc3339(sde),
         kernel_package: plan.kernel.package.as_ref().map(|(n, v)| (n.as_str(), v.as_str())),
-        trees: vec![("rootfs:", &plan.rootfs), ("initrd:", &slot_a.initrd_tree)],
+        trees: vec![("rootfs:", &plan.rootfs), ("initrd:", &slots[0].art.initrd_tree)],
         extra,
     });
     let sbom_text = serde_json::to_string_pretty(&sbom_json).unwrap_or_default();
@@ -515,14 +589,8 @@ pub fn build(plan: &Plan, out: &Path, log: &mut dyn FnMut(&str)) -> Result<Repor
                 size: p.size,
             })
             .collect(),
-        slot_a: SlotReport {
-            version: plan.version.to_string(),
-            entry: entry_a,
-            squashfs_bytes: slot_a.squashfs.len() as u64,
-            hash_tree_bytes: slot_a.hash_area.len() as u64,
-            initrd_bytes: slot_a.initrd.len() as u64,
-            verity: slot_a.verity.clone(),
-        },
+        slot_a: slot_report(&slots[0]),
+        slot_b: slots.get(1).map(slot_report),
         rootfs: RootfsReport {
             entries: plan.rootfs.len(),
             file_bytes: plan.rootfs.file_bytes(),

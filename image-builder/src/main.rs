@@ -37,6 +37,10 @@ enum Command {
         /// Print the build report as JSON on stdout.
         #[arg(long)]
         json: bool,
+        /// Fill slot b too, with the image of this second recipe (same
+        /// board); slot b is empty otherwise.
+        #[arg(long)]
+        slot_b: Option<PathBuf>,
         /// Folder with the static device programs (basalt-init,
         /// basalt-demo); found beside basalt by default.
         #[arg(long, env = "BASALT_DEVICE_BIN")]
@@ -97,7 +101,7 @@ fn source_date_epoch() -> anyhow::Result<u64> {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let interactive = std::io::stderr().is_terminal() && std::env::var_os("CI").is_none();
     match cli.command {
-        Command::Build { recipe, board, out, json, device_bin } => {
+        Command::Build { recipe, board, out, json, slot_b, device_bin } => {
             let opts = PlanOptions {
                 board,
                 source_date_epoch: source_date_epoch()?,
@@ -106,6 +110,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let start = std::time::Instant::now();
             let plan = plan::resolve(&recipe, &opts)?;
+            let plan_b = slot_b.map(|r| plan::resolve(&r, &opts)).transpose()?;
             let out = out.unwrap_or_else(|| PathBuf::from("out").join(&plan.name));
             let mut log = |line: &str| {
                 if interactive {
@@ -115,7 +120,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             };
             log(&format!("building {} {} for {}", plan.name, plan.version, plan.board.name.value));
-            let report = basalt::build::build(&plan, &out, &mut log)?;
+            let report = basalt::build::build(&plan, plan_b.as_ref(), &out, &mut log)?;
             log(&format!("built {} in {:.2} s", out.display(), start.elapsed().as_secs_f64()));
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

@@ -226,17 +226,17 @@ mod tests {
         Meta { uid, gid, mode, mtime }
     }
 
-    /// Dirs, empty and small and multi-block files, a symlink, a
-    /// non-root-owned root directory, setuid and private modes, and several
-    /// times, each entry a little different from its neighbours.
+    /// Dirs, empty and small and multi-block files, symlinks, setuid and
+    /// private modes, several times, and a root directory whose owner no
+    /// other entry has (backhand's writer alone would lose it).
     fn sample_tree() -> Tree {
         let o = || Origin::Build;
         let mut t = Tree::new(meta(1000, 100, 0o751, T + 60));
         t.add_dir("/etc", meta(0, 0, 0o755, T), o()).unwrap();
         t.add_file("/etc/hostname", b"gw\n".to_vec(), meta(0, 0, 0o644, T + 1), o()).unwrap();
         t.add_file("/etc/empty", Vec::new(), meta(0, 0, 0o600, T + 2), o()).unwrap();
-        t.add_dir("/data", meta(1000, 100, 0o700, T + 86_400), o()).unwrap();
-        t.add_file("/data/.keep", Vec::new(), meta(1000, 100, 0o640, T + 3), o()).unwrap();
+        t.add_dir("/data", meta(1001, 101, 0o700, T + 86_400), o()).unwrap();
+        t.add_file("/data/.keep", Vec::new(), meta(1001, 101, 0o640, T + 3), o()).unwrap();
         t.add_file("/usr/bin/init", noise(1_500_000, 7), meta(0, 0, 0o4755, T + 4), o()).unwrap();
         t.add_file("/usr/bin/tool", noise(200_000, 9), meta(0, 50, 0o2711, T + 5), o()).unwrap();
         t.add_file("/usr/bin-x", b"x".to_vec(), meta(2, 3, 0o755, T + 3600), o()).unwrap();
@@ -267,10 +267,11 @@ mod tests {
 
     /// `ls -l` style type and permission string, as unsquashfs prints it.
     fn mode_string(node: &Node) -> String {
-        let (kind, mode) = match node.kind {
-            NodeKind::Dir => ('d', node.meta.mode),
-            NodeKind::File(_) => ('-', node.meta.mode),
-            NodeKind::Symlink(_) => ('l', node.meta.mode),
+        let mode = node.meta.mode;
+        let kind = match node.kind {
+            NodeKind::Dir => 'd',
+            NodeKind::File(_) => '-',
+            NodeKind::Symlink(_) => 'l',
         };
         let bit = |m: u32, c: char| if mode & m != 0 { c } else { '-' };
         let special =
@@ -296,7 +297,7 @@ mod tests {
         .collect()
     }
 
-    /// `YYYY-MM-DD HH:MM` in UTC (Howard Hinnant's civil-from-days).
+    /// `YYYY-MM-DD HH:MM` in UTC, by the usual days-to-civil-date arithmetic.
     fn utc_minutes(secs: u64) -> String {
         let days = (secs / 86_400) as i64;
         let rem = secs % 86_400;

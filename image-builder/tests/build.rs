@@ -42,9 +42,17 @@ fn minimal_image_passes_every_judge_and_rebuilds_identically() {
     extract(&disk, e.offset, e.size, &esp);
     let fsck = run(Command::new("fsck.vfat").arg("-n").arg(&esp));
     assert!(fsck.status.success(), "{}", String::from_utf8_lossy(&fsck.stdout));
-    let conf = ok(Command::new("mtype").env("MTOOLS_SKIP_CHECK", "1").args(["-i"]).arg(&esp).arg("::/loader/loader.conf"));
+    let conf = ok(Command::new("mtype")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .args(["-i"])
+        .arg(&esp)
+        .arg("::/loader/loader.conf"));
     assert!(conf.contains("timeout 0") && !conf.contains("default"), "{conf}");
-    let entry = ok(Command::new("mtype").env("MTOOLS_SKIP_CHECK", "1").args(["-i"]).arg(&esp).arg("::/loader/entries/a+3.conf"));
+    let entry = ok(Command::new("mtype")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .args(["-i"])
+        .arg(&esp)
+        .arg("::/loader/entries/a+3.conf"));
     assert!(entry.contains("basalt.slot=a") && entry.contains("version 1.0.0"), "{entry}");
     assert!(entry.contains("sort-key basalt"), "{entry}");
 
@@ -53,10 +61,18 @@ fn minimal_image_passes_every_judge_and_rebuilds_identically() {
     let slot = dir.path().join("rootfs_a.img");
     extract(&disk, a.offset, a.size, &slot);
     let list = ok(Command::new("unsquashfs").arg("-lln").arg(&slot).env("TZ", "UTC"));
-    for want in ["squashfs-root/sbin/init", "squashfs-root/etc/basalt/image.toml", "squashfs-root/usr/bin/basalt-demo", "squashfs-root/data"] {
+    for want in [
+        "squashfs-root/sbin/init",
+        "squashfs-root/etc/basalt/image.toml",
+        "squashfs-root/usr/bin/basalt-demo",
+        "squashfs-root/data",
+    ] {
         assert!(list.contains(want), "{want} not in\n{list}");
     }
-    assert!(list.lines().filter(|l| l.contains("/sbin/init")).all(|l| l.starts_with("-rwxr-xr-x 0/0")), "{list}");
+    assert!(
+        list.lines().filter(|l| l.contains("/sbin/init")).all(|l| l.starts_with("-rwxr-xr-x 0/0")),
+        "{list}"
+    );
     let vp = &r.slot_a.verity;
     let verify = |img: &Path| {
         run(Command::new("veritysetup")
@@ -81,14 +97,24 @@ fn minimal_image_passes_every_judge_and_rebuilds_identically() {
 
     // bmap: bmaptool reproduces the image from it.
     let copy = dir.path().join("copy.img");
-    ok(Command::new("bmaptool").arg("copy").arg("--bmap").arg(out.join("disk.img.bmap")).arg(&disk).arg(&copy));
-    assert!(std::fs::read(&copy).unwrap() == std::fs::read(&disk).unwrap(), "bmaptool copy differs");
+    ok(Command::new("bmaptool")
+        .arg("copy")
+        .arg("--bmap")
+        .arg(out.join("disk.img.bmap"))
+        .arg(&disk)
+        .arg(&copy));
+    assert!(
+        std::fs::read(&copy).unwrap() == std::fs::read(&disk).unwrap(),
+        "bmaptool copy differs"
+    );
     bmap_flash_over_a_used_card_is_still_correct(&r, &out, dir.path());
 
     // SBOM: SPDX 2.3 with every rootfs file.
-    let sbom: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("sbom.spdx.json")).unwrap()).unwrap();
+    let sbom: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("sbom.spdx.json")).unwrap()).unwrap();
     assert_eq!(sbom["spdxVersion"], "SPDX-2.3");
-    let names: Vec<&str> = sbom["files"].as_array().unwrap().iter().map(|f| f["fileName"].as_str().unwrap()).collect();
+    let names: Vec<&str> =
+        sbom["files"].as_array().unwrap().iter().map(|f| f["fileName"].as_str().unwrap()).collect();
     assert!(names.contains(&"rootfs:/sbin/init") && names.contains(&"esp:/a/vmlinuz"), "{names:?}");
 
     // Reproducible: a second build gives the same disk.
@@ -102,22 +128,40 @@ fn minimal_image_passes_every_judge_and_rebuilds_identically() {
 fn bmap_flash_over_a_used_card_is_still_correct(r: &basalt::build::Report, out: &Path, tmp: &Path) {
     let used = tmp.join("used-card.img");
     std::fs::write(&used, vec![0xffu8; r.disk.size as usize]).unwrap();
-    ok(Command::new("bmaptool").arg("copy").arg("--bmap").arg(out.join("disk.img.bmap")).arg(out.join("disk.img")).arg(&used));
+    ok(Command::new("bmaptool")
+        .arg("copy")
+        .arg("--bmap")
+        .arg(out.join("disk.img.bmap"))
+        .arg(out.join("disk.img"))
+        .arg(&used));
     let e = part(r, "esp");
     let esp = tmp.join("used-esp.img");
     extract(&used, e.offset, e.size, &esp);
     let fsck = run(Command::new("fsck.vfat").arg("-n").arg(&esp));
-    assert!(fsck.status.success(), "ESP after flashing over 0xFF: {}", String::from_utf8_lossy(&fsck.stdout));
+    assert!(
+        fsck.status.success(),
+        "ESP after flashing over 0xFF: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
     let a = part(r, "rootfs_a");
     let slot = tmp.join("used-rootfs_a.img");
     extract(&used, a.offset, a.size, &slot);
-    let v = run(Command::new("veritysetup").arg("verify").arg(&slot).arg(&slot).arg(&r.slot_a.verity.root_hash).arg(format!("--hash-offset={}", r.slot_a.verity.hash_offset)));
+    let v = run(Command::new("veritysetup")
+        .arg("verify")
+        .arg(&slot)
+        .arg(&slot)
+        .arg(&r.slot_a.verity.root_hash)
+        .arg(format!("--hash-offset={}", r.slot_a.verity.hash_offset)));
     assert!(v.status.success(), "rootfs_a after flashing over 0xFF does not verify");
     let d = part(r, "data");
     let data = tmp.join("used-data.img");
     extract(&used, d.offset, d.size, &data);
     let fsck = run(Command::new("e2fsck").arg("-fn").arg(&data));
-    assert!(fsck.status.success(), "data after flashing over 0xFF: {}", String::from_utf8_lossy(&fsck.stdout));
+    assert!(
+        fsck.status.success(),
+        "data after flashing over 0xFF: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
     std::fs::remove_file(&used).unwrap();
 }
 
@@ -136,7 +180,10 @@ fn inspect_reads_back_what_build_wrote() {
 }
 
 /// Writes a recipe beside a copy of the minimal one and runs `basalt build`.
-fn build_bad(recipe_text: &str, extra: &[(&str, &[u8])]) -> (bool, String, std::path::PathBuf, tempfile::TempDir) {
+fn build_bad(
+    recipe_text: &str,
+    extra: &[(&str, &[u8])],
+) -> (bool, String, std::path::PathBuf, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let recipes = dir.path().join("recipes");
     std::fs::create_dir(&recipes).unwrap();
@@ -168,7 +215,12 @@ fn assert_refused(text: &str, extra: &[(&str, &[u8])], wants: &[&str]) {
         assert!(err.contains(w), "error lacks {w:?}:\n{err}");
     }
     assert!(!out.exists(), "a failed build left {}", out.display());
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name()).filter(|n| n.to_string_lossy().contains("tmp")).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().contains("tmp"))
+        .collect();
     assert!(leftovers.is_empty(), "temporary output left: {leftovers:?}");
 }
 
@@ -186,7 +238,8 @@ fn wrong_type_names_the_line() {
 
 #[test]
 fn missing_input_file_is_named() {
-    let text = format!("{}\n[[file]]\npath = \"/etc/app.conf\"\nsource = \"app.conf\"\n", minimal_text());
+    let text =
+        format!("{}\n[[file]]\npath = \"/etc/app.conf\"\nsource = \"app.conf\"\n", minimal_text());
     assert_refused(&text, &[], &["bad.toml:", "app.conf", "relative to the recipe"]);
 }
 
@@ -199,10 +252,13 @@ fn unknown_module_is_named() {
 #[test]
 fn partitions_that_do_not_fit_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let board = std::fs::read_to_string(root().join("boards/qemu-x86_64.toml")).unwrap().replace("data_mib = 256", "data_mib = 256\ntotal_mib = 300");
+    let board = std::fs::read_to_string(root().join("boards/qemu-x86_64.toml"))
+        .unwrap()
+        .replace("data_mib = 256", "data_mib = 256\ntotal_mib = 300");
     let board_path = dir.path().join("tiny.toml");
     std::fs::write(&board_path, board).unwrap();
-    let text = minimal_text().replace("board = \"qemu-x86_64\"", &format!("board = \"{}\"", board_path.display()));
+    let text = minimal_text()
+        .replace("board = \"qemu-x86_64\"", &format!("board = \"{}\"", board_path.display()));
     assert_refused(&text, &[], &["partitions need a disk of at least"]);
 }
 
@@ -218,12 +274,18 @@ fn a_deb_that_is_not_a_kernel_is_refused() {
     let deb = dir.path().join("hello.deb");
     ok(Command::new("dpkg-deb").arg("--build").arg(&pkg).arg(&deb));
     let bytes = std::fs::read(&deb).unwrap();
-    let text = minimal_text().replace("deb = \"../.cache/kernel/linux-image-cloud-amd64.deb\"", "deb = \"hello.deb\"");
-    assert_refused(&text, &[("hello.deb", &bytes)], &["bad.toml:", "not a kernel package", "hello"]);
+    let text = minimal_text()
+        .replace("deb = \"../.cache/kernel/linux-image-cloud-amd64.deb\"", "deb = \"hello.deb\"");
+    assert_refused(
+        &text,
+        &[("hello.deb", &bytes)],
+        &["bad.toml:", "not a kernel package", "hello"],
+    );
 }
 
 #[test]
 fn a_service_whose_program_is_not_in_the_image_is_refused() {
-    let text = minimal_text().replace("command = [\"/usr/bin/basalt-demo\"", "command = [\"/usr/bin/nothere\"");
+    let text = minimal_text()
+        .replace("command = [\"/usr/bin/basalt-demo\"", "command = [\"/usr/bin/nothere\"");
     assert_refused(&text, &[], &["bad.toml:", "`/usr/bin/nothere` is not in the image"]);
 }

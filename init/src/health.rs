@@ -171,6 +171,8 @@ fn io_error(url: &str, action: &'static str, e: io::Error, timeout: Duration) ->
 /// (connect, send, first line of the reply) must finish within `timeout`.
 pub fn check(url: &str, timeout: Duration) -> Result<u16, HealthError> {
     let target = parse_url(url)?;
+    // An absurd timeout must not overflow the clock arithmetic.
+    let timeout = timeout.min(Duration::from_secs(3600));
     let deadline = Instant::now() + timeout;
     let mut stream = TcpStream::connect_timeout(&target.addr, remaining(url, deadline, timeout)?)
         .map_err(|source| match source.kind() {

@@ -282,7 +282,8 @@ pub fn run() -> ! {
             )
         }
         Err(e) => {
-            let reason = format!("the image configuration is unusable: {e}");
+            let reason =
+                format!("the image configuration is unusable: {}", e.to_string().trim_end());
             say(&format!("{reason}; no services will run"));
             (
                 &[][..],
@@ -351,7 +352,8 @@ pub fn run() -> ! {
         },
         stop_timeout,
         shutdown: None,
-        announced_started: false,
+        // With no usable configuration there is nothing to announce.
+        announced_started: config.is_err(),
         orphans: 0,
     };
     let now = signal::now();

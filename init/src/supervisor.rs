@@ -43,6 +43,13 @@
 //!    is `after` it, so services stop in reverse start order and
 //!    independent ones stop together; each gets SIGKILL if it is still
 //!    running [`Options::stop_timeout`] after its SIGTERM.
+//! 6. **Output** ([`Launcher`]). Each service has one pipe for its stdout
+//!    and stderr, kept open by PID 1 across restarts and read in the poll
+//!    loop (non-blocking, a bounded amount per round). Each line goes to
+//!    the console as `[name] line` and to `<log dir>/<name>.log`, which
+//!    rotates to `<name>.log.1` at a size limit. Lines longer than
+//!    [`MAX_LINE`] are split. A health check's output is not shown; its
+//!    last line explains a failed check in messages.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -850,7 +857,15 @@ impl Supervisor {
         if !run.timed_out && status.success() {
             if h.healthy_since.is_none() {
                 h.healthy_since = Some(now);
-                ctl.note(now, Some(id), &format!("{name} is healthy"));
+                let up = match s.run {
+                    Run::Running { since, .. } => now.saturating_sub(since),
+                    _ => Duration::ZERO,
+                };
+                ctl.note(
+                    now,
+                    Some(id),
+                    &format!("{name} is healthy ({} after its start)", Secs(up)),
+                );
             }
             h.last_failure = None;
             s.ready_once = true;

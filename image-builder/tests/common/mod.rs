@@ -16,16 +16,26 @@ pub fn root() -> PathBuf {
 /// The fixed build time of every test image.
 pub const SDE: u64 = 1_700_000_000;
 
-/// Resolves and builds a recipe into `out`.
-pub fn build(recipe: &Path, out: &Path) -> Report {
+fn resolve(recipe: &Path) -> basalt::plan::Plan {
     let opts = PlanOptions {
         board: None,
         source_date_epoch: SDE,
         cache_dir: plan::default_cache_dir(),
         device_bin: None,
     };
-    let plan = plan::resolve(recipe, &opts).unwrap_or_else(|e| panic!("{e}"));
-    basalt::build::build(&plan, out, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"))
+    plan::resolve(recipe, &opts).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Resolves and builds a recipe into `out`.
+pub fn build(recipe: &Path, out: &Path) -> Report {
+    build_ab(recipe, None, out)
+}
+
+/// Builds `recipe` into slot a and, if given, `slot_b` into slot b.
+pub fn build_ab(recipe: &Path, slot_b: Option<&Path>, out: &Path) -> Report {
+    let a = resolve(recipe);
+    let b = slot_b.map(resolve);
+    basalt::build::build(&a, b.as_ref(), out, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Runs a command and returns its output; panics if it cannot start.

@@ -211,8 +211,8 @@ impl OutputPipe {
 /// `/dev/null`, stdout and stderr into `output`, the working directory `/`,
 /// and an environment of [`DEFAULT_PATH`] plus `env`. Returns its pid.
 ///
-/// The child starts with an empty signal mask and default dispositions
-/// (the standard library resets both), although PID 1 blocks everything.
+/// The child starts with an empty signal mask and SIGPIPE at its default,
+/// although PID 1 blocks every signal and ignores SIGPIPE.
 /// A program that cannot be executed is an error here, not an exit status.
 pub fn spawn(
     argv: &[String],
@@ -232,6 +232,23 @@ pub fn spawn(
         .stdout(Stdio::from(output.write.try_clone()?))
         .stderr(Stdio::from(output.write.try_clone()?))
         .process_group(0);
+    // PID 1 blocks every signal and ignores SIGPIPE (the standard library
+    // does at start-up), and a child inherits both. The standard library
+    // undoes that for children with glibc but not with musl, where a
+    // service would then shrug off SIGTERM. Undo it here, between fork and
+    // exec, with async-signal-safe calls only.
+    // SAFETY: the closure only calls sigemptyset, sigprocmask and signal.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            Ok(())
+        });
+    }
     // Dropping the `Child` neither waits for nor kills it; PID 1's reaper
     // collects it by pid.
     let child = cmd.spawn()?;
@@ -277,6 +294,34 @@ mod tests {
         assert_eq!(status, ExitStatus::Signal(9));
         assert_eq!(status.code(), 137);
         assert_eq!(status.to_string(), "signal 9 (status 137)");
+    }
+
+    #[test]
+    fn children_start_with_an_empty_signal_mask() {
+        // PID 1 blocks every signal; a child that inherited that mask would
+        // ignore SIGTERM at shutdown. Block some in this test's thread (the
+        // mask is per thread) and look at what the child has.
+        use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow};
+        let mut old = SigSet::empty();
+        pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::all()), Some(&mut old)).unwrap();
+        let pipe = OutputPipe::new().unwrap();
+        let argv: Vec<String> = ["/bin/sh", "-c", "grep -E '^Sig(Blk|Ign)' /proc/self/status"]
+            .map(String::from)
+            .to_vec();
+        let spawned = spawn(&argv, &BTreeMap::new(), &pipe);
+        pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None).unwrap();
+        assert_eq!(wait(spawned.unwrap()), ExitStatus::Code(0));
+        let mut buf = [0u8; 256];
+        let n = pipe.read(&mut buf).unwrap().unwrap();
+        let text = std::str::from_utf8(&buf[..n]).unwrap();
+        let field = |name: &str| {
+            let line = text.lines().find(|l| l.starts_with(name)).unwrap();
+            u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap()
+        };
+        assert_eq!(field("SigBlk:"), 0, "{text}");
+        // Bit n-1 stands for signal n.
+        let pipe_term = 1 << (libc::SIGPIPE - 1) | 1 << (libc::SIGTERM - 1);
+        assert_eq!(field("SigIgn:") & pipe_term, 0, "{text}");
     }
 
     #[test]
