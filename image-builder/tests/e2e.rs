@@ -54,3 +54,129 @@ fn e2e_001_boot_blesses_and_powers_off() {
     let files: Vec<&str> = info.entries.iter().map(|e| e.file.as_str()).collect();
     assert_eq!(files, ["a.conf"], "the boot was not blessed on disk");
 }
+
+/// The restart delays the supervisor announced, in seconds, in order.
+fn restart_delays(console: &str, service: &str) -> Vec<f64> {
+    console
+        .lines()
+        .filter(|l| l.contains(&format!("basalt-init: {service} exited")))
+        .filter_map(|l| l.split("; restart ").nth(1))
+        .filter_map(|r| r.split(" in ").nth(1))
+        .filter_map(|r| r.trim_end_matches(" s").trim().parse().ok())
+        .collect()
+}
+
+#[test]
+#[ignore = "boots QEMU; run with --ignored (ci/test.sh does)"]
+fn e2e_002_crash_restart_with_backoff_and_no_zombies() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let report = common::build(&root().join("ci/e2e/002-crash-restart/recipe.toml"), &out);
+    let mut m = boot(&out.join("disk.img"), &report, "002-crash-restart");
+    let crash = "[crasher] demo: crashing with code 1";
+    if !m.wait_for_count(crash, 51, Duration::from_secs(240)) {
+        panic!("fewer than 51 crashes; console:\n{}", m.console());
+    }
+    // After 50 restarts, PID 1 still reaps: the zombie counter reports 0.
+    let seen = m.console().matches("zombies] demo:").count();
+    if !m.wait_for_count("zombies] demo:", seen + 2, Duration::from_secs(30)) {
+        panic!("the zombie counter stopped; console:\n{}", m.console());
+    }
+    expect(&mut m, "boot blessed: slot a", 60);
+    let console = m.console();
+    let delays = restart_delays(&console, "crasher");
+    assert!(delays.len() >= 50, "{} restarts announced:\n{console}", delays.len());
+    assert!(delays.windows(2).all(|w| w[1] >= w[0]), "delays shrink: {delays:?}");
+    assert!(delays[4] > delays[0] * 8.0, "delays do not grow: {delays:?}");
+    assert!(delays.iter().all(|d| *d <= 0.32 + 1e-9), "delay beyond its cap: {delays:?}");
+    let last_counts: Vec<&str> =
+        console.lines().filter(|l| l.contains("zombies] demo:")).rev().take(2).collect();
+    assert!(last_counts.iter().all(|l| l.ends_with(" 0 zombies")), "{last_counts:?}");
+    assert!(!console.contains("FATAL") && !console.contains("Kernel panic"), "{console}");
+}
+
+/// Boots `disk` again and again (each reboot ends QEMU) until `marker`
+/// appears; returns the consoles of all boots.
+fn boot_until(
+    disk: &std::path::Path,
+    report: &basalt::build::Report,
+    tag: &str,
+    marker: &str,
+    boots: usize,
+) -> Vec<String> {
+    let mut consoles = Vec::new();
+    for n in 1..=boots {
+        let mut m = boot(disk, report, &format!("{tag}-boot{n}"));
+        let seen = m.wait_for(marker, Duration::from_secs(120));
+        consoles.push(m.console());
+        if seen {
+            return consoles;
+        }
+        assert!(
+            m.wait_exit(Duration::from_secs(60)).is_some(),
+            "boot {n} neither reached `{marker}` nor rebooted:\n{}",
+            m.console()
+        );
+    }
+    panic!("`{marker}` not seen in {boots} boots; last console:\n{}", consoles.last().unwrap());
+}
+
+#[test]
+#[ignore = "boots QEMU; run with --ignored (ci/test.sh does)"]
+fn e2e_003_unhealthy_slot_is_marked_bad_and_the_other_slot_boots() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let report = common::build_ab(
+        &root().join("ci/e2e/003-unhealthy/recipe.toml"),
+        Some(&root().join("ci/e2e/fallback.toml")),
+        &out,
+    );
+    let disk = out.join("disk.img");
+    let consoles = boot_until(&disk, &report, "003-unhealthy", "boot blessed: slot b", 3);
+    assert_eq!(consoles.len(), 2, "expected one failed boot of a, then b");
+    assert!(consoles[0].contains("image unhealthy 2.0.0"), "{}", consoles[0]);
+    assert!(consoles[0].contains("required service sick is not healthy"), "{}", consoles[0]);
+    assert!(consoles[0].contains("marked bad"), "{}", consoles[0]);
+    assert!(consoles[1].contains("image fallback 0.1.0"), "{}", consoles[1]);
+    let info = basalt::inspect::inspect(&disk).unwrap();
+    let a = info.entries.iter().find(|e| e.file.starts_with('a')).unwrap();
+    let b = info.entries.iter().find(|e| e.file.starts_with('b')).unwrap();
+    assert_eq!((a.state.as_str(), a.tries_left), ("bad", Some(0)), "{:?}", info.entries);
+    assert_eq!(b.file, "b.conf");
+}
+
+#[test]
+#[ignore = "boots QEMU; run with --ignored (ci/test.sh does)"]
+fn e2e_004_a_flipped_byte_in_the_root_fs_falls_back_to_the_other_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let report = common::build_ab(
+        &root().join("recipes/minimal.toml"),
+        Some(&root().join("ci/e2e/fallback.toml")),
+        &out,
+    );
+    let disk = out.join("disk.img");
+    // One byte of the squashfs superblock: it is read at mount, so the
+    // failure is certain, and dm-verity must refuse it.
+    let a = report.partitions.iter().find(|p| p.label == "rootfs_a").unwrap();
+    {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&disk).unwrap();
+        let mut b = [0u8; 1];
+        f.seek(SeekFrom::Start(a.offset + 8)).unwrap();
+        f.read_exact(&mut b).unwrap();
+        f.seek(SeekFrom::Start(a.offset + 8)).unwrap();
+        f.write_all(&[b[0] ^ 0x01]).unwrap();
+    }
+    let consoles = boot_until(&disk, &report, "004-verity", "boot blessed: slot b", 5);
+    let failed = &consoles[..consoles.len() - 1];
+    assert!(!failed.is_empty(), "slot b booted without slot a failing first");
+    for c in failed {
+        assert!(c.contains("verity") && c.contains("FATAL"), "{c}");
+        assert!(!c.contains("boot blessed"), "{c}");
+    }
+    assert!(consoles.last().unwrap().contains("image fallback 0.1.0"));
+    let info = basalt::inspect::inspect(&disk).unwrap();
+    assert!(info.entries.iter().any(|e| e.file == "b.conf"), "{:?}", info.entries);
+    assert!(!info.entries.iter().any(|e| e.file == "a.conf"), "{:?}", info.entries);
+}

@@ -13,6 +13,8 @@
 //! basalt-demo crash [--after-ms N] [--code C]   print "demo: crashing with code C", exit C
 //!                                               after N ms (defaults 1000, 1)
 //! basalt-demo unhealthy [--port P]              run forever; /healthz answers 503
+//! basalt-demo zombies [--every-ms N]             every N ms (default 2000) print
+//!                                               "demo: N processes, M zombies" from /proc
 //! ```
 
 use std::io::{self, Read, Write};
@@ -22,7 +24,8 @@ use std::time::Duration;
 
 const USAGE: &str = "usage: basalt-demo hello [--port P] [--every-ms N]\n\
                      \x20      basalt-demo crash [--after-ms N] [--code C]\n\
-                     \x20      basalt-demo unhealthy [--port P]";
+                     \x20      basalt-demo unhealthy [--port P]\n\
+                     \x20      basalt-demo zombies [--every-ms N]";
 
 /// Prints one line; a closed stdout ends the demo quietly instead of
 /// panicking.
@@ -134,12 +137,43 @@ fn run(args: &[String]) -> Result<u8, String> {
                 std::thread::sleep(Duration::from_secs(3600));
             }
         }
+        "zombies" => {
+            let opts = options(rest, &["every-ms"])?;
+            let every = Duration::from_millis(get(&opts, "every-ms").unwrap_or(2000).max(1));
+            loop {
+                let (procs, zombies) = count_processes();
+                line(&format!("demo: {procs} processes, {zombies} zombies"));
+                std::thread::sleep(every);
+            }
+        }
         "--help" | "-h" | "help" => {
             line(USAGE);
             Ok(0)
         }
         other => Err(format!("unknown command {other:?}\n{USAGE}")),
     }
+}
+
+/// Counts the processes in `/proc` and those in state `Z` (exited, not yet
+/// reaped), so a boot test can see that PID 1 reaps every child.
+fn count_processes() -> (usize, usize) {
+    let mut procs = 0;
+    let mut zombies = 0;
+    let Ok(dir) = std::fs::read_dir("/proc") else { return (0, 0) };
+    for entry in dir.flatten() {
+        if !entry.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // The state follows the command name, which is in parentheses and
+        // may itself contain spaces or parentheses.
+        let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else { continue };
+        procs += 1;
+        if after.split_whitespace().next() == Some("Z") {
+            zombies += 1;
+        }
+    }
+    (procs, zombies)
 }
 
 fn main() -> ExitCode {
