@@ -918,10 +918,10 @@ struct DosTime {
 
 impl DosTime {
     fn from_unix(secs: u64) -> DosTime {
-        let min = days_from_civil(1980, 1, 1) as u64 * 86400;
-        let max = days_from_civil(2108, 1, 1) as u64 * 86400 - 1;
+        let min = crate::civil::days_from_civil(1980, 1, 1) as u64 * 86400;
+        let max = crate::civil::days_from_civil(2108, 1, 1) as u64 * 86400 - 1;
         let secs = secs.clamp(min, max);
-        let (y, m, d) = civil_from_days((secs / 86400) as i64);
+        let (y, m, d) = crate::civil::civil_from_days((secs / 86400) as i64);
         let rem = secs % 86400;
         let (hour, minute, sec) = (rem / 3600, rem % 3600 / 60, rem % 60);
         DosTime {
@@ -930,31 +930,6 @@ impl DosTime {
             tenths: (sec % 2 * 100) as u8,
         }
     }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date.
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (i64::from(m) + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// The date of a day number from [`days_from_civil`].
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
 }
 
 fn put16(b: &mut [u8], at: usize, v: u16) {

@@ -11,6 +11,7 @@
 pub mod bmap;
 pub mod board;
 pub mod build;
+pub mod civil;
 pub mod cpio;
 pub mod diag;
 pub mod duration;

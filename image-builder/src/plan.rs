@@ -179,11 +179,7 @@ pub fn find_device_binary(
 
 fn check_image_path(src: &Source, path: &Located<String>) -> Result<(), Diagnostic> {
     let p = &path.value;
-    let clean = p.starts_with('/')
-        && p.len() > 1
-        && !p.ends_with('/')
-        && p[1..].split('/').all(|c| !c.is_empty() && c != "." && c != "..");
-    if clean {
+    if crate::tree::is_clean_path(p) {
         Ok(())
     } else {
         Err(with_help(
@@ -323,21 +319,21 @@ pub fn resolve(recipe_path: &Path, opts: &PlanOptions) -> Result<Plan, PlanError
     // The root filesystem.
     let dir_meta = Meta::root(0o755, sde);
     let mut tree = Tree::new(dir_meta);
-    let add = |tree: &mut Tree, path: &str, r: Result<(), crate::tree::TreeError>| {
-        r.map_err(|e| PlanError::from(src.error(0..0, format!("{path}: {e}"))))?;
-        let _ = tree;
-        Ok::<(), PlanError>(())
+    // What basalt itself adds can only clash with itself: a bug, reported
+    // at the top of the recipe rather than at any one key.
+    let add = |path: &str, r: Result<(), crate::tree::TreeError>| {
+        r.map_err(|e| PlanError::from(src.error(0..0, format!("{path}: {e}"))))
     };
     for d in ["/proc", "/sys", "/dev", "/run", "/tmp", "/data", "/etc", "/sbin", "/usr/bin"] {
         let r = tree.add_dir(d, dir_meta, Origin::Build);
-        add(&mut tree, d, r)?;
+        add(d, r)?;
     }
     let init_binary = find_device_binary("basalt-init", board.arch, opts.device_bin.as_deref())?;
     let init_bytes = std::fs::read(&init_binary)
         .map_err(|source| PlanError::Read { path: init_binary.clone(), source })?;
     let init_bytes = Arc::new(init_bytes);
     let r = tree.add_file("/sbin/init", init_bytes.clone(), Meta::root(0o755, sde), Origin::Build);
-    add(&mut tree, "/sbin/init", r)?;
+    add("/sbin/init", r)?;
     let os_release = format!(
         "NAME=basalt\nID=basalt\nIMAGE_ID={}\nIMAGE_VERSION={}\nVARIANT_ID={}\n",
         name.value, version, board.name.value
@@ -348,7 +344,7 @@ pub fn resolve(recipe_path: &Path, opts: &PlanOptions) -> Result<Plan, PlanError
         Meta::root(0o644, sde),
         Origin::Build,
     );
-    add(&mut tree, "/etc/os-release", r)?;
+    add("/etc/os-release", r)?;
     for m in &rootfs_modules {
         let host = index.root().join(&m.rel_path);
         let bytes = std::fs::read(&host)
@@ -360,7 +356,7 @@ pub fn resolve(recipe_path: &Path, opts: &PlanOptions) -> Result<Plan, PlanError
             Meta::root(0o644, sde),
             Origin::Kernel(kernel.origin.clone()),
         );
-        add(&mut tree, &path, r)?;
+        add(&path, r)?;
     }
 
     for d in &recipe.dirs {
@@ -382,51 +378,56 @@ pub fn resolve(recipe_path: &Path, opts: &PlanOptions) -> Result<Plan, PlanError
     }
     for f in &recipe.files {
         check_image_path(&src, &f.path)?;
-        let given = [f.source.is_some(), f.text.is_some(), f.build.is_some()];
-        if given.iter().filter(|g| **g).count() != 1 {
-            return Err(with_help(
-                src.error(
-                    f.path.span.clone(),
-                    format!("file `{}` needs exactly one of source, text, build", f.path.value),
-                ),
-                "source = a host file, text = inline content, build = a basalt device program",
-            )
-            .into());
-        }
-        let (bytes, default_mode, origin) = if let Some(source) = &f.source {
-            let full = host_path(&recipe_dir, source);
-            let bytes = std::fs::read(&full).map_err(|e| missing_input(&src, source, &full, e))?;
-            let exec = std::fs::metadata(&full)
-                .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0)
-                .unwrap_or(false);
-            (
-                Arc::new(bytes),
-                if exec { 0o755 } else { 0o644 },
-                format!("file {} from {}", f.path.value, source.display()),
-            )
-        } else if let Some(text) = &f.text {
-            (Arc::new(text.clone().into_bytes()), 0o644, format!("file {} (inline)", f.path.value))
-        } else if let Some(build) = &f.build {
-            if build.value != "basalt-demo" && build.value != "basalt-init" {
+        let (bytes, default_mode, origin) = match (&f.source, &f.text, &f.build) {
+            (Some(source), None, None) => {
+                let full = host_path(&recipe_dir, source);
+                let bytes =
+                    std::fs::read(&full).map_err(|e| missing_input(&src, source, &full, e))?;
+                let exec = std::fs::metadata(&full)
+                    .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0)
+                    .unwrap_or(false);
+                (
+                    Arc::new(bytes),
+                    if exec { 0o755 } else { 0o644 },
+                    format!("file {} from {}", f.path.value, source.display()),
+                )
+            }
+            (None, Some(text), None) => (
+                Arc::new(text.clone().into_bytes()),
+                0o644,
+                format!("file {} (inline)", f.path.value),
+            ),
+            (None, None, Some(build)) => {
+                if build.value != "basalt-demo" && build.value != "basalt-init" {
+                    return Err(with_help(
+                        src.error(
+                            build.span.clone(),
+                            format!("`{}` is not a basalt device program", build.value),
+                        ),
+                        "the device programs are: basalt-demo, basalt-init",
+                    )
+                    .into());
+                }
+                let path =
+                    find_device_binary(&build.value, board.arch, opts.device_bin.as_deref())?;
+                let bytes = std::fs::read(&path)
+                    .map_err(|source| PlanError::Read { path: path.clone(), source })?;
+                (
+                    Arc::new(bytes),
+                    0o755,
+                    format!("file {} (basalt build {})", f.path.value, build.value),
+                )
+            }
+            _ => {
                 return Err(with_help(
                     src.error(
-                        build.span.clone(),
-                        format!("`{}` is not a basalt device program", build.value),
+                        f.path.span.clone(),
+                        format!("file `{}` needs exactly one of source, text, build", f.path.value),
                     ),
-                    "the device programs are: basalt-demo, basalt-init",
+                    "source = a host file, text = inline content, build = a basalt device program",
                 )
-                .into());
+                .into())
             }
-            let path = find_device_binary(&build.value, board.arch, opts.device_bin.as_deref())?;
-            let bytes = std::fs::read(&path)
-                .map_err(|source| PlanError::Read { path: path.clone(), source })?;
-            (
-                Arc::new(bytes),
-                0o755,
-                format!("file {} (basalt build {})", f.path.value, build.value),
-            )
-        } else {
-            unreachable_default()
         };
         let mode = f.mode.as_ref().map(|m: &Located<Mode>| m.value.0).unwrap_or(default_mode);
         let meta = Meta { uid: f.owner, gid: f.group, mode, mtime: sde };
@@ -639,10 +640,6 @@ pub fn resolve(recipe_path: &Path, opts: &PlanOptions) -> Result<Plan, PlanError
         memory_mib: recipe.run.memory_mib,
         board,
     })
-}
-
-fn unreachable_default() -> (Arc<Vec<u8>>, u32, String) {
-    (Arc::new(Vec::new()), 0o644, String::new())
 }
 
 enum CopyError {

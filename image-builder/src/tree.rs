@@ -100,12 +100,17 @@ pub struct Tree {
     parent_meta: Meta,
 }
 
-fn check_path(path: &str) -> Result<(), TreeError> {
-    let clean = path.starts_with('/')
+/// True for a clean absolute path: `/`-rooted, no empty, `.` or `..`
+/// components, no trailing `/`, not `/` itself.
+pub fn is_clean_path(path: &str) -> bool {
+    path.starts_with('/')
         && path.len() > 1
         && !path.ends_with('/')
-        && path[1..].split('/').all(|c| !c.is_empty() && c != "." && c != "..");
-    if clean {
+        && path[1..].split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
+fn check_path(path: &str) -> Result<(), TreeError> {
+    if is_clean_path(path) {
         Ok(())
     } else {
         Err(TreeError::BadPath(path.to_string()))
