@@ -142,7 +142,9 @@ fn mapped_ranges(file: &File, image_size: u64) -> io::Result<Vec<BlockRange>> {
     Ok(ranges)
 }
 
-fn sha256_of(file: &File, bytes: std::ops::Range<u64>) -> io::Result<String> {
+/// The SHA-256 of a range of the file; the bytes also go into `whole`, the
+/// hash of the entire image.
+fn sha256_of(file: &File, bytes: std::ops::Range<u64>, whole: &mut Sha256) -> io::Result<String> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut at = bytes.start;
@@ -150,9 +152,31 @@ fn sha256_of(file: &File, bytes: std::ops::Range<u64>) -> io::Result<String> {
         let n = (bytes.end - at).min(buf.len() as u64) as usize;
         file.read_exact_at(&mut buf[..n], at)?;
         hasher.update(&buf[..n]);
+        whole.update(&buf[..n]);
         at += n as u64;
     }
     Ok(hex::encode(hasher.finalize()))
+}
+
+/// Feeds `len` zero bytes (a hole) into `whole` without reading the file:
+/// holes read as zeros, and reading them would make the kernel zero-fill
+/// page after page of cache for nothing.
+fn hash_zeros(whole: &mut Sha256, mut len: u64) {
+    const ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+    while len > 0 {
+        let n = len.min(ZEROS.len() as u64) as usize;
+        whole.update(&ZEROS[..n]);
+        len -= n as u64;
+    }
+}
+
+/// What [`write_bmap`] makes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockMap {
+    /// The `.bmap` XML.
+    pub xml: String,
+    /// SHA-256 of the whole image (hex), computed in the same pass.
+    pub image_sha256: String,
 }
 
 /// Makes the bmap XML for the image at `image`.
@@ -160,7 +184,7 @@ fn sha256_of(file: &File, bytes: std::ops::Range<u64>) -> io::Result<String> {
 /// The `BmapFileChecksum` element holds the SHA-256 of the whole XML as it
 /// reads with that element's value replaced by 64 `0`s, which is how
 /// `bmaptool` verifies it.
-pub fn write_bmap(image: &Path) -> Result<String, BmapError> {
+pub fn write_bmap(image: &Path) -> Result<BlockMap, BmapError> {
     let open_error = |source| BmapError::OpenImage { path: image.to_path_buf(), source };
     let file = File::open(image).map_err(open_error)?;
     let image_size = file.metadata().map_err(open_error)?.len();
@@ -188,14 +212,15 @@ pub fn write_bmap(image: &Path) -> Result<String, BmapError> {
         let _ = writeln!(xml, "    <{name}> {value} </{name}>");
     }
     xml.push_str("    <BlockMap>\n");
+    let mut whole = Sha256::new();
+    let mut hashed = 0;
     for range in ranges {
         let bytes = range.bytes(image_size);
         let offset = bytes.start;
-        let chksum = sha256_of(&file, bytes).map_err(|source| BmapError::ReadImage {
-            path: image.to_path_buf(),
-            offset,
-            source,
-        })?;
+        hash_zeros(&mut whole, offset - hashed);
+        hashed = bytes.end;
+        let chksum = sha256_of(&file, bytes, &mut whole)
+            .map_err(|source| BmapError::ReadImage { path: image.to_path_buf(), offset, source })?;
         let _ = writeln!(
             xml,
             "        <Range chksum=\"{chksum}\"> {}-{} </Range>",
@@ -203,9 +228,13 @@ pub fn write_bmap(image: &Path) -> Result<String, BmapError> {
         );
     }
     xml.push_str("    </BlockMap>\n</bmap>\n");
+    hash_zeros(&mut whole, image_size - hashed);
 
     let file_checksum = hex::encode(Sha256::digest(xml.as_bytes()));
-    Ok(xml.replacen(&placeholder, &file_checksum, 1))
+    Ok(BlockMap {
+        xml: xml.replacen(&placeholder, &file_checksum, 1),
+        image_sha256: hex::encode(whole.finalize()),
+    })
 }
 
 #[cfg(test)]
@@ -254,7 +283,7 @@ mod tests {
     #[test]
     fn the_map_lists_written_blocks_only() {
         let dir = tempfile::tempdir().unwrap();
-        let xml = write_bmap(&sparse_image(dir.path())).unwrap();
+        let xml = write_bmap(&sparse_image(dir.path())).unwrap().xml;
         let ranges: Vec<String> = xml
             .lines()
             .filter(|l| l.contains("<Range"))
@@ -278,7 +307,7 @@ mod tests {
     #[test]
     fn the_file_checksum_covers_the_xml_with_its_own_value_zeroed() {
         let dir = tempfile::tempdir().unwrap();
-        let xml = write_bmap(&sparse_image(dir.path())).unwrap();
+        let xml = write_bmap(&sparse_image(dir.path())).unwrap().xml;
         let stored = element(&xml, "BmapFileChecksum");
         let zeroed = xml.replacen(&stored, &"0".repeat(64), 1);
         assert_eq!(hex::encode(Sha256::digest(zeroed.as_bytes())), stored);
@@ -289,7 +318,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let image = sparse_image(dir.path());
         let bmap = dir.path().join("disk.bmap");
-        std::fs::write(&bmap, write_bmap(&image).unwrap()).unwrap();
+        std::fs::write(&bmap, write_bmap(&image).unwrap().xml).unwrap();
         let dest = dir.path().join("dest.img");
         let out = bmaptool_copy(&bmap, &image, &dest);
         assert!(out.status.success(), "bmaptool: {}", String::from_utf8_lossy(&out.stderr));
@@ -301,7 +330,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let image = sparse_image(dir.path());
         let bmap = dir.path().join("disk.bmap");
-        std::fs::write(&bmap, write_bmap(&image).unwrap()).unwrap();
+        std::fs::write(&bmap, write_bmap(&image).unwrap().xml).unwrap();
         let file = std::fs::OpenOptions::new().write(true).open(&image).unwrap();
         file.write_all_at(&[0x99], 9 * MIB + 5).unwrap();
 
@@ -317,5 +346,13 @@ mod tests {
         let path = dir.path().join("empty.img");
         File::create(&path).unwrap();
         assert!(matches!(write_bmap(&path), Err(BmapError::EmptyImage(_))));
+    }
+
+    #[test]
+    fn the_image_hash_equals_a_hash_of_every_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = sparse_image(dir.path());
+        let want = hex::encode(Sha256::digest(std::fs::read(&image).unwrap()));
+        assert_eq!(write_bmap(&image).unwrap().image_sha256, want);
     }
 }

@@ -7,7 +7,7 @@
 //! output and renamed at the end, so a failed build leaves nothing behind.
 
 use std::fs;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -263,48 +263,19 @@ pub struct RootfsReport {
     pub os_overhead_bytes: u64,
 }
 
-/// How a partition's content goes into the disk file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fill {
-    /// Every byte up to the last non-zero 4 KiB block is written, zeros
-    /// included, so the `.bmap` maps them: a FAT's free-cluster table and a
-    /// verity-covered filesystem must read back exactly, even when the
-    /// image is flashed over a used card. Only the all-zero tail (free
-    /// space) stays a hole.
-    Dense,
-    /// All-zero 4 KiB blocks are left as holes. Only for ext4 made with
-    /// lazy initialisation, which never trusts unwritten blocks to be zero.
-    Sparse,
-}
-
-/// Writes `data` into `file` at `offset`, leaving holes as `fill` allows.
-pub fn write_part(
-    file: &mut fs::File,
-    offset: u64,
-    data: &[u8],
-    fill: Fill,
-) -> std::io::Result<()> {
+/// Writes `data` into `file` at `offset`: every byte up to the last
+/// non-zero 4 KiB block, zeros included, so the `.bmap` maps them (a FAT's
+/// free-cluster table and a verity-covered filesystem must read back
+/// exactly even when the image is flashed over a used card). Only the
+/// all-zero tail, free space, stays a hole.
+pub fn write_part(file: &mut fs::File, offset: u64, data: &[u8]) -> std::io::Result<()> {
     const BLOCK: usize = 4096;
-    let is_zero = |c: &[u8]| c.iter().all(|b| *b == 0);
-    match fill {
-        Fill::Dense => {
-            let used = data
-                .chunks(BLOCK)
-                .rposition(|c| !is_zero(c))
-                .map_or(0, |i| ((i + 1) * BLOCK).min(data.len()));
-            file.seek(SeekFrom::Start(offset))?;
-            file.write_all(&data[..used])
-        }
-        Fill::Sparse => {
-            for (i, chunk) in data.chunks(BLOCK).enumerate() {
-                if !is_zero(chunk) {
-                    file.seek(SeekFrom::Start(offset + (i * BLOCK) as u64))?;
-                    file.write_all(chunk)?;
-                }
-            }
-            Ok(())
-        }
-    }
+    let used = data
+        .chunks(BLOCK)
+        .rposition(|c| c.iter().any(|b| *b != 0))
+        .map_or(0, |i| ((i + 1) * BLOCK).min(data.len()));
+    file.seek(SeekFrom::Start(offset))?;
+    file.write_all(&data[..used])
 }
 
 fn mib(bytes: u64) -> String {
@@ -457,20 +428,7 @@ pub fn build(
         .tempdir_in(parent)
         .map_err(io("cannot create a folder in", parent))?;
 
-    let t = Instant::now();
     let data_size = plan.board.disk.data_mib.value << 20;
-    let data_path = tmp.path().join("data.ext4");
-    ext4::make_ext4(
-        &data_path,
-        data_size,
-        layout::DATA_LABEL,
-        Guid::derived("data-fs", &identity),
-        sde,
-    )?;
-    let data = fs::read(&data_path).map_err(io("cannot read", &data_path))?;
-    fs::remove_file(&data_path).map_err(io("cannot remove", &data_path))?;
-    step("data", t);
-
     let t = Instant::now();
     let root_type = plan.board.arch.root_type();
     let part = |label: &str, type_guid: Guid, size_bytes: u64| PartitionSpec {
@@ -495,40 +453,32 @@ pub fn build(
     disk.set_len(disk_size).map_err(io("cannot size", &disk_path))?;
     gpt::write_headers(&mut disk, disk_size, layout.disk_guid, &placed)?;
     for p in &placed {
-        let w = |disk: &mut fs::File, off: u64, bytes: &[u8], fill| {
-            write_part(disk, off, bytes, fill).map_err(io("cannot write", &disk_path))
+        let w = |disk: &mut fs::File, off: u64, bytes: &[u8]| {
+            write_part(disk, off, bytes).map_err(io("cannot write", &disk_path))
         };
         match p.label.as_str() {
-            layout::ESP_LABEL => w(&mut disk, p.offset, &esp, Fill::Dense)?,
-            layout::DATA_LABEL => w(&mut disk, p.offset, &data, Fill::Sparse)?,
+            layout::ESP_LABEL => w(&mut disk, p.offset, &esp)?,
             label => {
                 if let Some(f) = slots.iter().find(|f| f.slot.root_partlabel() == label) {
-                    w(&mut disk, p.offset, &f.art.squashfs, Fill::Dense)?;
+                    w(&mut disk, p.offset, &f.art.squashfs)?;
                     let hash_at = p.offset + f.art.verity.hash_offset;
-                    w(&mut disk, hash_at, &f.art.hash_area, Fill::Dense)?;
+                    w(&mut disk, hash_at, &f.art.hash_area)?;
                 }
             }
         }
     }
-    disk.sync_all().map_err(io("cannot sync", &disk_path))?;
     drop(disk);
+    if let Some(p) = placed.iter().find(|p| p.label == layout::DATA_LABEL) {
+        let uuid = Guid::derived("data-fs", &identity);
+        ext4::make_ext4(&disk_path, p.offset, p.size, layout::DATA_LABEL, uuid, sde)?;
+    }
     step("disk", t);
 
     let t = Instant::now();
-    let bmap_xml = bmap::write_bmap(&disk_path)?;
-    fs::write(tmp.path().join("disk.img.bmap"), bmap_xml)
+    let block_map = bmap::write_bmap(&disk_path)?;
+    let disk_sha = block_map.image_sha256;
+    fs::write(tmp.path().join("disk.img.bmap"), block_map.xml)
         .map_err(io("cannot write", tmp.path()))?;
-    let mut f = fs::File::open(&disk_path).map_err(io("cannot read", &disk_path))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(io("cannot read", &disk_path))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    let disk_sha = hex::encode(h.finalize());
 
     let extra: Vec<sbom::ExtraFile<'_>> = files
         .iter()

@@ -29,21 +29,28 @@ pub enum Ext4Error {
     },
 }
 
-/// Makes an ext4 filesystem of `size_bytes` labelled `label` in the file
-/// `path` (created or truncated), deterministic for a given `uuid` and
-/// `mtime`.
+/// Makes an ext4 filesystem of `size_bytes` labelled `label` at byte
+/// `offset` of the existing file `path` (a disk image already at least
+/// `offset + size_bytes` long), deterministic for a given `uuid` and
+/// `mtime`. Writing in place spares a copy of the partition, and mke2fs
+/// writes only metadata, so the image stays sparse.
 pub fn make_ext4(
     path: &Path,
+    offset: u64,
     size_bytes: u64,
     label: &str,
     uuid: Guid,
     mtime: u64,
 ) -> Result<(), Ext4Error> {
-    let file = std::fs::File::create(path)
-        .map_err(|source| Ext4Error::Read { path: path.display().to_string(), source })?;
-    file.set_len(size_bytes)
-        .map_err(|source| Ext4Error::Read { path: path.display().to_string(), source })?;
-    drop(file);
+    let len = std::fs::metadata(path)
+        .map_err(|source| Ext4Error::Read { path: path.display().to_string(), source })?
+        .len();
+    if len < offset + size_bytes {
+        return Err(Ext4Error::Failed(format!(
+            "{} is {len} bytes, too short for {size_bytes} bytes at {offset}",
+            path.display()
+        )));
+    }
     let out = Command::new("mke2fs")
         .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-L", label, "-U"])
         .arg(uuid.to_string())
@@ -52,8 +59,11 @@ pub fn make_ext4(
         // block to read as zero, so the image may stay sparse and a
         // `.bmap` flash over a used card is still correct.
         .arg("-E")
-        .arg(format!("hash_seed={uuid},lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0"))
+        .arg(format!(
+            "offset={offset},hash_seed={uuid},lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0"
+        ))
         .arg(path)
+        .arg(format!("{}k", size_bytes / 1024))
         .env("E2FSPROGS_FAKE_TIME", mtime.to_string())
         .env("SOURCE_DATE_EPOCH", mtime.to_string())
         .output()
@@ -72,12 +82,27 @@ mod tests {
     fn same_inputs_give_the_same_bytes_and_e2fsck_is_clean() {
         let dir = tempfile::tempdir().unwrap();
         let uuid = Guid::derived("test", "data");
-        let a = dir.path().join("a.ext4");
-        let b = dir.path().join("b.ext4");
-        make_ext4(&a, 32 << 20, "data", uuid, 1_700_000_000).unwrap();
-        make_ext4(&b, 32 << 20, "data", uuid, 1_700_000_000).unwrap();
-        assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap());
-        let fsck = Command::new("e2fsck").arg("-fn").arg(&a).output().unwrap();
+        let a = dir.path().join("a.img");
+        let b = dir.path().join("b.img");
+        for f in [&a, &b] {
+            std::fs::File::create(f).unwrap().set_len(40 << 20).unwrap();
+            make_ext4(f, 4 << 20, 32 << 20, "data", uuid, 1_700_000_000).unwrap();
+        }
+        let bytes = std::fs::read(&a).unwrap();
+        assert!(bytes == std::fs::read(&b).unwrap());
+        assert!(bytes[..4 << 20].iter().all(|x| *x == 0), "wrote before its offset");
+        assert!(bytes[36 << 20..].iter().all(|x| *x == 0), "wrote past its end");
+        let part = dir.path().join("part.img");
+        std::fs::write(&part, &bytes[4 << 20..36 << 20]).unwrap();
+        let fsck = Command::new("e2fsck").arg("-fn").arg(&part).output().unwrap();
         assert!(fsck.status.success(), "{}", String::from_utf8_lossy(&fsck.stdout));
+    }
+
+    #[test]
+    fn a_file_too_short_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("short.img");
+        std::fs::File::create(&f).unwrap().set_len(8 << 20).unwrap();
+        assert!(make_ext4(&f, 0, 32 << 20, "data", Guid::derived("t", "d"), 0).is_err());
     }
 }

@@ -12,8 +12,6 @@ use std::fs;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
-
 /// An error reading the kernel input.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -84,14 +82,6 @@ fn not_kernel(path: &Path, why: impl Into<String>) -> KernelError {
     KernelError::NotKernelPackage { path: path.to_path_buf(), why: why.into() }
 }
 
-/// The sha256 of a file, hex.
-pub fn sha256_file(path: &Path) -> io::Result<String> {
-    let mut f = fs::File::open(path)?;
-    let mut h = Sha256::new();
-    io::copy(&mut f, &mut h)?;
-    Ok(hex::encode(h.finalize()))
-}
-
 fn decompressor<'a>(name: &str, r: impl Read + 'a) -> io::Result<Box<dyn Read + 'a>> {
     Ok(if name.ends_with(".xz") {
         Box::new(xz2::read::XzDecoder::new(r))
@@ -127,7 +117,7 @@ fn read_control(path: &Path, member: &str, data: &[u8]) -> Result<(String, Strin
 /// Unpacks a kernel `.deb` into `cache_root/kernels/<sha256>/` (once) and
 /// returns its files.
 pub fn load_deb(deb: &Path, cache_root: &Path) -> Result<KernelFiles, KernelError> {
-    let digest = sha256_file(deb).map_err(read_err(deb))?;
+    let digest = crate::digest::sha256_file(deb).map_err(read_err(deb))?;
     let dir = cache_root.join("kernels").join(&digest);
     if !dir.join("complete").exists() {
         unpack_deb(deb, &dir)?;

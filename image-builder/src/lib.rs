@@ -14,6 +14,7 @@ pub mod build;
 pub mod civil;
 pub mod cpio;
 pub mod diag;
+pub mod digest;
 pub mod duration;
 pub mod ext4;
 pub mod fat;
