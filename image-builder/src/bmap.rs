@@ -162,7 +162,7 @@ fn sha256_of(file: &File, bytes: std::ops::Range<u64>, whole: &mut Sha256) -> io
 /// holes read as zeros, and reading them would make the kernel zero-fill
 /// page after page of cache for nothing.
 fn hash_zeros(whole: &mut Sha256, mut len: u64) {
-    const ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+    static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
     while len > 0 {
         let n = len.min(ZEROS.len() as u64) as usize;
         whole.update(&ZEROS[..n]);
