@@ -79,6 +79,12 @@ enum Command {
         #[arg(long)]
         console_log: Option<PathBuf>,
     },
+    /// Print the JSON schema of recipe or board files (for editors).
+    Schema {
+        /// `recipe` or `board`.
+        #[arg(value_parser = ["recipe", "board"])]
+        kind: String,
+    },
     /// Print shell completions.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -156,6 +162,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     ExitCode::from(3)
                 }
             })
+        }
+        Command::Schema { kind } => {
+            let schema = if kind == "board" {
+                basalt::reference::board_schema()
+            } else {
+                basalt::reference::recipe_schema()
+            };
+            println!("{}", serde_json::to_string_pretty(&schema)?);
+            Ok(ExitCode::SUCCESS)
         }
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "basalt", &mut std::io::stdout());

@@ -289,3 +289,80 @@ fn a_service_whose_program_is_not_in_the_image_is_refused() {
         .replace("command = [\"/usr/bin/basalt-demo\"", "command = [\"/usr/bin/nothere\"");
     assert_refused(&text, &[], &["bad.toml:", "`/usr/bin/nothere` is not in the image"]);
 }
+
+#[test]
+fn dirs_files_and_tarballs_land_with_their_owners_and_modes() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipes = dir.path().join("recipes");
+    std::fs::create_dir_all(recipes.join("site/sub")).unwrap();
+    std::os::unix::fs::symlink(root().join("boards"), dir.path().join("boards")).unwrap();
+    std::os::unix::fs::symlink(root().join(".cache"), dir.path().join(".cache")).unwrap();
+    std::fs::write(recipes.join("site/index.html"), "<h1>hi</h1>").unwrap();
+    std::fs::write(recipes.join("site/sub/run.sh"), "#!/bin/sh\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        recipes.join("site/sub/run.sh"),
+        std::fs::Permissions::from_mode(0o750),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("index.html", recipes.join("site/home.html")).unwrap();
+    // A tarball with its own owners, made by tar itself.
+    let tdir = dir.path().join("t");
+    std::fs::create_dir_all(tdir.join("opt/app")).unwrap();
+    std::fs::write(tdir.join("opt/app/model.bin"), vec![7u8; 3000]).unwrap();
+    ok(Command::new("tar")
+        .arg("-C")
+        .arg(&tdir)
+        .args(["--owner=1000", "--group=100", "--mode=u=rw,g=r,o=", "-czf"])
+        .arg(recipes.join("app.tar.gz"))
+        .arg("opt"));
+    let text = format!(
+        "{}\n[[dir]]\npath = \"/srv/www\"\nsource = \"site\"\nowner = 33\ngroup = 33\nmode = 0o750\n\n\
+         [[file]]\npath = \"/etc/motd\"\ntext = \"welcome\\n\"\nmode = \"0600\"\n\n\
+         [[tarball]]\nsource = \"app.tar.gz\"\n",
+        minimal_text()
+    );
+    std::fs::write(recipes.join("content.toml"), text).unwrap();
+    let out = dir.path().join("out");
+    let r = common::build(&recipes.join("content.toml"), &out);
+    let a = part(&r, "rootfs_a");
+    let slot = dir.path().join("a.img");
+    extract(&out.join("disk.img"), a.offset, a.size, &slot);
+    let list = ok(Command::new("unsquashfs").arg("-lln").arg(&slot).env("TZ", "UTC"));
+    let line = |path: &str| {
+        list.lines()
+            .find(|l| {
+                l.ends_with(&format!("squashfs-root{path}"))
+                    || l.contains(&format!("squashfs-root{path} -> "))
+            })
+            .unwrap_or_else(|| panic!("{path} not in\n{list}"))
+            .to_string()
+    };
+    assert!(line("/srv/www").starts_with("drwxr-x--- 33/33"), "{}", line("/srv/www"));
+    assert!(
+        line("/srv/www/index.html").starts_with("-rw-r--r-- 33/33"),
+        "{}",
+        line("/srv/www/index.html")
+    );
+    assert!(
+        line("/srv/www/sub/run.sh").starts_with("-rwxr-x--- 33/33"),
+        "{}",
+        line("/srv/www/sub/run.sh")
+    );
+    assert!(line("/srv/www/home.html").starts_with("lrwxrwxrwx"), "{}", line("/srv/www/home.html"));
+    assert!(line("/etc/motd").starts_with("-rw------- 0/0"), "{}", line("/etc/motd"));
+    assert!(
+        line("/opt/app/model.bin").starts_with("-rw-r----- 1000/100"),
+        "{}",
+        line("/opt/app/model.bin")
+    );
+    let motd = ok(Command::new("unsquashfs").arg("-cat").arg(&slot).arg("/etc/motd"));
+    assert_eq!(motd, "welcome\n");
+}
+
+#[test]
+fn a_path_added_twice_is_refused_at_its_line() {
+    let text =
+        format!("{}\n[[file]]\npath = \"/usr/bin/basalt-demo\"\ntext = \"x\"\n", minimal_text());
+    assert_refused(&text, &[], &["bad.toml:", "added twice"]);
+}
