@@ -43,7 +43,7 @@ boot() { # initrd disk marker: prints the console up to the marker
     -monitor none -no-reboot -nic none 2>/dev/null &
   local pid=$! waited=0
   until grep -q "$3" "$log" || [ "$waited" -ge 1200 ]; do sleep 0.1; waited=$((waited + 1)); done
-  kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true
+  kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
   tr -d '\r' < "$log"
 }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
