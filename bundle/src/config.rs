@@ -13,6 +13,7 @@
 //! ignores a setting written by a newer builder.
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
@@ -102,6 +103,12 @@ pub struct ImageConfig {
     pub board: String,
     /// Host name to set.
     pub hostname: String,
+    /// Kernel modules stage 2 loads before it sets up the network and
+    /// starts services (the network driver, for one), as absolute paths in
+    /// the root filesystem, in load order (dependencies first). A module
+    /// that fails to load is reported and skipped.
+    #[serde(default)]
+    pub modules: Vec<String>,
     /// Network set-up.
     #[serde(default)]
     pub network: NetworkConfig,
@@ -131,6 +138,60 @@ pub struct NetworkConfig {
     /// Name servers written to `/run/resolv.conf`.
     #[serde(default)]
     pub dns: Vec<String>,
+}
+
+/// Why a static address or gateway is not usable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddressError {
+    /// `address` is not `A.B.C.D/N`.
+    #[error("address {0:?} is not an IPv4 address with a prefix length, e.g. 10.0.2.15/24")]
+    Cidr(String),
+    /// The prefix length is beyond 32, or 0 (a host needs a network).
+    #[error("address {0:?}: the prefix length must be 1 to 32")]
+    Prefix(String),
+    /// `gateway` is not `A.B.C.D`.
+    #[error("gateway {0:?} is not an IPv4 address")]
+    Gateway(String),
+}
+
+/// Parses `A.B.C.D/N` into the address and the prefix length.
+pub fn parse_cidr(text: &str) -> Result<(Ipv4Addr, u8), AddressError> {
+    let (addr, prefix) =
+        text.trim().split_once('/').ok_or_else(|| AddressError::Cidr(text.into()))?;
+    let addr: Ipv4Addr = addr.parse().map_err(|_| AddressError::Cidr(text.into()))?;
+    // Digits only: `u8::from_str` would take a `+`.
+    if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_digit()) || prefix.len() > 2 {
+        return Err(AddressError::Cidr(text.into()));
+    }
+    let prefix: u8 = prefix.parse().map_err(|_| AddressError::Cidr(text.into()))?;
+    if prefix == 0 || prefix > 32 {
+        return Err(AddressError::Prefix(text.into()));
+    }
+    Ok((addr, prefix))
+}
+
+/// Parses a gateway address.
+pub fn parse_gateway(text: &str) -> Result<Ipv4Addr, AddressError> {
+    text.trim().parse().map_err(|_| AddressError::Gateway(text.into()))
+}
+
+/// The netmask of a prefix length: 24 is 255.255.255.0. Lengths beyond 32
+/// count as 32.
+pub fn prefix_to_netmask(prefix: u8) -> Ipv4Addr {
+    let bits = u32::from(prefix.min(32));
+    Ipv4Addr::from(u32::MAX.checked_shl(32 - bits).unwrap_or(0))
+}
+
+/// The prefix length of a netmask, if it is contiguous ones then zeroes.
+pub fn netmask_to_prefix(mask: Ipv4Addr) -> Option<u8> {
+    let m = u32::from(mask);
+    let ones = m.leading_ones();
+    (m.checked_shl(ones).unwrap_or(0) == 0).then_some(ones as u8)
+}
+
+/// The text of `resolv.conf` for these name servers.
+pub fn resolv_conf<S: std::fmt::Display>(servers: &[S]) -> String {
+    servers.iter().map(|s| format!("nameserver {s}\n")).collect()
 }
 
 /// How an interface gets its address.
@@ -262,6 +323,7 @@ mod tests {
             version: "1.0.0".into(),
             board: "qemu-x86_64".into(),
             hostname: "gw".into(),
+            modules: vec!["/lib/modules/6.1.0/kernel/drivers/net/virtio_net.ko".into()],
             network: NetworkConfig::default(),
             boot: BootConfig {
                 bless_after_ms: 2000,
@@ -297,6 +359,49 @@ mod tests {
     fn unknown_keys_are_refused() {
         let text = sample().to_toml().replace("hostname", "hostnme");
         assert!(ImageConfig::from_toml(&text).is_err());
+    }
+
+    #[test]
+    fn cidr_addresses_parse() {
+        assert_eq!(parse_cidr("10.0.2.15/24"), Ok((Ipv4Addr::new(10, 0, 2, 15), 24)));
+        assert_eq!(parse_cidr(" 192.168.1.1/32 "), Ok((Ipv4Addr::new(192, 168, 1, 1), 32)));
+        for bad in [
+            "10.0.2.15",
+            "10.0.2/24",
+            "10.0.2.15/",
+            "10.0.2.15/+8",
+            "x/8",
+            "",
+            "/",
+            "10.0.2.15/024",
+        ] {
+            assert!(parse_cidr(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_cidr("10.0.2.15/33"), Err(AddressError::Prefix("10.0.2.15/33".into())));
+        assert_eq!(parse_cidr("10.0.2.15/0"), Err(AddressError::Prefix("10.0.2.15/0".into())));
+        assert_eq!(parse_gateway("10.0.2.2"), Ok(Ipv4Addr::new(10, 0, 2, 2)));
+        assert!(parse_gateway("10.0.2.256").is_err());
+    }
+
+    #[test]
+    fn netmasks_and_prefixes_convert() {
+        assert_eq!(prefix_to_netmask(24), Ipv4Addr::new(255, 255, 255, 0));
+        assert_eq!(prefix_to_netmask(0), Ipv4Addr::new(0, 0, 0, 0));
+        assert_eq!(prefix_to_netmask(32), Ipv4Addr::new(255, 255, 255, 255));
+        assert_eq!(prefix_to_netmask(99), Ipv4Addr::new(255, 255, 255, 255));
+        for p in 0..=32 {
+            assert_eq!(netmask_to_prefix(prefix_to_netmask(p)), Some(p));
+        }
+        assert_eq!(netmask_to_prefix(Ipv4Addr::new(255, 0, 255, 0)), None);
+    }
+
+    #[test]
+    fn resolv_conf_lists_name_servers() {
+        assert_eq!(
+            resolv_conf(&["10.0.2.3", "1.1.1.1"]),
+            "nameserver 10.0.2.3\nnameserver 1.1.1.1\n"
+        );
+        assert_eq!(resolv_conf::<&str>(&[]), "");
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub struct Board {
     /// what the ESP needs (vfat and its code pages).
     #[serde(default)]
     pub stage1_modules: Vec<Located<String>>,
+    /// Modules stage 2 loads from the root filesystem, each after its dependencies, e.g. the network driver.
+    #[serde(default)]
+    pub modules: Vec<Located<String>>,
     /// How long stage 1 waits for the root partition to appear.
     #[serde(default = "default_root_wait")]
     pub root_wait: crate::duration::Duration,

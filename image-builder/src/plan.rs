@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use basalt_bundle::config::{
-    BootConfig, HealthCheck, HealthProbe, ImageConfig, NetworkConfig, NetworkMode, RestartPolicy,
-    ServiceConfig, IMAGE_CONFIG_PATH,
+    self, BootConfig, HealthCheck, HealthProbe, ImageConfig, NetworkConfig, NetworkMode,
+    RestartPolicy, ServiceConfig, IMAGE_CONFIG_PATH,
 };
 use basalt_bundle::layout::Arch;
 
@@ -65,6 +65,10 @@ pub struct PlanOptions {
     /// Folder with the static device programs, instead of the search.
     pub device_bin: Option<PathBuf>,
 }
+
+/// Name of the service the builder adds for `network.mode = "dhcp"`;
+/// recipe services may list it in `after`.
+pub const DHCP_SERVICE: &str = "dhcp";
 
 /// Everything a build needs, resolved.
 #[derive(Debug, Clone)]
@@ -311,10 +315,20 @@ pub fn resolve(recipe_path: &Path, opts: &PlanOptions) -> Result<Plan, PlanError
         stage1_names.push(m.value.as_str());
     }
     let stage1_modules = index.closure(stage1_names)?;
+    for m in &board.modules {
+        index.closure([m.value.as_str()]).map_err(|e| module_err(&board_src, m.span.clone(), e))?;
+    }
     for m in &k.modules {
         index.closure([m.value.as_str()]).map_err(|e| module_err(&src, m.span.clone(), e))?;
     }
-    let rootfs_modules = index.closure(k.modules.iter().map(|m| m.value.as_str()))?;
+    // The board's first (the hardware), then the recipe's; one closure, so
+    // a dependency shared by both is copied and loaded once.
+    let rootfs_modules =
+        index.closure(board.modules.iter().chain(&k.modules).map(|m| m.value.as_str()))?;
+    let stage2_modules: Vec<String> = rootfs_modules
+        .iter()
+        .map(|m| format!("/lib/modules/{}/{}", kernel.release, m.rel_path.display()))
+        .collect();
 
     // The root filesystem.
     let dir_meta = Meta::root(0o755, sde);
@@ -345,18 +359,17 @@ pub fn resolve(recipe_path: &Path, opts: &PlanOptions) -> Result<Plan, PlanError
         Origin::Build,
     );
     add("/etc/os-release", r)?;
-    for m in &rootfs_modules {
+    for (m, path) in rootfs_modules.iter().zip(&stage2_modules) {
         let host = index.root().join(&m.rel_path);
         let bytes = std::fs::read(&host)
             .map_err(|source| PlanError::Read { path: host.clone(), source })?;
-        let path = format!("/lib/modules/{}/{}", kernel.release, m.rel_path.display());
         let r = tree.add_file(
-            &path,
+            path,
             bytes,
             Meta::root(0o644, sde),
             Origin::Kernel(kernel.origin.clone()),
         );
-        add(&path, r)?;
+        add(path, r)?;
     }
 
     for d in &recipe.dirs {
@@ -447,6 +460,46 @@ pub fn resolve(recipe_path: &Path, opts: &PlanOptions) -> Result<Plan, PlanError
         })?;
     }
 
+    let n = &recipe.network;
+    let mode = match n.mode.as_ref().map(|m| m.value.as_str()) {
+        None | Some("none") => NetworkMode::None,
+        Some("dhcp") => NetworkMode::Dhcp,
+        Some("static") => NetworkMode::Static,
+        Some(other) => {
+            let span = n.mode.as_ref().map(|m| m.span.clone()).unwrap_or(0..0);
+            return Err(with_help(
+                src.error(span, format!("unknown network mode `{other}`")),
+                "use none, dhcp or static",
+            )
+            .into());
+        }
+    };
+    if mode == NetworkMode::Static && n.address.is_none() {
+        let span = n.mode.as_ref().map(|m| m.span.clone()).unwrap_or(0..0);
+        return Err(with_help(
+            src.error(span, "static network needs `address`"),
+            "e.g. address = \"192.168.1.10/24\"",
+        )
+        .into());
+    }
+    // Checked here, with the line, rather than on the device at boot.
+    if let Some(a) = &n.address {
+        config::parse_cidr(&a.value)
+            .map_err(|e| PlanError::from(src.error(a.span.clone(), e.to_string())))?;
+    }
+    if let Some(g) = &n.gateway {
+        config::parse_gateway(&g.value)
+            .map_err(|e| PlanError::from(src.error(g.span.clone(), e.to_string())))?;
+    }
+    let network = NetworkConfig {
+        interface: (mode != NetworkMode::None)
+            .then(|| n.interface.clone().unwrap_or_else(|| "eth0".into())),
+        mode,
+        address: n.address.as_ref().map(|a| a.value.clone()),
+        gateway: n.gateway.as_ref().map(|a| a.value.clone()),
+        dns: n.dns.clone(),
+    };
+
     // Services, checked against the tree they will run from.
     let mut services = Vec::new();
     let mut seen = BTreeSet::new();
@@ -532,8 +585,37 @@ pub fn resolve(recipe_path: &Path, opts: &PlanOptions) -> Result<Plan, PlanError
             required: s.required,
         });
     }
+    // With DHCP, the client is a service the builder adds; recipe services
+    // may wait for it by name.
+    let dhcp_service = (network.mode == NetworkMode::Dhcp).then(|| {
+        let iface = network.interface.clone().unwrap_or_else(|| "eth0".into());
+        ServiceConfig {
+            name: DHCP_SERVICE.into(),
+            command: vec!["/sbin/init".into(), "dhcp".into(), iface],
+            env: BTreeMap::new(),
+            restart: RestartPolicy::Always,
+            restart_delay_ms: 1000,
+            restart_delay_max_ms: 30_000,
+            after: Vec::new(),
+            health: None,
+            required: false,
+        }
+    });
     for s in &recipe.services {
+        if dhcp_service.is_some() && s.name.value == DHCP_SERVICE {
+            return Err(with_help(
+                src.error(
+                    s.name.span.clone(),
+                    format!("service name `{DHCP_SERVICE}` is taken by the DHCP client"),
+                ),
+                "network.mode = \"dhcp\" adds a service of that name; rename this one",
+            )
+            .into());
+        }
         for a in &s.after {
+            if dhcp_service.is_some() && a.value == DHCP_SERVICE {
+                continue;
+            }
             if !seen.contains(&a.value) {
                 return Err(src
                     .error(
@@ -548,36 +630,10 @@ pub fn resolve(recipe_path: &Path, opts: &PlanOptions) -> Result<Plan, PlanError
         }
     }
 
-    let n = &recipe.network;
-    let mode = match n.mode.as_ref().map(|m| m.value.as_str()) {
-        None | Some("none") => NetworkMode::None,
-        Some("dhcp") => NetworkMode::Dhcp,
-        Some("static") => NetworkMode::Static,
-        Some(other) => {
-            let span = n.mode.as_ref().map(|m| m.span.clone()).unwrap_or(0..0);
-            return Err(with_help(
-                src.error(span, format!("unknown network mode `{other}`")),
-                "use none, dhcp or static",
-            )
-            .into());
-        }
-    };
-    if mode == NetworkMode::Static && n.address.is_none() {
-        let span = n.mode.as_ref().map(|m| m.span.clone()).unwrap_or(0..0);
-        return Err(with_help(
-            src.error(span, "static network needs `address`"),
-            "e.g. address = \"192.168.1.10/24\"",
-        )
-        .into());
+    if let Some(d) = dhcp_service {
+        // First, so it starts before the services that wait for it.
+        services.insert(0, d);
     }
-    let network = NetworkConfig {
-        interface: (mode != NetworkMode::None)
-            .then(|| n.interface.clone().unwrap_or_else(|| "eth0".into())),
-        mode,
-        address: n.address.as_ref().map(|a| a.value.clone()),
-        gateway: n.gateway.as_ref().map(|a| a.value.clone()),
-        dns: n.dns.clone(),
-    };
 
     let b = &recipe.boot;
     if b.tries.value == 0 || b.tries.value > 9 {
@@ -598,6 +654,7 @@ pub fn resolve(recipe_path: &Path, opts: &PlanOptions) -> Result<Plan, PlanError
         version: version.to_string(),
         board: board.name.value.clone(),
         hostname,
+        modules: stage2_modules,
         network,
         boot: BootConfig {
             bless_after_ms: b.bless_after.as_millis(),

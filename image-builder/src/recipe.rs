@@ -81,7 +81,8 @@ pub struct KernelSection {
     pub modules_dir: Option<Located<PathBuf>>,
     /// Extra modules to put into the root filesystem (with everything they
     /// depend on), by name as `modprobe` knows them (`-` and `_` are the
-    /// same).
+    /// same). Stage 2 loads them, after the board's `modules`, each after
+    /// its dependencies.
     #[serde(default)]
     pub modules: Vec<Located<String>>,
     /// Extra kernel command-line arguments, after the board's.
@@ -224,7 +225,9 @@ fn default_health_timeout() -> Duration {
 #[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkSection {
-    /// `none` (default), `dhcp` or `static`.
+    /// `none` (default), `dhcp` or `static`. `dhcp` adds a service named
+    /// `dhcp` (the client, run by basalt-init outside PID 1), which other
+    /// services may list in `after`; `static` is set by stage 2.
     #[serde(default)]
     pub mode: Option<Located<String>>,
     /// The interface to configure; `eth0` by default.

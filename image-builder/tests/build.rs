@@ -366,3 +366,84 @@ fn a_path_added_twice_is_refused_at_its_line() {
         format!("{}\n[[file]]\npath = \"/usr/bin/basalt-demo\"\ntext = \"x\"\n", minimal_text());
     assert_refused(&text, &[], &["bad.toml:", "added twice"]);
 }
+
+/// The minimal recipe with its service waiting for `dhcp`.
+fn waits_for_dhcp() -> String {
+    minimal_text().replace(
+        "restart = \"always\"\nrequired = true",
+        "restart = \"always\"\nafter = [\"dhcp\"]\nrequired = true",
+    )
+}
+
+#[test]
+fn after_dhcp_is_refused_without_dhcp_mode() {
+    assert_refused(
+        &waits_for_dhcp(),
+        &[],
+        &["bad.toml:", "waits for `dhcp`, which is not defined"],
+    );
+}
+
+#[test]
+fn dhcp_mode_adds_its_service_first_and_stage2_loads_the_network_driver() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipes = dir.path().join("recipes");
+    std::fs::create_dir(&recipes).unwrap();
+    std::os::unix::fs::symlink(root().join("boards"), dir.path().join("boards")).unwrap();
+    std::os::unix::fs::symlink(root().join(".cache"), dir.path().join(".cache")).unwrap();
+    let recipe = recipes.join("dhcp.toml");
+    std::fs::write(&recipe, format!("{}\n[network]\nmode = \"dhcp\"\n", waits_for_dhcp())).unwrap();
+    let plan = common::resolve(&recipe);
+    let c = &plan.image_config;
+    let names: Vec<&str> = c.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["dhcp", "hello"]);
+    assert_eq!(c.services[0].command, ["/sbin/init", "dhcp", "eth0"]);
+    assert_eq!(c.services[0].restart, basalt_bundle::config::RestartPolicy::Always);
+    assert_eq!(c.services[1].after, ["dhcp"]);
+    // The board's virtio_net, after its dependencies, all in the root fs.
+    let files: Vec<&str> =
+        c.modules.iter().map(|m| m.rsplit('/').next().unwrap_or_default()).collect();
+    let at = |n: &str| {
+        files.iter().position(|f| f.starts_with(n)).unwrap_or_else(|| panic!("{n} in {files:?}"))
+    };
+    assert!(at("failover.") < at("net_failover."), "{files:?}");
+    assert!(at("net_failover.") < at("virtio_net."), "{files:?}");
+    for m in &c.modules {
+        assert!(m.starts_with("/lib/modules/"), "{m}");
+        assert!(plan.rootfs.get(m).is_some(), "{m} is not in the root filesystem");
+    }
+}
+
+#[test]
+fn a_service_named_dhcp_is_refused_in_dhcp_mode() {
+    let text = format!("{}\n[network]\nmode = \"dhcp\"\n", minimal_text())
+        .replace("name = \"hello\"", "name = \"dhcp\"");
+    assert_refused(&text, &[], &["bad.toml:", "taken by the DHCP client"]);
+}
+
+#[test]
+fn a_static_address_without_a_prefix_is_refused_at_its_line() {
+    let text = format!(
+        "{}\n[network]\nmode = \"static\"\naddress = \"10.0.2.15\"\ngateway = \"10.0.2.2\"\n",
+        minimal_text()
+    );
+    assert_refused(&text, &[], &["bad.toml:", "not an IPv4 address with a prefix length"]);
+    let text = format!(
+        "{}\n[network]\nmode = \"static\"\naddress = \"10.0.2.15/24\"\ngateway = \"10.0.2\"\n",
+        minimal_text()
+    );
+    assert_refused(&text, &[], &["bad.toml:", "gateway \"10.0.2\" is not an IPv4 address"]);
+}
+
+#[test]
+fn an_unknown_board_module_is_named_in_the_board_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let board = std::fs::read_to_string(root().join("boards/qemu-x86_64.toml"))
+        .unwrap()
+        .replace("modules = [\"virtio_net\"]", "modules = [\"virtio_net\", \"no_such_nic\"]");
+    let board_path = dir.path().join("nic.toml");
+    std::fs::write(&board_path, board).unwrap();
+    let text = minimal_text()
+        .replace("board = \"qemu-x86_64\"", &format!("board = \"{}\"", board_path.display()));
+    assert_refused(&text, &[], &["nic.toml:", "module `no_such_nic`"]);
+}

@@ -9,13 +9,18 @@
 //! ([`supervisor`]) and blesses the boot once they are healthy
 //! ([`assess`]).
 //!
+//! With `network.mode = "dhcp"`, the DHCP client ([`dhcp`]) runs as a
+//! supervised service (`basalt-init dhcp IFACE`), never inside PID 1.
+//!
 //! Every call into the kernel goes through [`platform`], so the rest runs in
 //! host tests against a temp dir.
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod assess;
+pub mod dhcp;
 pub mod health;
+pub mod network;
 pub mod platform;
 pub mod stage1;
 pub mod stage2;

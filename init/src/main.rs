@@ -1,5 +1,5 @@
 //! The `basalt-init` binary: PID 1 of a basalt image in either stage, and
-//! the health-check applet the supervisor runs as a child.
+//! the applets the supervisor runs as children (health checks, DHCP).
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -10,6 +10,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("health-http") => return ExitCode::from(basalt_init::health::main(&args[2..])),
+        Some("dhcp") => return ExitCode::from(basalt_init::dhcp::main(&args[2..])),
         Some("--version") => {
             println!("basalt-init {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
@@ -19,7 +20,7 @@ fn main() -> ExitCode {
     if std::process::id() != 1 {
         eprintln!(
             "basalt-init: not PID 1; it runs as the init of a basalt image \
-             (applets: health-http URL [TIMEOUT_MS], --version)"
+             (applets: health-http URL [TIMEOUT_MS], dhcp IFACE, --version)"
         );
         return ExitCode::from(2);
     }

@@ -187,6 +187,28 @@ pub fn fail(msg: &str) -> ! {
     }
 }
 
+/// Marks `slot`'s boot entry bad because its root filesystem failed
+/// verification. Unlike other stage-1 failures, this one is certain to
+/// repeat, so the slot is given up at once instead of after its remaining
+/// tries; and a blessed entry has no tries to run out at all, so without
+/// this a corrupted slot that once booted well would reboot forever.
+/// Best effort: if the ESP cannot be changed, the reboot still happens and
+/// the try counter decides.
+fn condemn(slot: Slot) {
+    use crate::assess::{Bootloader, EspLocation, SystemdBoot};
+    let esp = EspLocation {
+        sys_class_block: PathBuf::from("/sys/class/block"),
+        dev: PathBuf::from("/dev"),
+        mount_point: PathBuf::from(basalt_bundle::config::ESP_MOUNT),
+    };
+    match esp.with_mounted(|at| SystemdBoot::new(at, Some(slot)).mark_bad(slot)) {
+        Ok(r) => {
+            say(&format!("root of slot {slot} failed verification: entry {} -> {}", r.from, r.to))
+        }
+        Err(e) => say(&format!("could not mark slot {slot} bad: {e}")),
+    }
+}
+
 /// Writes one prefixed line to stderr in a single write, ignoring errors:
 /// a console that cannot be written to must not stop the boot.
 fn say(msg: &str) {
@@ -258,6 +280,9 @@ fn boot(started: Instant) -> Result<Infallible, Stage1Error> {
         None,
     )
     .map_err(|source| {
+        if source.raw_os_error() == Some(libc::EIO) {
+            condemn(slot);
+        }
         let detail = if source.raw_os_error() == Some(libc::EIO) {
             "; dm-verity refused a block (the partition does not match the root hash) \
              or the disk could not be read"

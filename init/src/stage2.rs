@@ -4,7 +4,8 @@
 //! `/dev`, `/proc`, `/sys` and `/run` in; a root booted straight from an
 //! initramfs has none), make sure the console is attached, block all
 //! signals into a `signalfd`, route Ctrl-Alt-Del to SIGINT, read
-//! [`IMAGE_CONFIG_PATH`], set the host name, bring up loopback, open the
+//! [`IMAGE_CONFIG_PATH`], load the image's modules, set the host name,
+//! bring up loopback (and a static address), open the
 //! watchdog, start the [`Supervisor`] and assess the boot ([`crate::assess`]).
 //! Then one `poll` loop over the `signalfd` and the services' output pipes,
 //! with a timeout from the next timer, until SIGTERM or SIGPWR (power off)
@@ -15,25 +16,31 @@
 //! then sync, unmount the ESP and `/data`, disarm the watchdog, and
 //! `reboot(2)`.
 //!
-//! Network: only loopback for now (health checks use 127.0.0.1), and
-//! `/run/resolv.conf` from `network.dns`. Static addresses and DHCP are not
-//! set up yet; stage 2 says so on the console when the image asks for them.
+//! Network: loopback always (health checks use 127.0.0.1), and
+//! `/run/resolv.conf` from `network.dns`. A static address (and default
+//! route) is set here, after the modules, once the interface appears
+//! (bounded wait); failures are console lines, never fatal. DHCP is not
+//! done here: it parses network input, so it runs as the supervised `dhcp`
+//! service ([`crate::dhcp`]) the builder adds.
 
-use std::fmt::Write as _;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use basalt_bundle::config::{ImageConfig, NetworkMode, DATA_MOUNT, ESP_MOUNT, IMAGE_CONFIG_PATH};
+use basalt_bundle::config::{
+    parse_cidr, parse_gateway, prefix_to_netmask, AddressError, ImageConfig, NetworkConfig,
+    NetworkMode, DATA_MOUNT, ESP_MOUNT, IMAGE_CONFIG_PATH,
+};
 use basalt_bundle::slot::Slot;
 
 use crate::assess::{self, AssessError, Assessor, EspLocation, FailOutcome, SystemdBoot, Verdict};
+use crate::network::{self, INTERFACE_WAIT, RESOLV_CONF, SYS_CLASS_NET};
 use crate::platform::mount::{self, MountFlags};
 use crate::platform::process::{self, Reaped, StopSignal};
 use crate::platform::reboot::{self, Halt};
 use crate::platform::signal::{self, Received, Signals};
 use crate::platform::watchdog::{Watchdog, WATCHDOG_DEV};
-use crate::platform::{console, net};
+use crate::platform::{console, kmod, net};
 use crate::supervisor::{Launcher, LogSettings, Options, Purpose, Secs, Supervisor};
 
 /// Where service logs go: `/data/log/<name>.log`.
@@ -141,6 +148,17 @@ fn read_config() -> Result<ImageConfig, SetupError> {
     Ok(ImageConfig::from_toml(&text)?)
 }
 
+/// Loads the image's stage-2 modules (the network driver, for one). A
+/// module that fails is reported and skipped: a missing driver costs that
+/// device, not the boot.
+fn load_modules(cfg: &ImageConfig) {
+    for m in &cfg.modules {
+        if let Err(e) = kmod::load(Path::new(m)) {
+            say(&format!("cannot load module {m}: {e}"));
+        }
+    }
+}
+
 fn setup_network(cfg: &ImageConfig) {
     if let Err(e) = net::set_hostname(&cfg.hostname) {
         say(&format!("cannot set the host name to {:?}: {e}", cfg.hostname));
@@ -149,22 +167,73 @@ fn setup_network(cfg: &ImageConfig) {
         Ok(()) => {}
         Err(e) => say(&format!("cannot bring up loopback: {e}; HTTP health checks will fail")),
     }
-    if cfg.network.mode != NetworkMode::None {
-        say(&format!(
-            "network: mode {:?} on {} is not set up by stage 2 yet; only loopback is up",
-            cfg.network.mode,
-            cfg.network.interface.as_deref().unwrap_or("(no interface)")
-        ));
-    }
+    // With DHCP, the `dhcp` service writes it from the lease unless the
+    // image names its own servers; either way, only one writer.
     if !cfg.network.dns.is_empty() {
-        let mut text = String::new();
-        for ns in &cfg.network.dns {
-            let _ = writeln!(text, "nameserver {ns}");
-        }
-        if let Err(e) = std::fs::write("/run/resolv.conf", text) {
-            say(&format!("cannot write /run/resolv.conf: {e}"));
+        if let Err(e) = network::write_resolv_conf(Path::new(RESOLV_CONF), &cfg.network.dns) {
+            say(&format!("cannot write {RESOLV_CONF}: {e}"));
         }
     }
+    match cfg.network.mode {
+        NetworkMode::None => {}
+        // The client parses network input, so it runs as a supervised
+        // service (added by the builder), not here.
+        NetworkMode::Dhcp => {}
+        NetworkMode::Static => {
+            if let Err(e) = setup_static(&cfg.network) {
+                say(&format!("network: {e}; only loopback is up"));
+            }
+        }
+    }
+}
+
+/// Why a static address could not be set.
+#[derive(Debug, thiserror::Error)]
+pub enum StaticNetError {
+    /// The image names no interface.
+    #[error("static mode without an interface")]
+    NoInterface,
+    /// The image names no address.
+    #[error("static mode without an address")]
+    NoAddress,
+    /// The address or gateway does not parse.
+    #[error(transparent)]
+    Address(#[from] AddressError),
+    /// The interface did not show up in time (no driver, wrong name).
+    #[error("interface {0} did not appear within {1:?}")]
+    Missing(String, Duration),
+    /// The kernel refused a step.
+    #[error("{iface}: {action}: {source}")]
+    Io {
+        /// The interface.
+        iface: String,
+        /// What was being done.
+        action: &'static str,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn setup_static(n: &NetworkConfig) -> Result<(), StaticNetError> {
+    let iface = n.interface.as_deref().ok_or(StaticNetError::NoInterface)?;
+    let (addr, prefix) = parse_cidr(n.address.as_deref().ok_or(StaticNetError::NoAddress)?)?;
+    let gateway = n.gateway.as_deref().map(parse_gateway).transpose()?;
+    // The driver was loaded just now; its interface registers a moment later.
+    if !network::wait_for_interface(Path::new(SYS_CLASS_NET), iface, INTERFACE_WAIT) {
+        return Err(StaticNetError::Missing(iface.to_string(), INTERFACE_WAIT));
+    }
+    let io_err =
+        |action| move |source| StaticNetError::Io { iface: iface.to_string(), action, source };
+    net::interface_up(iface).map_err(io_err("cannot bring it up"))?;
+    net::set_ipv4(iface, addr, prefix_to_netmask(prefix))
+        .map_err(io_err("cannot set its address"))?;
+    if let Some(gw) = gateway {
+        net::add_default_route(iface, gw).map_err(io_err("cannot add the default route"))?;
+    }
+    let via = gateway.map(|g| format!(" via {g}")).unwrap_or_default();
+    say(&format!("network: {iface} {addr}/{prefix}{via} (static)"));
+    Ok(())
 }
 
 fn health_http_program() -> String {
@@ -274,6 +343,7 @@ pub fn run() -> ! {
                 cfg.board,
                 slot.map_or("unknown".to_string(), |s| s.to_string())
             ));
+            load_modules(cfg);
             setup_network(cfg);
             (
                 cfg.services.as_slice(),

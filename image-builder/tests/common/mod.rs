@@ -16,7 +16,8 @@ pub fn root() -> PathBuf {
 /// The fixed build time of every test image.
 pub const SDE: u64 = 1_700_000_000;
 
-fn resolve(recipe: &Path) -> basalt::plan::Plan {
+/// Resolves a recipe into a plan, with the test build time.
+pub fn resolve(recipe: &Path) -> basalt::plan::Plan {
     let opts = PlanOptions {
         board: None,
         source_date_epoch: SDE,

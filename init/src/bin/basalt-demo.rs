@@ -7,9 +7,12 @@
 //! static musl binary.
 //!
 //! ```text
-//! basalt-demo hello [--port P] [--every-ms N]   print "hello from basalt" now and every N ms
+//! basalt-demo hello [--port P] [--listen ADDR] [--every-ms N]
+//!                                               print "hello from basalt" now and every N ms
 //!                                               (default 5000); with --port, serve
-//!                                               GET /healthz -> 200 on 127.0.0.1:P
+//!                                               GET /healthz -> 200 on ADDR:P (ADDR is
+//!                                               127.0.0.1 by default; 0.0.0.0 to be reached
+//!                                               from outside, e.g. through QEMU's forwarding)
 //! basalt-demo crash [--after-ms N] [--code C]   print "demo: crashing with code C", exit C
 //!                                               after N ms (defaults 1000, 1)
 //! basalt-demo unhealthy [--port P]              run forever; /healthz answers 503
@@ -18,11 +21,11 @@
 //! ```
 
 use std::io::{self, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::ExitCode;
 use std::time::Duration;
 
-const USAGE: &str = "usage: basalt-demo hello [--port P] [--every-ms N]\n\
+const USAGE: &str = "usage: basalt-demo hello [--port P] [--listen ADDR] [--every-ms N]\n\
                      \x20      basalt-demo crash [--after-ms N] [--code C]\n\
                      \x20      basalt-demo unhealthy [--port P]\n\
                      \x20      basalt-demo zombies [--every-ms N]";
@@ -54,11 +57,11 @@ fn get(opts: &[(String, u64)], key: &str) -> Option<u64> {
     opts.iter().rev().find(|(k, _)| k == key).map(|(_, v)| *v)
 }
 
-/// Answers each request on 127.0.0.1:`port`: `GET /healthz` gets
+/// Answers each request on `addr`:`port`: `GET /healthz` gets
 /// `healthz_status`, anything else 404.
-fn serve(port: u16, healthz_status: u16) -> io::Result<()> {
-    let listener = TcpListener::bind(("127.0.0.1", port))?;
-    line(&format!("demo: serving http://127.0.0.1:{port}/healthz"));
+fn serve(addr: IpAddr, port: u16, healthz_status: u16) -> io::Result<()> {
+    let listener = TcpListener::bind((addr, port))?;
+    line(&format!("demo: serving http://{}/healthz", SocketAddr::new(addr, port)));
     std::thread::spawn(move || {
         for conn in listener.incoming().flatten() {
             let _ = answer(conn, healthz_status);
@@ -94,6 +97,23 @@ fn answer(mut conn: TcpStream, healthz_status: u16) -> io::Result<()> {
     conn.write_all(reply.as_bytes())
 }
 
+/// Takes `--listen ADDR` (the only option that is not a number) out of
+/// `args`; the address defaults to 127.0.0.1.
+fn listen_option(args: &[String]) -> Result<(IpAddr, Vec<String>), String> {
+    let mut addr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--listen" {
+            let v = it.next().ok_or("--listen needs a value")?;
+            addr = v.parse().map_err(|_| format!("--listen {v:?} is not an IP address"))?;
+        } else {
+            rest.push(a.clone());
+        }
+    }
+    Ok((addr, rest))
+}
+
 fn port(opts: &[(String, u64)]) -> Result<Option<u16>, String> {
     match get(opts, "port") {
         None => Ok(None),
@@ -109,10 +129,12 @@ fn run(args: &[String]) -> Result<u8, String> {
     let Some((cmd, rest)) = args.split_first() else { return Err(USAGE.into()) };
     match cmd.as_str() {
         "hello" => {
-            let opts = options(rest, &["port", "every-ms"])?;
+            let (listen, rest) = listen_option(rest)?;
+            let opts = options(&rest, &["port", "every-ms"])?;
             let every = Duration::from_millis(get(&opts, "every-ms").unwrap_or(5000).max(1));
             if let Some(p) = port(&opts)? {
-                serve(p, 200).map_err(|e| format!("cannot listen on 127.0.0.1:{p}: {e}"))?;
+                serve(listen, p, 200)
+                    .map_err(|e| format!("cannot listen on {}: {e}", SocketAddr::new(listen, p)))?;
             }
             loop {
                 line("hello from basalt");
@@ -130,7 +152,8 @@ fn run(args: &[String]) -> Result<u8, String> {
         "unhealthy" => {
             let opts = options(rest, &["port"])?;
             if let Some(p) = port(&opts)? {
-                serve(p, 503).map_err(|e| format!("cannot listen on 127.0.0.1:{p}: {e}"))?;
+                serve(Ipv4Addr::LOCALHOST.into(), p, 503)
+                    .map_err(|e| format!("cannot listen on 127.0.0.1:{p}: {e}"))?;
             }
             line("demo: running, never healthy");
             loop {
