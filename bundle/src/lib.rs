@@ -3,15 +3,21 @@
 //! This crate owns every byte layout that crosses from the build host to a
 //! device: partition labels and type GUIDs, slot names, the names of boot
 //! entries with their try counters, and the configuration files the builder
-//! writes into an image for `basalt-init` to read. It does no I/O beyond
-//! parsing and formatting, and holds no policy: the builder decides what to
-//! write, the device decides what to do with it.
+//! writes into an image for `basalt-init` to read. It also owns the signing
+//! keys of update bundles (ed25519, in the PEM formats OpenSSL uses), their
+//! key ids, and `manifest.sig`, the signatures over a bundle's manifest with
+//! the threshold check a device runs before it trusts a bundle. It does no
+//! I/O beyond parsing and formatting, and holds no policy: the builder decides
+//! what to write and sign, the device decides which keys it trusts and what to
+//! do with a bundle.
 #![deny(missing_docs)]
 
 pub mod config;
 pub mod entry;
 pub mod guid;
+pub mod keys;
 pub mod layout;
+pub mod signature;
 pub mod slot;
 
 pub use config::{ImageConfig, SlotConfig};

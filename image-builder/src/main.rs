@@ -2,12 +2,14 @@
 //! exit codes.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
 
 use basalt::plan::{self, PlanOptions};
+use basalt_bundle::keys::SigningKey;
 
 /// Build, inspect and run basalt images.
 #[derive(Parser)]
@@ -79,6 +81,16 @@ enum Command {
         #[arg(long)]
         console_log: Option<PathBuf>,
     },
+    /// Make an ed25519 signing key for update bundles.
+    ///
+    /// Writes NAME.key (the private key, PKCS#8 PEM, mode 0600) and NAME.pub
+    /// (the public key, PEM) and prints the key id. Both are the formats
+    /// OpenSSL reads and writes. An existing file is never overwritten.
+    Keygen {
+        /// Path and base name of the two files, without extension.
+        #[arg(long, value_name = "NAME")]
+        out: PathBuf,
+    },
     /// Print the JSON schema of recipe or board files (for editors).
     Schema {
         /// `recipe` or `board`.
@@ -102,6 +114,54 @@ fn source_date_epoch() -> anyhow::Result<u64> {
             .map(|d| d.as_secs())
             .unwrap_or(0)),
     }
+}
+
+/// `NAME` with `.ext` appended, keeping any dots already in the name
+/// (`fleet.2025` gives `fleet.2025.key`, where `with_extension` would not).
+fn with_suffix(name: &Path, ext: &str) -> PathBuf {
+    let mut s = name.as_os_str().to_owned();
+    s.push(".");
+    s.push(ext);
+    PathBuf::from(s)
+}
+
+/// Creates `path` with `contents`, failing if it exists; `mode` applies from
+/// the moment the file exists, so a private key is never readable by others.
+fn write_new(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(contents).with_context(|| format!("cannot write {}", path.display()))?;
+    file.sync_all().with_context(|| format!("cannot sync {}", path.display()))?;
+    Ok(())
+}
+
+/// Writes NAME.key and NAME.pub and returns the key id.
+fn keygen(out: &Path) -> anyhow::Result<String> {
+    let key_path = with_suffix(out, "key");
+    let pub_path = with_suffix(out, "pub");
+    // Check both first so that a refusal leaves nothing half-written; the
+    // create_new below still guards against a file appearing in between.
+    for path in [&key_path, &pub_path] {
+        if path.symlink_metadata().is_ok() {
+            anyhow::bail!(
+                "{} already exists; keygen never overwrites a key, choose another --out name or \
+                 move the old files away",
+                path.display()
+            );
+        }
+    }
+    let key = SigningKey::generate()?;
+    let public = key.public();
+    write_new(&key_path, key.to_pkcs8_pem()?.as_bytes(), 0o600)?;
+    write_new(&pub_path, public.to_pem()?.as_bytes(), 0o644)?;
+    eprintln!("basalt: wrote {} (keep it secret) and {}", key_path.display(), pub_path.display());
+    Ok(public.key_id())
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -162,6 +222,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     ExitCode::from(3)
                 }
             })
+        }
+        Command::Keygen { out } => {
+            let key_id = keygen(&out)?;
+            println!("{key_id}");
+            Ok(ExitCode::SUCCESS)
         }
         Command::Schema { kind } => {
             let schema = if kind == "board" {
