@@ -91,8 +91,13 @@ fn e2e_002_crash_restart_with_backoff_and_no_zombies() {
     assert!(delays.iter().all(|d| *d <= 0.32 + 1e-9), "delay beyond its cap: {delays:?}");
     // Complete lines only: the console may have been read mid-line.
     let complete = &console[..console.rfind('\n').unwrap_or(0)];
-    let last_counts: Vec<&str> =
-        complete.lines().filter(|l| l.contains("zombies] demo:")).rev().take(2).collect();
+    let last_counts: Vec<&str> = complete
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| l.contains("zombies] demo:"))
+        .rev()
+        .take(2)
+        .collect();
     assert!(last_counts.iter().all(|l| l.ends_with(" 0 zombies")), "{last_counts:?}");
     assert!(!console.contains("FATAL") && !console.contains("Kernel panic"), "{console}");
 }
