@@ -24,6 +24,23 @@ fn boot(disk: &std::path::Path, report: &basalt::build::Report, tag: &str) -> Ma
     .unwrap()
 }
 
+/// One scenario's image: built into a temp dir that lives as long as it.
+struct Scenario {
+    _dir: tempfile::TempDir,
+    disk: std::path::PathBuf,
+    report: basalt::build::Report,
+}
+
+/// Builds `recipe` (relative to the workspace) into slot a and, if given,
+/// `slot_b` into slot b.
+fn scenario(recipe: &str, slot_b: Option<&str>) -> Scenario {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let b = slot_b.map(|r| root().join(r));
+    let report = common::build_ab(&root().join(recipe), b.as_deref(), &out);
+    Scenario { disk: out.join("disk.img"), report, _dir: dir }
+}
+
 fn expect(m: &mut Machine, marker: &str, secs: u64) {
     if !m.wait_for(marker, Duration::from_secs(secs)) {
         panic!("`{marker}` did not appear within {secs} s; console:\n{}", m.console());
@@ -33,11 +50,8 @@ fn expect(m: &mut Machine, marker: &str, secs: u64) {
 #[test]
 #[ignore = "boots QEMU; run with --ignored (ci/test.sh does)"]
 fn e2e_001_boot_blesses_and_powers_off() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out");
-    let report = common::build(&root().join("recipes/minimal.toml"), &out);
-    let disk = out.join("disk.img");
-    let mut m = boot(&disk, &report, "001-boot");
+    let Scenario { disk, report, .. } = &scenario("recipes/minimal.toml", None);
+    let mut m = boot(disk, report, "001-boot");
     expect(&mut m, "[hello] hello from basalt", 120);
     expect(&mut m, "boot blessed: slot a", 60);
     // Ctrl-Alt-Del reaches PID 1 as SIGINT: an orderly shutdown, then a
@@ -50,7 +64,7 @@ fn e2e_001_boot_blesses_and_powers_off() {
     assert!(!console.contains("FATAL"), "{console}");
     drop(m);
 
-    let info = basalt::inspect::inspect(&disk).unwrap();
+    let info = basalt::inspect::inspect(disk).unwrap();
     let files: Vec<&str> = info.entries.iter().map(|e| e.file.as_str()).collect();
     assert_eq!(files, ["a.conf"], "the boot was not blessed on disk");
 }
@@ -69,10 +83,8 @@ fn restart_delays(console: &str, service: &str) -> Vec<f64> {
 #[test]
 #[ignore = "boots QEMU; run with --ignored (ci/test.sh does)"]
 fn e2e_002_crash_restart_with_backoff_and_no_zombies() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out");
-    let report = common::build(&root().join("ci/e2e/002-crash-restart/recipe.toml"), &out);
-    let mut m = boot(&out.join("disk.img"), &report, "002-crash-restart");
+    let Scenario { disk, report, .. } = &scenario("ci/e2e/002-crash-restart/recipe.toml", None);
+    let mut m = boot(disk, report, "002-crash-restart");
     let crash = "[crasher] demo: crashing with code 1";
     if !m.wait_for_count(crash, 51, Duration::from_secs(240)) {
         panic!("fewer than 51 crashes; console:\n{}", m.console());
@@ -131,21 +143,15 @@ fn boot_until(
 #[test]
 #[ignore = "boots QEMU; run with --ignored (ci/test.sh does)"]
 fn e2e_003_unhealthy_slot_is_marked_bad_and_the_other_slot_boots() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out");
-    let report = common::build_ab(
-        &root().join("ci/e2e/003-unhealthy/recipe.toml"),
-        Some(&root().join("ci/e2e/fallback.toml")),
-        &out,
-    );
-    let disk = out.join("disk.img");
-    let consoles = boot_until(&disk, &report, "003-unhealthy", "boot blessed: slot b", 3);
+    let Scenario { disk, report, .. } =
+        &scenario("ci/e2e/003-unhealthy/recipe.toml", Some("ci/e2e/fallback.toml"));
+    let consoles = boot_until(disk, report, "003-unhealthy", "boot blessed: slot b", 3);
     assert_eq!(consoles.len(), 2, "expected one failed boot of a, then b");
     assert!(consoles[0].contains("image unhealthy 2.0.0"), "{}", consoles[0]);
     assert!(consoles[0].contains("required service sick is not healthy"), "{}", consoles[0]);
     assert!(consoles[0].contains("marked bad"), "{}", consoles[0]);
     assert!(consoles[1].contains("image fallback 0.1.0"), "{}", consoles[1]);
-    let info = basalt::inspect::inspect(&disk).unwrap();
+    let info = basalt::inspect::inspect(disk).unwrap();
     let a = info.entries.iter().find(|e| e.file.starts_with('a')).unwrap();
     let b = info.entries.iter().find(|e| e.file.starts_with('b')).unwrap();
     assert_eq!((a.state.as_str(), a.tries_left), ("bad", Some(0)), "{:?}", info.entries);
@@ -155,27 +161,21 @@ fn e2e_003_unhealthy_slot_is_marked_bad_and_the_other_slot_boots() {
 #[test]
 #[ignore = "boots QEMU; run with --ignored (ci/test.sh does)"]
 fn e2e_004_a_flipped_byte_in_the_root_fs_falls_back_to_the_other_slot() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out");
-    let report = common::build_ab(
-        &root().join("recipes/minimal.toml"),
-        Some(&root().join("ci/e2e/fallback.toml")),
-        &out,
-    );
-    let disk = out.join("disk.img");
+    let Scenario { disk, report, .. } =
+        &scenario("recipes/minimal.toml", Some("ci/e2e/fallback.toml"));
     // One byte of the squashfs superblock: it is read at mount, so the
     // failure is certain, and dm-verity must refuse it.
     let a = report.partitions.iter().find(|p| p.label == "rootfs_a").unwrap();
     {
         use std::io::{Read, Seek, SeekFrom, Write};
-        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&disk).unwrap();
+        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(disk).unwrap();
         let mut b = [0u8; 1];
         f.seek(SeekFrom::Start(a.offset + 8)).unwrap();
         f.read_exact(&mut b).unwrap();
         f.seek(SeekFrom::Start(a.offset + 8)).unwrap();
         f.write_all(&[b[0] ^ 0x01]).unwrap();
     }
-    let consoles = boot_until(&disk, &report, "004-verity", "boot blessed: slot b", 5);
+    let consoles = boot_until(disk, report, "004-verity", "boot blessed: slot b", 5);
     // Verification failures repeat, so stage 1 gives the slot up at once:
     // one failed boot, not one per remaining try.
     assert_eq!(consoles.len(), 2, "expected one failed boot of a, then b");
@@ -184,7 +184,7 @@ fn e2e_004_a_flipped_byte_in_the_root_fs_falls_back_to_the_other_slot() {
     assert!(failed.contains("failed verification: entry a+2-1.conf -> a+0-3.conf"), "{failed}");
     assert!(!failed.contains("boot blessed"), "{failed}");
     assert!(consoles.last().unwrap().contains("image fallback 0.1.0"));
-    let info = basalt::inspect::inspect(&disk).unwrap();
+    let info = basalt::inspect::inspect(disk).unwrap();
     assert!(info.entries.iter().any(|e| e.file == "b.conf"), "{:?}", info.entries);
     assert!(!info.entries.iter().any(|e| e.file == "a.conf"), "{:?}", info.entries);
 }
@@ -220,12 +220,10 @@ fn assert_healthz_answers_200(m: &Machine, port: u16) {
 #[test]
 #[ignore = "boots QEMU; run with --ignored (ci/test.sh does)"]
 fn e2e_005_dhcp_address_and_forwarded_port() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out");
-    let report = common::build(&root().join("ci/e2e/005-network/recipe.toml"), &out);
+    let Scenario { disk, report, .. } = &scenario("ci/e2e/005-network/recipe.toml", None);
     let ports = &report.machine.as_ref().expect("a QEMU machine").ports;
     assert_eq!(ports, &[18080], "the recipe's port is not forwarded");
-    let mut m = boot(&out.join("disk.img"), &report, "005-network");
+    let mut m = boot(disk, report, "005-network");
     expect(&mut m, "dhcp: eth0 10.0.2.15", 120);
     expect(&mut m, "boot blessed: slot a", 60);
     // From the host, through QEMU's forwarding to the guest's 0.0.0.0:18080.
@@ -239,10 +237,8 @@ fn e2e_005_dhcp_address_and_forwarded_port() {
 #[test]
 #[ignore = "boots QEMU; run with --ignored (ci/test.sh does)"]
 fn e2e_005_static_address_and_forwarded_port() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out");
-    let report = common::build(&root().join("ci/e2e/005-network/static.toml"), &out);
-    let mut m = boot(&out.join("disk.img"), &report, "005-network-static");
+    let Scenario { disk, report, .. } = &scenario("ci/e2e/005-network/static.toml", None);
+    let mut m = boot(disk, report, "005-network-static");
     expect(&mut m, "network: eth0 10.0.2.15/24 via 10.0.2.2 (static)", 120);
     expect(&mut m, "boot blessed: slot a", 60);
     assert_healthz_answers_200(&m, 18081);

@@ -408,16 +408,8 @@ pub enum DhcpError {
     #[error("interface {0} did not appear within {1:?}")]
     NoInterface(String, Duration),
     /// A set-up step failed.
-    #[error("{iface}: {action}: {source}")]
-    Io {
-        /// The interface.
-        iface: String,
-        /// What was being done.
-        action: &'static str,
-        /// The error.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] network::NetIoError),
 }
 
 fn say(msg: &str) {
@@ -520,12 +512,7 @@ fn acquire(sock: &UdpSocket, iface: &str, mac: [u8; 6]) -> Lease {
 }
 
 fn apply(iface: &str, lease: &Lease, write_dns: bool) -> Result<(), DhcpError> {
-    let io_err = |action| move |source| DhcpError::Io { iface: iface.to_string(), action, source };
-    let mask = basalt_bundle::config::prefix_to_netmask(lease.prefix);
-    net::set_ipv4(iface, lease.address, mask).map_err(io_err("cannot set the address"))?;
-    if let Some(gw) = lease.router {
-        net::add_default_route(iface, gw).map_err(io_err("cannot add the default route"))?;
-    }
+    network::configure_ipv4(iface, lease.address, lease.prefix, lease.router)?;
     if write_dns && !lease.dns.is_empty() {
         if let Err(e) = network::write_resolv_conf(Path::new(RESOLV_CONF), &lease.dns) {
             say(&format!("cannot write {RESOLV_CONF}: {e}"));
@@ -556,7 +543,7 @@ fn run(args: &[String]) -> Result<(), DhcpError> {
     if !network::wait_for_interface(sys, iface, INTERFACE_WAIT) {
         return Err(DhcpError::NoInterface(iface.to_string(), INTERFACE_WAIT));
     }
-    let io_err = |action| move |source| DhcpError::Io { iface: iface.to_string(), action, source };
+    let io_err = |action| network::io_step(iface, action);
     let mac = network::read_mac(sys, iface).map_err(io_err("cannot read the MAC address"))?;
     net::interface_up(iface).map_err(io_err("cannot bring the interface up"))?;
     let sock = net::dhcp_socket(iface).map_err(io_err("cannot open the DHCP socket"))?;

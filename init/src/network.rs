@@ -1,9 +1,10 @@
 //! Interface helpers shared by stage 2 (static addresses) and the DHCP
 //! applet: waiting for an interface to appear, reading its MAC address,
-//! writing `/run/resolv.conf`. Only files under `/sys` and `/run`; the
-//! ioctls are in [`crate::platform::net`].
+//! giving it an address and default route, writing `/run/resolv.conf`.
+//! The ioctls themselves are in [`crate::platform::net`].
 
 use std::io;
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -104,4 +105,45 @@ mod tests {
         write_resolv_conf(&path, &["10.0.2.4"]).unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "nameserver 10.0.2.4\n");
     }
+}
+
+/// A step of interface set-up that the kernel refused.
+#[derive(Debug, thiserror::Error)]
+#[error("{iface}: {action}: {source}")]
+pub struct NetIoError {
+    /// The interface.
+    pub iface: String,
+    /// What was being done.
+    pub action: &'static str,
+    /// The error.
+    #[source]
+    pub source: io::Error,
+}
+
+/// A `map_err` adapter naming the interface and the step.
+pub fn io_step<'a>(
+    iface: &'a str,
+    action: &'static str,
+) -> impl FnOnce(io::Error) -> NetIoError + 'a {
+    move |source| NetIoError { iface: iface.to_string(), action, source }
+}
+
+/// Brings `iface` up and gives it `addr/prefix` and, if given, a default
+/// route via `gateway`: the one way both static set-up and DHCP leases
+/// configure an interface.
+pub fn configure_ipv4(
+    iface: &str,
+    addr: Ipv4Addr,
+    prefix: u8,
+    gateway: Option<Ipv4Addr>,
+) -> Result<(), NetIoError> {
+    use crate::platform::net;
+    net::interface_up(iface).map_err(io_step(iface, "cannot bring it up"))?;
+    let mask = basalt_bundle::config::prefix_to_netmask(prefix);
+    net::set_ipv4(iface, addr, mask).map_err(io_step(iface, "cannot set its address"))?;
+    if let Some(gw) = gateway {
+        net::add_default_route(iface, gw)
+            .map_err(io_step(iface, "cannot add the default route"))?;
+    }
+    Ok(())
 }

@@ -28,8 +28,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use basalt_bundle::config::{
-    parse_cidr, parse_gateway, prefix_to_netmask, AddressError, ImageConfig, NetworkConfig,
-    NetworkMode, DATA_MOUNT, ESP_MOUNT, IMAGE_CONFIG_PATH,
+    parse_cidr, parse_gateway, AddressError, ImageConfig, NetworkConfig, NetworkMode, DATA_MOUNT,
+    ESP_MOUNT, IMAGE_CONFIG_PATH,
 };
 use basalt_bundle::slot::Slot;
 
@@ -203,16 +203,8 @@ pub enum StaticNetError {
     #[error("interface {0} did not appear within {1:?}")]
     Missing(String, Duration),
     /// The kernel refused a step.
-    #[error("{iface}: {action}: {source}")]
-    Io {
-        /// The interface.
-        iface: String,
-        /// What was being done.
-        action: &'static str,
-        /// The error.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] network::NetIoError),
 }
 
 fn setup_static(n: &NetworkConfig) -> Result<(), StaticNetError> {
@@ -223,14 +215,7 @@ fn setup_static(n: &NetworkConfig) -> Result<(), StaticNetError> {
     if !network::wait_for_interface(Path::new(SYS_CLASS_NET), iface, INTERFACE_WAIT) {
         return Err(StaticNetError::Missing(iface.to_string(), INTERFACE_WAIT));
     }
-    let io_err =
-        |action| move |source| StaticNetError::Io { iface: iface.to_string(), action, source };
-    net::interface_up(iface).map_err(io_err("cannot bring it up"))?;
-    net::set_ipv4(iface, addr, prefix_to_netmask(prefix))
-        .map_err(io_err("cannot set its address"))?;
-    if let Some(gw) = gateway {
-        net::add_default_route(iface, gw).map_err(io_err("cannot add the default route"))?;
-    }
+    network::configure_ipv4(iface, addr, prefix, gateway)?;
     let via = gateway.map(|g| format!(" via {g}")).unwrap_or_default();
     say(&format!("network: {iface} {addr}/{prefix}{via} (static)"));
     Ok(())
