@@ -12,6 +12,7 @@ packages=(
   squashfs-tools cryptsetup-bin dosfstools mtools gdisk e2fsprogs bmap-tools  # judges of our formats
   kmod cpio zstd xz-utils                 # module and initramfs inspection
   musl-tools                              # static device binaries (crates that compile C)
+  nginx-light                             # serves update repositories in the pull scenarios
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -17,4 +17,4 @@ echo "== unit and integration tests"
 cargo test --locked --workspace
 
 echo "== system tests (QEMU)"
-cargo test --locked -p basalt --test e2e -- --ignored --test-threads=1
+cargo test --locked -p basalt --test e2e --test e2e_update -- --ignored --test-threads=1

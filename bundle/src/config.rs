@@ -114,9 +114,50 @@ pub struct ImageConfig {
     pub network: NetworkConfig,
     /// Boot assessment.
     pub boot: BootConfig,
+    /// The update agent's settings; absent when the image takes no
+    /// updates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<UpdateConfig>,
     /// Services, in the order the recipe lists them.
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
+}
+
+/// Where the trusted update keys live in the root filesystem, one
+/// `<key id>.pub` PEM file each.
+pub const TRUSTED_KEYS_DIR: &str = "/etc/basalt/keys";
+/// The update agent's state, on the data partition.
+pub const AGENT_STATE_DIR: &str = "/data/basalt/agent";
+/// The update agent's program in the root filesystem.
+pub const AGENT_PATH: &str = "/usr/bin/basalt-agent";
+/// Name of the service the builder adds for the update agent.
+pub const AGENT_SERVICE: &str = "update-agent";
+
+/// What the update agent does, from the recipe's `[update]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateConfig {
+    /// How many trusted keys must have signed a bundle or channel file.
+    pub threshold: usize,
+    /// Address of the local API (`127.0.0.1:7400`).
+    pub listen: String,
+    /// File holding the bearer token the API requires; required when
+    /// `listen` is not a loopback address.
+    #[serde(default)]
+    pub token_file: Option<String>,
+    /// Base URL of the update repository to poll; no polling without one.
+    #[serde(default)]
+    pub repository: Option<String>,
+    /// The channel to follow.
+    pub channel: String,
+    /// Time between polls, in milliseconds.
+    pub poll_interval_ms: u64,
+    /// Up to this much random delay is added to each poll, in
+    /// milliseconds, so a fleet does not poll in step.
+    pub poll_jitter_ms: u64,
+    /// Reboot into the new version as soon as it is installed; otherwise
+    /// only when `POST /v1/reboot` asks.
+    pub reboot: bool,
 }
 
 /// How the image gets an address.
@@ -325,6 +366,7 @@ mod tests {
             hostname: "gw".into(),
             modules: vec!["/lib/modules/6.1.0/kernel/drivers/net/virtio_net.ko".into()],
             network: NetworkConfig::default(),
+            update: None,
             boot: BootConfig {
                 bless_after_ms: 2000,
                 bless_deadline_ms: 60000,

@@ -256,6 +256,151 @@ impl EntryConf {
     }
 }
 
+/// Compares two `version` strings the way systemd-boot's
+/// `strverscmp_improved` does for the versions basalt writes: runs of
+/// digits compare as numbers, other characters one by one, a `~` sorts
+/// before everything (even the end), and a longer version with an equal
+/// prefix is newer. (`1.10.0` is newer than `1.9.0`; `1.0.0~rc1` is older
+/// than `1.0.0`.)
+pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    let (mut a, mut b) = (a.as_bytes(), b.as_bytes());
+    loop {
+        // Skip characters that are neither alphanumeric nor separators we
+        // order by, as systemd-boot does.
+        let skip = |s: &[u8]| -> usize {
+            s.iter().take_while(|c| !c.is_ascii_alphanumeric() && !b"~-^.".contains(c)).count()
+        };
+        a = &a[skip(a)..];
+        b = &b[skip(b)..];
+        match (a.first(), b.first()) {
+            (Some(b'~'), Some(b'~')) => {
+                a = &a[1..];
+                b = &b[1..];
+                continue;
+            }
+            (Some(b'~'), _) => return Ordering::Less,
+            (_, Some(b'~')) => return Ordering::Greater,
+            // At the end of one string, the longer one is newer.
+            (None, None) => return Ordering::Equal,
+            (None, Some(_)) => return Ordering::Less,
+            (Some(_), None) => return Ordering::Greater,
+            _ => {}
+        }
+        let mut separated = false;
+        for sep in [b'-', b'^', b'.'] {
+            match (a[0] == sep, b[0] == sep) {
+                (false, false) => continue,
+                (true, false) => return Ordering::Less,
+                (false, true) => return Ordering::Greater,
+                (true, true) => {
+                    a = &a[1..];
+                    b = &b[1..];
+                    separated = true;
+                    break;
+                }
+            }
+        }
+        if separated {
+            continue;
+        }
+        let da = a.iter().take_while(|c| c.is_ascii_digit()).count();
+        let db = b.iter().take_while(|c| c.is_ascii_digit()).count();
+        if da > 0 && db > 0 {
+            let (na, nb) = (trim_zeros(&a[..da]), trim_zeros(&b[..db]));
+            let order = na.len().cmp(&nb.len()).then_with(|| na.cmp(nb));
+            if order != Ordering::Equal {
+                return order;
+            }
+            a = &a[da..];
+            b = &b[db..];
+            continue;
+        }
+        if da > 0 {
+            return Ordering::Greater;
+        }
+        if db > 0 {
+            return Ordering::Less;
+        }
+        let la = a.iter().take_while(|c| c.is_ascii_alphabetic()).count();
+        let lb = b.iter().take_while(|c| c.is_ascii_alphabetic()).count();
+        let order = a[..la].cmp(&b[..lb]);
+        if order != Ordering::Equal {
+            return order;
+        }
+        a = &a[la..];
+        b = &b[lb..];
+    }
+}
+
+fn trim_zeros(digits: &[u8]) -> &[u8] {
+    let zeros = digits.iter().take_while(|&&c| c == b'0').count();
+    &digits[zeros..]
+}
+
+/// The entry systemd-boot boots among basalt's entries, each given with
+/// its `version`: entries with no tries left sort last, then the highest
+/// version wins (every basalt entry has the same `sort-key`), then the
+/// higher id (`b.conf` over `a.conf`). `None` when there is no entry.
+///
+/// This models systemd-boot 252's `boot_entry_compare` for the entries
+/// basalt writes, so host tests can ask which slot a machine would boot
+/// after any sequence of writes.
+pub fn systemd_boot_pick(entries: &[(BootEntryName, String)]) -> Option<&BootEntryName> {
+    entries
+        .iter()
+        .min_by(|(a, va), (b, vb)| {
+            let bad_last = (a.state() == EntryState::Bad).cmp(&(b.state() == EntryState::Bad));
+            bad_last
+                .then_with(|| compare_versions(vb, va))
+                .then_with(|| b.slot.name().cmp(a.slot.name()))
+                .then_with(|| {
+                    let left = |e: &BootEntryName| e.counter.map_or(u32::MAX, |c| c.tries_left());
+                    left(b).cmp(&left(a))
+                })
+        })
+        .map(|(name, _)| name)
+}
+
+#[cfg(test)]
+mod pick_tests {
+    use super::*;
+    use std::cmp::Ordering::*;
+
+    #[test]
+    fn versions_compare_like_systemd() {
+        assert_eq!(compare_versions("1.10.0", "1.9.0"), Greater);
+        assert_eq!(compare_versions("2.0.0", "10.0.0"), Less);
+        assert_eq!(compare_versions("1.0.0", "1.0.0"), Equal);
+        assert_eq!(compare_versions("1.0.0~rc1", "1.0.0"), Less);
+        assert_eq!(compare_versions("1.0.0", "1.0"), Greater);
+        assert_eq!(compare_versions("1.0.01", "1.0.1"), Equal);
+        assert_eq!(compare_versions("1.0a", "1.0b"), Less);
+        assert_eq!(compare_versions("1.", "1."), Equal);
+        assert_eq!(compare_versions("1.0-1", "1.0.1"), Less);
+        // Not semver's order: a pre-release with `-` is newer here, so the
+        // agent refuses versions on which the two orders disagree.
+        assert_eq!(compare_versions("1.0.0-rc1", "1.0.0"), Greater);
+    }
+
+    #[test]
+    fn picks_like_systemd_boot() {
+        let e = |n: &str, v: &str| (BootEntryName::parse(n).unwrap(), v.to_string());
+        // Seen under OVMF: a blessed 2.0.0 beside b+3 at 10.0.0 boots b.
+        let v = [e("a.conf", "2.0.0"), e("b+3.conf", "10.0.0")];
+        assert_eq!(systemd_boot_pick(&v).unwrap().slot, Slot::B);
+        let v = [e("a.conf", "10.0.0"), e("b+3.conf", "2.0.0")];
+        assert_eq!(systemd_boot_pick(&v).unwrap().slot, Slot::A);
+        // A bad entry sorts last whatever its version.
+        let v = [e("a.conf", "1.0.0"), e("b+0-3.conf", "2.0.0")];
+        assert_eq!(systemd_boot_pick(&v).unwrap().slot, Slot::A);
+        // Only bad entries: still one is picked (systemd-boot boots it).
+        let v = [e("a+0-1.conf", "1.0.0")];
+        assert_eq!(systemd_boot_pick(&v).unwrap().slot, Slot::A);
+        assert_eq!(systemd_boot_pick(&[]), None);
+    }
+}
+
 #[cfg(test)]
 mod conf_tests {
     use super::*;

@@ -6,21 +6,37 @@
 //! writes into an image for `basalt-init` to read. It also owns the signing
 //! keys of update bundles (ed25519, in the PEM formats OpenSSL uses), their
 //! key ids, and `manifest.sig`, the signatures over a bundle's manifest with
-//! the threshold check a device runs before it trusts a bundle. It does no
-//! I/O beyond parsing and formatting, and holds no policy: the builder decides
-//! what to write and sign, the device decides which keys it trusts and what to
-//! do with a bundle.
+//! the threshold check a device runs before it trusts a bundle.
+//!
+//! OTA updates live here too: [`manifest`] (what a bundle holds),
+//! [`archive`] (the `*.basalt` tar stream, its writer and the device's
+//! streaming, verifying reader) and [`channel`] (the signed metadata of an
+//! update repository, with expiry and staged rollout). [`civil`] converts
+//! the dates these formats carry.
+//!
+//! It does no I/O beyond reading and writing the streams it is given (no
+//! files, no network), and holds no policy: the builder decides what to
+//! write and sign, the device decides which keys it trusts, which versions
+//! and boards it accepts, and what to do with a bundle.
 #![deny(missing_docs)]
 
+pub mod archive;
+pub mod channel;
+pub mod civil;
 pub mod config;
 pub mod entry;
 pub mod guid;
 pub mod keys;
 pub mod layout;
+pub mod manifest;
 pub mod signature;
 pub mod slot;
 
+pub use archive::{BundleError, BundleReader, Payload};
+pub use channel::{Channel, ChannelError};
 pub use config::{ImageConfig, SlotConfig};
 pub use entry::{BootEntryName, EntryConf, EntryState, TriesCounter};
 pub use guid::Guid;
+pub use manifest::{BundleKind, Compression, Manifest, ManifestError, PayloadInfo};
+pub use signature::Trust;
 pub use slot::Slot;

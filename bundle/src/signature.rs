@@ -250,6 +250,23 @@ fn shorten(s: &str) -> String {
     }
 }
 
+/// The keys a device trusts and how many of them must sign.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trust {
+    /// The trusted public keys.
+    pub keys: Vec<PublicKey>,
+    /// How many distinct keys of `keys` must have signed, at least 1.
+    pub threshold: usize,
+}
+
+impl Trust {
+    /// Checks `file`'s signatures of `message` against these keys; see
+    /// [`verify`]. Returns the ids of the keys that verified.
+    pub fn verify(&self, message: &[u8], file: &SignatureFile) -> Result<Vec<String>, VerifyError> {
+        verify(message, file, &self.keys, self.threshold)
+    }
+}
+
 /// Signs the exact bytes of a manifest.
 pub fn sign(manifest: &[u8], key: &SigningKey) -> SignatureEntry {
     SignatureEntry {

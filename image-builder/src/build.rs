@@ -48,6 +48,9 @@ pub enum BuildError {
     /// The bmap could not be written.
     #[error(transparent)]
     Bmap(#[from] bmap::BmapError),
+    /// The update bundle could not be written.
+    #[error("the update bundle: {0}")]
+    Ota(String),
     /// A root filesystem does not fit its slot.
     #[error("the root filesystem needs {needed_mib} MiB (squashfs and hash tree) but a slot has {have_mib} MiB; raise [disk] root_mib in {board}")]
     RootTooBig {
@@ -199,6 +202,9 @@ pub struct Report {
     /// The QEMU machine `basalt run` boots this image in, if the board
     /// has one.
     pub machine: Option<crate::qemu::MachineSpec>,
+    /// The signed OTA bundle of slot a's image, when the build had a
+    /// signing key.
+    pub update_bundle: Option<crate::ota::BundleSummary>,
     /// Wall time of each build step, in milliseconds.
     pub timings_ms: Vec<(String, u64)>,
 }
@@ -506,6 +512,30 @@ pub fn build(
         .map_err(io("cannot write", tmp.path()))?;
     step("bmap+sbom", t);
 
+    let update_bundle = match &plan.signing_key {
+        Some(key_path) => {
+            let t = Instant::now();
+            let key = crate::ota::read_signing_key(key_path)
+                .map_err(|e| BuildError::Ota(e.to_string()))?;
+            let content = crate::ota::OsContent::from_build(plan, &slots[0].art);
+            let file = tmp.path().join(crate::ota::BUNDLE_FILE);
+            let mut summary = crate::ota::write_os_bundle(&content, &[key], &file)
+                .map_err(|e| BuildError::Ota(e.to_string()))?;
+            summary.path = PathBuf::from(crate::ota::BUNDLE_FILE);
+            log(&format!(
+                "{}: {} {}, {}, signed by {}",
+                crate::ota::BUNDLE_FILE,
+                summary.name,
+                summary.version,
+                mib(summary.size),
+                summary.signed_by.join(", ")
+            ));
+            step("bundle", t);
+            Some(summary)
+        }
+        None => None,
+    };
+
     let module_bytes: u64 = plan
         .rootfs
         .iter()
@@ -548,6 +578,7 @@ pub fn build(
             os_overhead_bytes: plan.rootfs.file_bytes() - module_bytes,
         },
         machine: crate::qemu::spec_of_board(&plan.board, &plan.ports, plan.memory_mib),
+        update_bundle,
         timings_ms: timings,
     };
     let report_text = serde_json::to_string_pretty(&report).unwrap_or_default();

@@ -15,7 +15,7 @@ impl Duration {
         self.0
     }
 
-    /// Parses `<number><unit>` with unit `ms`, `s`, `m` or `h`.
+    /// Parses `<number><unit>` with unit `ms`, `s`, `m`, `h` or `d`.
     pub fn parse(text: &str) -> Result<Duration, String> {
         let text = text.trim();
         let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
@@ -28,7 +28,12 @@ impl Duration {
             "s" => 1_000,
             "m" => 60_000,
             "h" => 3_600_000,
-            _ => return Err(format!("`{text}` has no known unit; use ms, s, m or h, e.g. \"5s\"")),
+            "d" => 86_400_000,
+            _ => {
+                return Err(format!(
+                    "`{text}` has no known unit; use ms, s, m, h or d, e.g. \"5s\""
+                ))
+            }
         };
         n.checked_mul(factor).map(Duration).ok_or_else(|| format!("`{text}` is too long"))
     }

@@ -122,7 +122,13 @@ pub fn cpio_file(archive: &[u8], want: &str) -> Option<Vec<u8>> {
     }
 }
 
-fn read_at(f: &mut File, path: &Path, offset: u64, len: usize) -> Result<Vec<u8>, InspectError> {
+/// Reads `len` bytes of `f` at `offset`.
+pub fn read_at(
+    f: &mut File,
+    path: &Path,
+    offset: u64,
+    len: usize,
+) -> Result<Vec<u8>, InspectError> {
     let err = |source| InspectError::Read { path: path.to_path_buf(), source };
     f.seek(SeekFrom::Start(offset)).map_err(err)?;
     let mut buf = vec![0u8; len];

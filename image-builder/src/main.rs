@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
 
+use basalt::ota;
 use basalt::plan::{self, PlanOptions};
 use basalt_bundle::keys::SigningKey;
 
@@ -47,6 +48,77 @@ enum Command {
         /// basalt-demo); found beside basalt by default.
         #[arg(long, env = "BASALT_DEVICE_BIN")]
         device_bin: Option<PathBuf>,
+        /// Sign DIR/update.basalt (the OTA bundle of this image) with this
+        /// private key; overrides the recipe's `update.signing_key`.
+        #[arg(long, value_name = "KEY")]
+        key: Option<PathBuf>,
+        /// Use this version instead of the recipe's `image.version` (for
+        /// pipelines that number their builds).
+        #[arg(long, value_name = "SEMVER")]
+        image_version: Option<semver::Version>,
+    },
+    /// Make the signed OTA bundle of a build's image (slot a of
+    /// DIR/disk.img), as `build --key` does.
+    Bundle {
+        /// A `basalt build` output folder.
+        dir: PathBuf,
+        /// Private key(s) to sign with (repeat for several).
+        #[arg(long = "key", value_name = "KEY", required = true)]
+        keys: Vec<PathBuf>,
+        /// The bundle file; DIR/update.basalt by default.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Add a signature to a bundle (for a threshold of keys, or a new key
+    /// being rolled out). The bundle is rewritten in place.
+    Sign {
+        /// The bundle.
+        bundle: PathBuf,
+        /// The private key.
+        #[arg(long, value_name = "KEY")]
+        key: PathBuf,
+    },
+    /// Check a bundle as a device would: signatures by trusted keys, then
+    /// every payload against the manifest.
+    Verify {
+        /// The bundle.
+        bundle: PathBuf,
+        /// Trusted public key(s) (repeat for several).
+        #[arg(long = "pubkey", value_name = "PUB", required = true)]
+        pubkeys: Vec<PathBuf>,
+        /// How many of them must have signed.
+        #[arg(long, default_value_t = 1)]
+        threshold: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a bundle into an update repository (a folder of static files)
+    /// and point a channel at it.
+    ///
+    /// Writes REPO/bundles/<name>-<version>.basalt and the signed
+    /// REPO/channels/<channel>.toml (+ .sig). Serve REPO with any HTTP
+    /// server, or `basalt serve REPO`.
+    Publish {
+        /// The bundle.
+        bundle: PathBuf,
+        /// The repository folder (created if missing).
+        #[arg(long)]
+        repo: PathBuf,
+        /// The channel.
+        #[arg(long, default_value = "stable")]
+        channel: String,
+        /// Percentage of devices that take this version (by a stable hash
+        /// of their machine id).
+        #[arg(long, default_value_t = 100)]
+        rollout: u8,
+        /// How long the channel file stays valid; devices refuse it after
+        /// (so a replayed old file cannot freeze them). E.g. 7d, 12h.
+        #[arg(long, default_value = "7d")]
+        expires: String,
+        /// Private key(s) that sign the channel file.
+        #[arg(long = "key", value_name = "KEY", required = true)]
+        keys: Vec<PathBuf>,
     },
     /// Show partitions, slots, boot entries and versions of a disk image.
     Inspect {
@@ -90,6 +162,21 @@ enum Command {
         /// Path and base name of the two files, without extension.
         #[arg(long, value_name = "NAME")]
         out: PathBuf,
+    },
+    /// Serve an update repository over HTTP, for development.
+    ///
+    /// Serves the files under DIR (GET and HEAD; no listings) with ETags
+    /// and byte ranges, so devices can poll channels and resume bundle
+    /// downloads. Prints `serving DIR on http://ADDR/` once it listens and
+    /// one line per request on stderr. Ctrl-C stops it. In the field, any
+    /// static HTTP server or CDN serves the same directory.
+    Serve {
+        /// The update repository: the folder that holds channels/ and the
+        /// bundles.
+        dir: PathBuf,
+        /// Address and port to listen on; port 0 picks a free port.
+        #[arg(long, default_value = basalt::serve::DEFAULT_LISTEN)]
+        listen: std::net::SocketAddr,
     },
     /// Print the JSON schema of recipe or board files (for editors).
     Schema {
@@ -167,12 +254,14 @@ fn keygen(out: &Path) -> anyhow::Result<String> {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let interactive = std::io::stderr().is_terminal() && std::env::var_os("CI").is_none();
     match cli.command {
-        Command::Build { recipe, board, out, json, slot_b, device_bin } => {
+        Command::Build { recipe, board, out, json, slot_b, device_bin, key, image_version } => {
             let opts = PlanOptions {
                 board,
                 source_date_epoch: source_date_epoch()?,
                 cache_dir: plan::default_cache_dir(),
                 device_bin,
+                version: image_version,
+                signing_key: key,
             };
             let start = std::time::Instant::now();
             let plan = plan::resolve(&recipe, &opts)?;
@@ -191,6 +280,82 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bundle { dir, keys, out } => {
+            let keys =
+                keys.iter().map(|k| ota::read_signing_key(k)).collect::<Result<Vec<_>, _>>()?;
+            let content = ota::OsContent::from_output(&dir)?;
+            let out = out.unwrap_or_else(|| dir.join(ota::BUNDLE_FILE));
+            let s = ota::write_os_bundle(&content, &keys, &out)?;
+            eprintln!(
+                "basalt: wrote {} ({} {}, {} bytes, signed by {})",
+                out.display(),
+                s.name,
+                s.version,
+                s.size,
+                s.signed_by.join(", ")
+            );
+            println!("{}", s.sha256);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sign { bundle, key } => {
+            let key = ota::read_signing_key(&key)?;
+            let ids = ota::sign_bundle(&bundle, &key)?;
+            eprintln!("basalt: {} is signed by {}", bundle.display(), ids.join(", "));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify { bundle, pubkeys, threshold, json } => {
+            let keys =
+                pubkeys.iter().map(|k| ota::read_public_key(k)).collect::<Result<Vec<_>, _>>()?;
+            let trust = basalt_bundle::archive::Trust { keys, threshold };
+            let v = ota::verify_bundle(&bundle, &trust)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{}: {} {} for {}, signed by {}; payloads {}",
+                    bundle.display(),
+                    v.name,
+                    v.version,
+                    v.compatible.join(", "),
+                    v.signed_by.join(", "),
+                    v.payloads
+                        .iter()
+                        .map(|(n, s)| format!("{n} ({s} bytes)"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Publish { bundle, repo, channel, rollout, expires, keys } => {
+            let keys =
+                keys.iter().map(|k| ota::read_signing_key(k)).collect::<Result<Vec<_>, _>>()?;
+            let expires = basalt::duration::Duration::parse(&expires)
+                .map_err(|e| anyhow::anyhow!("--expires: {e}"))?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let ch = ota::publish(&ota::Publish {
+                bundle: &bundle,
+                repo: &repo,
+                channel: &channel,
+                rollout,
+                expires_in: expires.as_millis() / 1000,
+                keys: &keys,
+                now,
+            })?;
+            eprintln!(
+                "basalt: channel {} of {} now offers {} {} to {}% of devices, until {}",
+                ch.channel,
+                repo.display(),
+                ch.name,
+                ch.version,
+                ch.rollout,
+                ch.expires
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Inspect { disk, json } => {
@@ -226,6 +391,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keygen { out } => {
             let key_id = keygen(&out)?;
             println!("{key_id}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve { dir, listen } => {
+            basalt::serve::serve(&dir, listen, |addr| {
+                use std::io::Write;
+                println!("serving {} on http://{addr}/", dir.display());
+                let _ = std::io::stdout().flush();
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Schema { kind } => {

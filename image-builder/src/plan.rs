@@ -8,14 +8,16 @@ use std::sync::Arc;
 
 use basalt_bundle::config::{
     self, BootConfig, HealthCheck, HealthProbe, ImageConfig, NetworkConfig, NetworkMode,
-    RestartPolicy, ServiceConfig, IMAGE_CONFIG_PATH,
+    RestartPolicy, ServiceConfig, UpdateConfig, AGENT_PATH, AGENT_SERVICE, IMAGE_CONFIG_PATH,
+    TRUSTED_KEYS_DIR,
 };
+use basalt_bundle::keys::PublicKey;
 use basalt_bundle::layout::Arch;
 
 use crate::board::Board;
 use crate::diag::{with_help, Diagnostic, Located, Source};
 use crate::kernel::{self, KernelFiles, ModuleFile, ModuleIndex};
-use crate::recipe::{Mode, Recipe};
+use crate::recipe::{Mode, Recipe, UpdateSection};
 use crate::tree::{Meta, Origin, Tree};
 
 /// Why a recipe could not be resolved.
@@ -64,11 +66,23 @@ pub struct PlanOptions {
     pub cache_dir: PathBuf,
     /// Folder with the static device programs, instead of the search.
     pub device_bin: Option<PathBuf>,
+    /// `--image-version`: overrides the recipe's `image.version` (a CI
+    /// pipeline numbering its builds).
+    pub version: Option<semver::Version>,
+    /// `--key`: signs `update.basalt` with this key instead of the
+    /// recipe's `update.signing_key`.
+    pub signing_key: Option<PathBuf>,
 }
 
 /// Name of the service the builder adds for `network.mode = "dhcp"`;
 /// recipe services may list it in `after`.
 pub const DHCP_SERVICE: &str = "dhcp";
+
+/// Where the update agent's API listens unless the recipe says otherwise.
+pub const AGENT_LISTEN: &str = "127.0.0.1:7400";
+
+/// Where the agent's API token goes in the image.
+pub const AGENT_TOKEN_PATH: &str = "/etc/basalt/agent-token";
 
 /// Everything a build needs, resolved.
 #[derive(Debug, Clone)]
@@ -103,6 +117,8 @@ pub struct Plan {
     pub ports: Vec<u16>,
     /// Guest memory for `basalt run`.
     pub memory_mib: Option<u32>,
+    /// The recipe's `update.signing_key`, resolved against its folder.
+    pub signing_key: Option<PathBuf>,
 }
 
 impl Plan {
@@ -238,12 +254,15 @@ pub fn resolve(recipe_path: &Path, opts: &PlanOptions) -> Result<Plan, PlanError
         )
         .into());
     }
-    let version = semver::Version::parse(&recipe.image.version.value).map_err(|e| {
-        with_help(
-            src.error(recipe.image.version.span.clone(), format!("version is not semver: {e}")),
-            "write a version such as \"1.0.0\"",
-        )
-    })?;
+    let version = match &opts.version {
+        Some(v) => v.clone(),
+        None => semver::Version::parse(&recipe.image.version.value).map_err(|e| {
+            with_help(
+                src.error(recipe.image.version.span.clone(), format!("version is not semver: {e}")),
+                "write a version such as \"1.0.0\"",
+            )
+        })?,
+    };
 
     // The board.
     let board_spec = opts.board.clone().unwrap_or_else(|| recipe.image.board.value.clone());
@@ -635,6 +654,32 @@ pub fn resolve(recipe_path: &Path, opts: &PlanOptions) -> Result<Plan, PlanError
         services.insert(0, d);
     }
 
+    let (update, signing_key) = match &recipe.update {
+        None => (None, None),
+        Some(u) => {
+            let has_dhcp = services.first().is_some_and(|s| s.name == DHCP_SERVICE);
+            let resolved = resolve_update(&src, &recipe_dir, u, board.arch, opts, &mut tree)?;
+            let (config, service, signing_key) = resolved;
+            if seen.contains(&service.name) {
+                return Err(with_help(
+                    src.error(
+                        0..0,
+                        format!("service name `{AGENT_SERVICE}` is taken by the update agent"),
+                    ),
+                    "[update] adds a service of that name; rename yours",
+                )
+                .into());
+            }
+            let mut service = service;
+            if has_dhcp {
+                service.after.push(DHCP_SERVICE.into());
+            }
+            services.push(service);
+            (Some(config), signing_key)
+        }
+    };
+    let signing_key = opts.signing_key.clone().or(signing_key);
+
     let b = &recipe.boot;
     if b.tries.value == 0 || b.tries.value > 9 {
         return Err(with_help(
@@ -656,6 +701,7 @@ pub fn resolve(recipe_path: &Path, opts: &PlanOptions) -> Result<Plan, PlanError
         hostname,
         modules: stage2_modules,
         network,
+        update,
         boot: BootConfig {
             bless_after_ms: b.bless_after.as_millis(),
             bless_deadline_ms: b.bless_deadline.as_millis(),
@@ -695,8 +741,162 @@ pub fn resolve(recipe_path: &Path, opts: &PlanOptions) -> Result<Plan, PlanError
         tries: b.tries.value,
         ports: recipe.run.ports.clone(),
         memory_mib: recipe.run.memory_mib,
+        signing_key,
         board,
     })
+}
+
+/// `[update]`: checks it, puts the agent, its keys and its token into the
+/// tree, and returns the agent's configuration and service.
+fn resolve_update(
+    src: &Source,
+    recipe_dir: &Path,
+    u: &UpdateSection,
+    arch: Arch,
+    opts: &PlanOptions,
+    tree: &mut Tree,
+) -> Result<(UpdateConfig, ServiceConfig, Option<PathBuf>), PlanError> {
+    let sde = opts.source_date_epoch;
+    if u.trusted_keys.is_empty() {
+        return Err(with_help(
+            src.error(0..0, "[update] needs at least one trusted key"),
+            "make one with `basalt keygen --out keys/release` and list \"keys/release.pub\"",
+        )
+        .into());
+    }
+    let mut ids = BTreeSet::new();
+    for k in &u.trusted_keys {
+        let full = host_path(recipe_dir, &k.value);
+        let pem = std::fs::read_to_string(&full).map_err(|e| missing_input(src, k, &full, e))?;
+        let key = PublicKey::from_pem(&pem).map_err(|e| {
+            with_help(
+                src.error(k.span.clone(), format!("`{}` is not a public key: {e}", full.display())),
+                "list the `.pub` file `basalt keygen` wrote (an ed25519 public key in PEM)",
+            )
+        })?;
+        let id = key.key_id();
+        if !ids.insert(id.clone()) {
+            continue;
+        }
+        let path = format!("{TRUSTED_KEYS_DIR}/{id}.pub");
+        let pem =
+            key.to_pem().map_err(|e| PlanError::from(src.error(k.span.clone(), e.to_string())))?;
+        tree.add_file(&path, pem.into_bytes(), Meta::root(0o644, sde), Origin::Build)
+            .map_err(|e| tree_error(src, k.span.clone(), e))?;
+    }
+    let threshold = u.threshold.value;
+    if threshold == 0 || threshold > ids.len() {
+        return Err(with_help(
+            src.error(
+                u.threshold.span.clone(),
+                format!("threshold {threshold} with {} distinct trusted key(s)", ids.len()),
+            ),
+            "the threshold is 1 up to the number of trusted keys",
+        )
+        .into());
+    }
+    let listen: std::net::SocketAddr = u.listen.value.parse().map_err(|_| {
+        with_help(
+            src.error(u.listen.span.clone(), format!("`{}` is not an address", u.listen.value)),
+            "write an address and port such as \"127.0.0.1:7400\"",
+        )
+    })?;
+    let token_file = match &u.token_file {
+        Some(t) => {
+            let full = host_path(recipe_dir, &t.value);
+            let token =
+                std::fs::read_to_string(&full).map_err(|e| missing_input(src, t, &full, e))?;
+            let token = token.trim();
+            if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(with_help(
+                    src.error(t.span.clone(), "the token must be 16 or more visible characters"),
+                    "e.g. `openssl rand -hex 16 > agent.token`",
+                )
+                .into());
+            }
+            tree.add_file(
+                AGENT_TOKEN_PATH,
+                format!("{token}\n").into_bytes(),
+                Meta::root(0o600, sde),
+                Origin::Build,
+            )
+            .map_err(|e| tree_error(src, t.span.clone(), e))?;
+            Some(AGENT_TOKEN_PATH.to_string())
+        }
+        None if !listen.ip().is_loopback() => {
+            return Err(with_help(
+                src.error(
+                    u.listen.span.clone(),
+                    format!("the agent's API on {listen} would take updates from the network without a token"),
+                ),
+                "add `token_file = \"agent.token\"` (16+ characters), or listen on 127.0.0.1",
+            )
+            .into());
+        }
+        None => None,
+    };
+    if let Some(r) = &u.repository {
+        let ok = r.value.strip_prefix("http://").is_some_and(|rest| !rest.is_empty());
+        if !ok {
+            return Err(with_help(
+                src.error(r.span.clone(), format!("repository `{}` is not an http:// URL", r.value)),
+                "e.g. \"http://updates.example.com/fleet/\"; bundles and channels are signed, so plain HTTP is safe for integrity",
+            )
+            .into());
+        }
+    }
+    let channel = &u.channel;
+    let channel_ok = !channel.value.is_empty()
+        && channel.value.len() <= 64
+        && channel.value.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && !channel.value.starts_with('.');
+    if !channel_ok {
+        return Err(with_help(
+            src.error(
+                channel.span.clone(),
+                format!("channel `{}` is not a plain name", channel.value),
+            ),
+            "use letters, digits, `-`, `_` and `.`, such as \"stable\"",
+        )
+        .into());
+    }
+    let agent = find_device_binary("basalt-agent", arch, opts.device_bin.as_deref())?;
+    let bytes =
+        std::fs::read(&agent).map_err(|source| PlanError::Read { path: agent.clone(), source })?;
+    tree.add_file(AGENT_PATH, bytes, Meta::root(0o755, sde), Origin::Build)
+        .map_err(|e| PlanError::from(src.error(0..0, format!("{AGENT_PATH}: {e}"))))?;
+    let config = UpdateConfig {
+        threshold,
+        listen: listen.to_string(),
+        token_file,
+        repository: u.repository.as_ref().map(|r| r.value.clone()),
+        channel: channel.value.clone(),
+        poll_interval_ms: u.poll_interval.as_millis().max(1000),
+        poll_jitter_ms: u.poll_jitter.as_millis(),
+        reboot: u.reboot,
+    };
+    let health_addr = if listen.ip().is_unspecified() {
+        std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), listen.port())
+    } else {
+        listen
+    };
+    let service = ServiceConfig {
+        name: AGENT_SERVICE.into(),
+        command: vec![AGENT_PATH.into()],
+        env: BTreeMap::new(),
+        restart: RestartPolicy::Always,
+        restart_delay_ms: 1000,
+        restart_delay_max_ms: 30_000,
+        after: Vec::new(),
+        health: Some(HealthCheck {
+            probe: HealthProbe::Http(format!("http://{health_addr}/v1/health")),
+            interval_ms: 1000,
+            timeout_ms: 1000,
+        }),
+        required: true,
+    };
+    let signing_key = u.signing_key.as_ref().map(|k| host_path(recipe_dir, &k.value));
+    Ok((config, service, signing_key))
 }
 
 enum CopyError {

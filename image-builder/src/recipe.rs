@@ -45,6 +45,9 @@ pub struct Recipe {
     /// Settings for `basalt run`, the QEMU runner.
     #[serde(default)]
     pub run: RunSection,
+    /// Over-the-air updates: the agent, its keys and where it looks.
+    #[serde(default)]
+    pub update: Option<UpdateSection>,
 }
 
 /// `[image]`: name, version and target of the image.
@@ -290,6 +293,75 @@ fn default_tries() -> Located<u32> {
 
 fn default_stop_timeout() -> Duration {
     Duration(5_000)
+}
+
+/// `[update]`: over-the-air updates. With this section the image carries
+/// the update agent, a supervised service that installs signed bundles
+/// into the other slot, and the public keys it trusts. The agent is
+/// required for blessing: a version that could not take the next update
+/// is rolled back.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateSection {
+    /// Public keys (PEM, as `basalt keygen` writes `NAME.pub`) whose
+    /// signatures the device accepts. Paths are relative to the recipe.
+    pub trusted_keys: Vec<Located<PathBuf>>,
+    /// How many of the trusted keys must sign a bundle or a channel file.
+    #[serde(default = "default_threshold")]
+    pub threshold: Located<usize>,
+    /// Private key that signs `update.basalt`, written beside the image by
+    /// every build; `basalt build --key` overrides it. Without either, the
+    /// build writes no bundle (make one later with `basalt bundle`).
+    #[serde(default)]
+    pub signing_key: Option<Located<PathBuf>>,
+    /// Address of the agent's local API.
+    #[serde(default = "default_listen")]
+    pub listen: Located<String>,
+    /// File holding the bearer token the API asks for, copied into the
+    /// image; required when `listen` is not a loopback address.
+    #[serde(default)]
+    pub token_file: Option<Located<PathBuf>>,
+    /// Base URL of an update repository to poll (`http://host:port/`);
+    /// without one the device only takes bundles pushed to its API.
+    #[serde(default)]
+    pub repository: Option<Located<String>>,
+    /// The repository channel to follow.
+    #[serde(default = "default_channel")]
+    pub channel: Located<String>,
+    /// Time between two polls of the repository.
+    #[serde(default = "default_poll_interval")]
+    pub poll_interval: Duration,
+    /// Up to this much random delay is added to each poll.
+    #[serde(default = "default_poll_jitter")]
+    pub poll_jitter: Duration,
+    /// Reboot into a new version as soon as it is installed; with `false`
+    /// the device waits for `POST /v1/reboot`.
+    #[serde(default = "default_reboot")]
+    pub reboot: bool,
+}
+
+fn default_threshold() -> Located<usize> {
+    Located::unplaced(1)
+}
+
+fn default_listen() -> Located<String> {
+    Located::unplaced(crate::plan::AGENT_LISTEN.to_string())
+}
+
+fn default_channel() -> Located<String> {
+    Located::unplaced("stable".to_string())
+}
+
+fn default_poll_interval() -> Duration {
+    Duration(15 * 60_000)
+}
+
+fn default_poll_jitter() -> Duration {
+    Duration(60_000)
+}
+
+fn default_reboot() -> bool {
+    true
 }
 
 /// `[run]`: how `basalt run` starts the image in QEMU.

@@ -7,22 +7,8 @@ mod common;
 
 use std::time::Duration;
 
-use basalt::qemu::{Machine, MachineOptions};
-use common::root;
-
-fn boot(disk: &std::path::Path, report: &basalt::build::Report, tag: &str) -> Machine {
-    let spec = report.machine.clone().expect("the board has a QEMU machine");
-    let log = std::env::temp_dir().join(format!("basalt-e2e-{tag}.log"));
-    eprintln!("console of {tag}: {}", log.display());
-    Machine::start(&MachineOptions {
-        spec,
-        disk: disk.to_path_buf(),
-        no_reboot: true,
-        echo: false,
-        console_log: Some(log),
-    })
-    .unwrap()
-}
+use basalt::qemu::Machine;
+use common::{boot, expect, root};
 
 /// One scenario's image: built into a temp dir that lives as long as it.
 struct Scenario {
@@ -39,12 +25,6 @@ fn scenario(recipe: &str, slot_b: Option<&str>) -> Scenario {
     let b = slot_b.map(|r| root().join(r));
     let report = common::build_ab(&root().join(recipe), b.as_deref(), &out);
     Scenario { disk: out.join("disk.img"), report, _dir: dir }
-}
-
-fn expect(m: &mut Machine, marker: &str, secs: u64) {
-    if !m.wait_for(marker, Duration::from_secs(secs)) {
-        panic!("`{marker}` did not appear within {secs} s; console:\n{}", m.console());
-    }
 }
 
 #[test]

@@ -10,9 +10,9 @@
 //! Acting on it goes through the [`Bootloader`] trait, one back-end per
 //! bootloader. [`SystemdBoot`] renames Type #1 entries on the ESP the way
 //! `systemd-bless-boot` does: `a+2-1.conf` becomes `a.conf` (good) or
-//! `a+0-3.conf` (bad, so systemd-boot prefers the other slot). Installing
-//! a slot and preferring it for one try belong to the update agent and will
-//! join the trait with it; they are deliberately not stubbed here.
+//! `a+0-3.conf` (bad, so systemd-boot prefers the other slot). The update
+//! agent uses the same trait to install a slot and prefer it for one try
+//! (see [`crate::update::install`]).
 //!
 //! What a failed boot does depends on the entry ([`fail_boot`]): an entry on
 //! trial is marked bad and the machine reboots into the other slot; an entry
@@ -22,16 +22,18 @@
 
 use std::fmt;
 use std::fs::File;
-use std::io;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use basalt_bundle::config::BootConfig;
-use basalt_bundle::entry::{BootEntryName, EntryState, ENTRIES_DIR};
+use basalt_bundle::entry::{BootEntryName, EntryConf, EntryState, ENTRIES_DIR};
 use basalt_bundle::slot::{Slot, UnknownSlot};
 
 use crate::platform;
 use crate::supervisor::{Secs, ServiceId, Supervisor};
+use crate::update::cut;
+use crate::update::install::{copy_payload, io_err, InstallError};
 
 /// The GPT partition label of the ESP.
 pub const ESP_PARTLABEL: &str = "esp";
@@ -155,6 +157,30 @@ pub trait Bootloader {
     /// Marks `slot` bad, so the bootloader prefers the other slot; a no-op
     /// for an entry already bad.
     fn mark_bad(&mut self, slot: Slot) -> Result<Renamed, AssessError>;
+    /// Starts installing `slot`: makes it unbootable (on the disk before
+    /// this returns) and removes its boot files.
+    fn begin_install(&mut self, slot: Slot) -> Result<(), InstallError>;
+    /// Writes one of `slot`'s boot files (`vmlinuz`, `initrd`) from
+    /// `content`, in writes of `chunk` bytes, so that the file under its
+    /// final name is always whole; returns its size.
+    fn install_file(
+        &mut self,
+        slot: Slot,
+        name: &str,
+        content: &mut dyn Read,
+        chunk: usize,
+    ) -> Result<u64, InstallError>;
+    /// Makes the installed `slot` the one the next boot tries, `tries`
+    /// times before the bootloader gives up on it; `entry` describes it.
+    fn prefer_for_one_try(
+        &mut self,
+        slot: Slot,
+        entry: &EntryConf,
+        tries: u32,
+    ) -> Result<BootEntryName, InstallError>;
+    /// Every slot's entry as the bootloader sees it, with its version
+    /// (slots without an entry are left out).
+    fn entries(&self) -> Result<Vec<(BootEntryName, EntryConf)>, AssessError>;
 }
 
 /// Reads `basalt.slot=` from a kernel command line (the last one wins, as
@@ -186,8 +212,8 @@ impl SystemdBoot {
         self.esp.join(ENTRIES_DIR)
     }
 
-    /// The one entry for `slot`.
-    pub fn find(&self, slot: Slot) -> Result<BootEntryName, AssessError> {
+    /// Every basalt entry file on the ESP, parsed.
+    fn list(&self) -> Result<Vec<BootEntryName>, AssessError> {
         let dir = self.dir();
         let read = std::fs::read_dir(&dir)
             .map_err(|source| AssessError::ReadEntries { dir: dir.clone(), source })?;
@@ -195,13 +221,18 @@ impl SystemdBoot {
         for entry in read {
             let entry =
                 entry.map_err(|source| AssessError::ReadEntries { dir: dir.clone(), source })?;
-            let name = entry.file_name();
-            if let Some(parsed) = name.to_str().and_then(BootEntryName::parse) {
-                if parsed.slot == slot {
-                    found.push(parsed);
-                }
+            if let Some(parsed) = entry.file_name().to_str().and_then(BootEntryName::parse) {
+                found.push(parsed);
             }
         }
+        Ok(found)
+    }
+
+    /// The one entry for `slot`.
+    pub fn find(&self, slot: Slot) -> Result<BootEntryName, AssessError> {
+        let found: Vec<BootEntryName> =
+            self.list()?.into_iter().filter(|e| e.slot == slot).collect();
+        let dir = self.dir();
         match found.as_slice() {
             [] => Err(AssessError::NoEntry { slot, dir }),
             [one] => Ok(*one),
@@ -211,6 +242,13 @@ impl SystemdBoot {
                 Err(AssessError::Ambiguous { slot, dir, names: names.join(", ") })
             }
         }
+    }
+
+    /// Flushes the entries directory and the whole FAT.
+    fn flush(&self, dir: &Path) -> Result<(), InstallError> {
+        cut::sync_dir(dir)
+            .and_then(|()| platform::mount::sync_fs(dir))
+            .map_err(io_err("flush", dir))
     }
 
     fn rename(&self, from: BootEntryName, to: BootEntryName) -> Result<Renamed, AssessError> {
@@ -253,6 +291,87 @@ impl Bootloader for SystemdBoot {
             return Ok(Renamed { from: entry, to: entry });
         }
         self.rename(entry, entry.mark_bad())
+    }
+
+    fn begin_install(&mut self, slot: Slot) -> Result<(), InstallError> {
+        if self.booted == Some(slot) {
+            return Err(InstallError::Bootloader(format!(
+                "refusing to install into slot {slot}: it is the slot running now"
+            )));
+        }
+        let dir = self.dir();
+        cut::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+        let entries = self.list().map_err(|e| InstallError::Bootloader(e.to_string()))?;
+        for entry in entries.into_iter().filter(|e| e.slot == slot) {
+            let path = dir.join(entry.to_string());
+            cut::remove(&path).map_err(io_err("remove", &path))?;
+        }
+        // A cut install can leave a temporary entry behind.
+        let tmp = dir.join(format!("{}.tmp", BootEntryName::blessed(slot)));
+        cut::remove(&tmp).map_err(io_err("remove", &tmp))?;
+        self.flush(&dir)?;
+        let files = self.esp.join(slot.esp_dir());
+        cut::create_dir_all(&files).map_err(io_err("create", &files))?;
+        for name in ["vmlinuz", "initrd", "vmlinuz.tmp", "initrd.tmp"] {
+            let path = files.join(name);
+            cut::remove(&path).map_err(io_err("remove", &path))?;
+        }
+        self.flush(&files)
+    }
+
+    fn install_file(
+        &mut self,
+        slot: Slot,
+        name: &str,
+        content: &mut dyn Read,
+        chunk: usize,
+    ) -> Result<u64, InstallError> {
+        let dir = self.esp.join(slot.esp_dir());
+        let tmp = dir.join(format!("{name}.tmp"));
+        let path = dir.join(name);
+        let mut file = cut::create(&tmp).map_err(io_err("create", &tmp))?;
+        let n = copy_payload(name, content, &mut file, &tmp, u64::MAX, chunk)?;
+        cut::sync(&file).map_err(io_err("flush", &tmp))?;
+        drop(file);
+        cut::rename(&tmp, &path).map_err(io_err("rename into place", &path))?;
+        self.flush(&dir)?;
+        Ok(n)
+    }
+
+    fn prefer_for_one_try(
+        &mut self,
+        slot: Slot,
+        entry: &EntryConf,
+        tries: u32,
+    ) -> Result<BootEntryName, InstallError> {
+        let dir = self.dir();
+        let name = BootEntryName::on_trial(slot, tries.max(1));
+        // The temporary name does not end in `.conf`, so systemd-boot never
+        // reads a half-written entry.
+        let tmp = dir.join(format!("{}.tmp", BootEntryName::blessed(slot)));
+        let path = dir.join(name.to_string());
+        let mut file = cut::create(&tmp).map_err(io_err("create", &tmp))?;
+        cut::write_all(&mut file, entry.to_text().as_bytes()).map_err(io_err("write", &tmp))?;
+        cut::sync(&file).map_err(io_err("flush", &tmp))?;
+        drop(file);
+        cut::rename(&tmp, &path).map_err(io_err("rename into place", &path))?;
+        self.flush(&dir)?;
+        Ok(name)
+    }
+
+    fn entries(&self) -> Result<Vec<(BootEntryName, EntryConf)>, AssessError> {
+        let dir = self.dir();
+        let mut out = Vec::new();
+        for name in self.list()? {
+            let path = dir.join(name.to_string());
+            let text = std::fs::read_to_string(&path)
+                .map_err(|source| AssessError::ReadEntries { dir: path.clone(), source })?;
+            if let Some(conf) = EntryConf::parse(&text) {
+                out.push((name, conf));
+            }
+        }
+        out.sort_by_key(|(n, _)| n.slot);
+        Ok(out)
     }
 }
 
@@ -420,15 +539,16 @@ impl EspLocation {
     /// Mounts the ESP, runs `f` on its mount point, flushes and unmounts
     /// it. The ESP stays mounted only this long, so a power cut at any
     /// other time finds the FAT clean.
-    pub fn with_mounted<T>(
+    pub fn with_mounted<T, E: From<AssessError>>(
         &self,
-        f: impl FnOnce(&Path) -> Result<T, AssessError>,
-    ) -> Result<T, AssessError> {
+        f: impl FnOnce(&Path) -> Result<T, E>,
+    ) -> Result<T, E> {
         use platform::mount::MountFlags;
         let dev = self.device()?;
         let at = self.mount_point.clone();
         let flags = MountFlags::MS_NOSUID | MountFlags::MS_NODEV | MountFlags::MS_NOEXEC;
         let source = dev.to_string_lossy();
+        let _ = std::fs::create_dir_all(&at);
         platform::mount::mount(&source, &at, "vfat", flags, None)
             .map_err(|source| AssessError::Mount { dev: dev.clone(), at: at.clone(), source })?;
         let result = f(&at);

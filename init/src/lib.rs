@@ -12,6 +12,10 @@
 //! With `network.mode = "dhcp"`, the DHCP client ([`dhcp`]) runs as a
 //! supervised service (`basalt-init dhcp IFACE`), never inside PID 1.
 //!
+//! The update agent fetches channel files and bundles over HTTP with
+//! [`fetch`], on a tokio current-thread runtime of its own; no HTTP runs
+//! in PID 1.
+//!
 //! Every call into the kernel goes through [`platform`], so the rest runs in
 //! host tests against a temp dir.
 #![deny(missing_docs)]
@@ -19,9 +23,11 @@
 
 pub mod assess;
 pub mod dhcp;
+pub mod fetch;
 pub mod health;
 pub mod network;
 pub mod platform;
 pub mod stage1;
 pub mod stage2;
 pub mod supervisor;
+pub mod update;

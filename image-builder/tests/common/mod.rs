@@ -7,6 +7,7 @@ use std::process::{Command, Output};
 
 use basalt::build::Report;
 use basalt::plan::{self, PlanOptions};
+use basalt::qemu::{Machine, MachineOptions};
 
 /// The workspace root.
 pub fn root() -> PathBuf {
@@ -22,7 +23,7 @@ pub fn resolve(recipe: &Path) -> basalt::plan::Plan {
         board: None,
         source_date_epoch: SDE,
         cache_dir: plan::default_cache_dir(),
-        device_bin: None,
+        ..Default::default()
     };
     plan::resolve(recipe, &opts).unwrap_or_else(|e| panic!("{e}"))
 }
@@ -64,4 +65,42 @@ pub fn extract(file: &Path, offset: u64, len: u64, dest: &Path) {
     let mut buf = vec![0u8; len as usize];
     f.read_exact(&mut buf).unwrap();
     std::fs::write(dest, buf).unwrap();
+}
+
+/// Boots `disk` in QEMU (headless; a reboot ends QEMU), with its console
+/// kept in `$TMPDIR/basalt-e2e-<tag>.log`.
+pub fn boot(disk: &Path, report: &Report, tag: &str) -> Machine {
+    let spec = report.machine.clone().expect("the board has a QEMU machine");
+    let log = std::env::temp_dir().join(format!("basalt-e2e-{tag}.log"));
+    eprintln!("console of {tag}: {}", log.display());
+    Machine::start(&MachineOptions {
+        spec,
+        disk: disk.to_path_buf(),
+        no_reboot: true,
+        echo: false,
+        console_log: Some(log),
+    })
+    .unwrap()
+}
+
+/// Waits for `marker` on the console; panics with the console if it does
+/// not come within `secs`.
+pub fn expect(m: &mut Machine, marker: &str, secs: u64) {
+    if !m.wait_for(marker, std::time::Duration::from_secs(secs)) {
+        panic!("`{marker}` did not appear within {secs} s; console:\n{}", m.console());
+    }
+}
+
+/// Resolves and builds `recipe` at `version`, signing its bundle with
+/// `key` if given.
+pub fn build_version(recipe: &Path, version: &str, key: Option<&Path>, out: &Path) -> Report {
+    let opts = PlanOptions {
+        source_date_epoch: SDE,
+        cache_dir: plan::default_cache_dir(),
+        version: Some(version.parse().unwrap()),
+        signing_key: key.map(Path::to_path_buf),
+        ..Default::default()
+    };
+    let plan = plan::resolve(recipe, &opts).unwrap_or_else(|e| panic!("{e}"));
+    basalt::build::build(&plan, None, out, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"))
 }

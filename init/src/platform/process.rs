@@ -255,6 +255,13 @@ pub fn spawn(
     Ok(child.id())
 }
 
+/// Asks PID 1 for an orderly reboot (SIGINT, as Ctrl-Alt-Del does): it
+/// stops every service, syncs, unmounts and reboots.
+pub fn request_reboot() -> io::Result<()> {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(1), nix::sys::signal::Signal::SIGINT)
+        .map_err(|e| io::Error::from_raw_os_error(e as i32))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

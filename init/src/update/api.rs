@@ -1,0 +1,278 @@
+//! The agent's local HTTP API (hyper, HTTP/1.1):
+//!
+//! - `GET /v1/health`: `ok`, for the supervisor's health check; never
+//!   needs the token;
+//! - `GET /v1/status`: booted slot, both slots' versions and states, the
+//!   pending install, the last result and the versions refused for good;
+//! - `POST /v1/update[?reboot=false]`: an OS bundle as the body, streamed
+//!   straight into the other slot while it arrives; answers once it is
+//!   installed (200) or refused (400 for a bundle that is damaged or not
+//!   trusted, 409 for one that does not fit this device now, 500 for a
+//!   write error); then reboots unless told not to;
+//! - `POST /v1/reboot`: reboots (into the installed version, if any).
+//!
+//! With a token configured every endpoint but health needs
+//! `Authorization: Bearer <token>`. Answers are JSON.
+
+use std::convert::Infallible;
+use std::io::{self, Read};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use crate::platform;
+use crate::update::agent::{Agent, Machine, UpdateError};
+use crate::update::install::InstallError;
+
+/// What every connection shares.
+pub struct Shared<M: Machine> {
+    /// The agent; locked for the length of an install.
+    pub agent: Mutex<Agent<M>>,
+    /// The bearer token, if the API needs one.
+    pub token: Option<String>,
+    /// Whether to reboot after an install unless the request says not to.
+    pub reboot: bool,
+    installing: AtomicBool,
+}
+
+impl<M: Machine> Shared<M> {
+    /// Shares `agent` with the API.
+    pub fn new(agent: Agent<M>, token: Option<String>, reboot: bool) -> Shared<M> {
+        Shared { agent: Mutex::new(agent), token, reboot, installing: AtomicBool::new(false) }
+    }
+
+    /// Marks an install as running; false if one already is.
+    pub fn begin(&self) -> bool {
+        !self.installing.swap(true, Ordering::SeqCst)
+    }
+
+    /// Marks the install as done.
+    pub fn end(&self) {
+        self.installing.store(false, Ordering::SeqCst);
+    }
+
+    /// Whether an install is running.
+    pub fn busy(&self) -> bool {
+        self.installing.load(Ordering::SeqCst)
+    }
+}
+
+type Reply = Response<Full<Bytes>>;
+
+fn json<T: Serialize>(status: StatusCode, body: &T) -> Reply {
+    let text = serde_json::to_string_pretty(body).unwrap_or_else(|_| "{}".into());
+    let mut r = Response::new(Full::new(Bytes::from(text + "\n")));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    r
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+}
+
+fn error(status: StatusCode, msg: &str) -> Reply {
+    json(status, &ErrorBody { error: msg })
+}
+
+/// Compares without an early exit, so timing does not reveal the token.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn authorized<M: Machine>(req: &Request<Incoming>, shared: &Shared<M>) -> bool {
+    let Some(token) = &shared.token else { return true };
+    let given = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    same(given.trim().as_bytes(), token.as_bytes())
+}
+
+/// The request body as a blocking reader, fed by the connection task.
+struct BodyReader {
+    rx: mpsc::Receiver<Bytes>,
+    buf: Bytes,
+}
+
+impl Read for BodyReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.buf.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(b) => self.buf = b,
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.buf.len());
+        out[..n].copy_from_slice(&self.buf[..n]);
+        self.buf = self.buf.slice(n..);
+        Ok(n)
+    }
+}
+
+fn status_code(e: &UpdateError) -> StatusCode {
+    match e {
+        // A payload that turns out damaged while it streams is the
+        // bundle's fault too, even though writing had started.
+        UpdateError::Bundle(_)
+        | UpdateError::Install(InstallError::Payload { .. } | InstallError::Bundle(_)) => {
+            StatusCode::BAD_REQUEST
+        }
+        UpdateError::Refused(_) | UpdateError::Busy => StatusCode::CONFLICT,
+        UpdateError::Install(_) | UpdateError::Bootloader(_) | UpdateError::Machine(_) => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+    }
+}
+
+/// Schedules the reboot a moment after the answer went out.
+pub fn reboot_soon() {
+    tokio::spawn(async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        println!("rebooting into the new version");
+        if let Err(e) = platform::process::request_reboot() {
+            eprintln!("cannot ask PID 1 to reboot: {e}");
+        }
+    });
+}
+
+async fn update<M: Machine + Send + 'static>(
+    req: Request<Incoming>,
+    shared: Arc<Shared<M>>,
+) -> Reply {
+    if !shared.begin() {
+        return error(StatusCode::CONFLICT, &UpdateError::Busy.to_string());
+    }
+    let reboot = shared.reboot
+        && !req.uri().query().is_some_and(|q| q.split('&').any(|p| p == "reboot=false"));
+    let (tx, rx) = mpsc::channel::<Bytes>(16);
+    let sh = shared.clone();
+    let job = tokio::task::spawn_blocking(move || {
+        let reader = BodyReader { rx, buf: Bytes::new() };
+        match sh.agent.lock() {
+            Ok(mut agent) => agent.install(reader),
+            Err(_) => Err(UpdateError::Machine("the agent's state is poisoned; restart it".into())),
+        }
+    });
+    let mut body = req.into_body();
+    let mut feeding = true;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else { break };
+        if let Ok(data) = frame.into_data() {
+            // Once the installer has stopped (a refused bundle), the rest of
+            // the body is read and dropped, so the client gets the answer.
+            if feeding && tx.send(data).await.is_err() {
+                feeding = false;
+            }
+        }
+    }
+    drop(tx);
+    let result = job.await;
+    shared.end();
+    match result {
+        Ok(Ok(done)) => {
+            println!("installed {} into slot {} ({})", done.version, done.slot, done.entry);
+            if reboot {
+                reboot_soon();
+            }
+            #[derive(Serialize)]
+            struct Done<'a> {
+                installed: &'a crate::update::agent::Installed,
+                reboot: bool,
+            }
+            json(StatusCode::OK, &Done { installed: &done, reboot })
+        }
+        Ok(Err(e)) => {
+            eprintln!("update refused: {e}");
+            error(status_code(&e), &e.to_string())
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("the install stopped: {e}")),
+    }
+}
+
+async fn status<M: Machine + Send + 'static>(shared: Arc<Shared<M>>) -> Reply {
+    if shared.busy() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "an update is being installed; ask again soon",
+        );
+    }
+    let sh = shared.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        sh.agent.lock().map(|mut a| a.status()).map_err(|_| ())
+    })
+    .await;
+    match result {
+        Ok(Ok(s)) => json(StatusCode::OK, &s),
+        _ => error(StatusCode::INTERNAL_SERVER_ERROR, "the agent's state is poisoned; restart it"),
+    }
+}
+
+/// Answers one request.
+pub async fn handle<M: Machine + Send + 'static>(
+    req: Request<Incoming>,
+    shared: Arc<Shared<M>>,
+) -> Result<Reply, Infallible> {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    if path == "/v1/health" && method == Method::GET {
+        return Ok(Response::new(Full::new(Bytes::from_static(b"ok\n"))));
+    }
+    if !authorized(&req, &shared) {
+        return Ok(error(
+            StatusCode::UNAUTHORIZED,
+            "this API needs `Authorization: Bearer <token>`",
+        ));
+    }
+    let reply = match (method, path.as_str()) {
+        (Method::GET, "/v1/status") => status(shared).await,
+        (Method::POST, "/v1/update") => update(req, shared).await,
+        (Method::POST, "/v1/reboot") => {
+            reboot_soon();
+            json(StatusCode::ACCEPTED, &ErrorBody { error: "" })
+        }
+        (_, "/v1/status" | "/v1/update" | "/v1/reboot" | "/v1/health") => {
+            error(StatusCode::METHOD_NOT_ALLOWED, "wrong method; see the API in docs/ota.md")
+        }
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "no such endpoint: /v1/health, /v1/status, /v1/update, /v1/reboot",
+        ),
+    };
+    Ok(reply)
+}
+
+/// Serves the API on `listener` until the process ends.
+pub async fn serve<M: Machine + Send + 'static>(listener: TcpListener, shared: Arc<Shared<M>>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                eprintln!("accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| handle(req, shared.clone()));
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}

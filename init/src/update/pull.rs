@@ -1,0 +1,181 @@
+//! Pull: the agent polls its repository's channel file, and when it names
+//! a version for this device, downloads the bundle (resuming over HTTP
+//! Range after a cut) to the data partition and installs it.
+//!
+//! Every poll: `GET channels/<channel>.toml` with `If-None-Match`, then
+//! its `.sig`; the channel is verified against the trusted keys before it
+//! is parsed, then checked for expiry, board, version, the versions that
+//! failed here, and this device's rollout bucket. The ETag is remembered
+//! only once a channel file has been dealt with, so a download that broke
+//! is tried again at the next poll.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use basalt_bundle::channel::{channel_path, signature_path_for, verify_channel};
+use basalt_bundle::config::{UpdateConfig, AGENT_STATE_DIR};
+
+use crate::fetch::{self, Fetched, Url};
+use crate::update::agent::Machine;
+use crate::update::api::{reboot_soon, Shared};
+
+/// Largest channel or signature file fetched.
+const MAX_CHANNEL_BYTES: usize = 64 * 1024;
+
+/// The device's rollout identity: `machine-id` in `dir`, made of 16 random
+/// bytes the first time.
+pub fn machine_id(dir: &Path) -> String {
+    let path = dir.join("machine-id");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let id = text.trim();
+        if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return id.to_string();
+        }
+    }
+    let mut bytes = [0u8; 16];
+    let _ = getrandom::fill(&mut bytes);
+    let id = hex::encode(bytes);
+    let _ = std::fs::create_dir_all(dir);
+    let tmp = path.with_extension("tmp");
+    if std::fs::write(&tmp, format!("{id}\n")).is_ok() {
+        let _ = std::fs::rename(&tmp, &path);
+    }
+    id
+}
+
+/// A random delay up to `max_ms`.
+fn jitter(max_ms: u64) -> Duration {
+    if max_ms == 0 {
+        return Duration::ZERO;
+    }
+    let mut b = [0u8; 8];
+    let _ = getrandom::fill(&mut b);
+    Duration::from_millis(u64::from_le_bytes(b) % max_ms)
+}
+
+/// Polls forever.
+pub async fn poller<M: Machine + Send + 'static>(shared: Arc<Shared<M>>, cfg: UpdateConfig) {
+    let Some(repo) = cfg.repository.clone() else { return };
+    let base = match Url::parse(&repo) {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("repository {repo}: {e}; not polling");
+            return;
+        }
+    };
+    let mut last_message = String::new();
+    let mut first = true;
+    loop {
+        let wait = if first {
+            Duration::from_secs(2) + jitter(cfg.poll_jitter_ms.min(5000))
+        } else {
+            Duration::from_millis(cfg.poll_interval_ms) + jitter(cfg.poll_jitter_ms)
+        };
+        first = false;
+        tokio::time::sleep(wait).await;
+        if shared.busy() {
+            continue;
+        }
+        let message = match poll_once(&shared, &base, &cfg).await {
+            Ok(Some(m)) => m,
+            Ok(None) => continue,
+            Err(e) => e,
+        };
+        if message != last_message {
+            println!("{message}");
+            last_message = message;
+        }
+    }
+}
+
+/// One poll; `Ok(Some(message))` for news worth a line on the console.
+async fn poll_once<M: Machine + Send + 'static>(
+    shared: &Arc<Shared<M>>,
+    base: &Url,
+    cfg: &UpdateConfig,
+) -> Result<Option<String>, String> {
+    let path = channel_path(&cfg.channel).map_err(|e| e.to_string())?;
+    let url = base.join(&path).map_err(|e| e.to_string())?;
+    let sig_url = base.join(&signature_path_for(&path)).map_err(|e| e.to_string())?;
+    let (etag, trust, machine_id) = {
+        let agent = shared.agent.lock().map_err(|_| "agent state poisoned".to_string())?;
+        (agent.state().channel_etag.clone(), agent.trust().clone(), agent.machine_id().to_string())
+    };
+    let timeout = Duration::from_secs(30);
+    let (bytes, new_etag) =
+        match fetch::get_small(&url, etag.as_deref(), MAX_CHANNEL_BYTES, timeout).await {
+            Ok(Fetched::NotModified) => return Ok(None),
+            Ok(Fetched::Body { bytes, etag }) => (bytes, etag),
+            Err(e) => return Err(format!("poll {url}: {e}")),
+        };
+    let sig = match fetch::get_small(&sig_url, None, MAX_CHANNEL_BYTES, timeout).await {
+        Ok(Fetched::Body { bytes, .. }) => bytes,
+        Ok(Fetched::NotModified) => return Err(format!("{sig_url}: unexpected 304")),
+        Err(e) => return Err(format!("poll {sig_url}: {e}")),
+    };
+    let sh = shared.clone();
+    let seen_etag = new_etag.clone();
+    let decision = tokio::task::spawn_blocking(move || {
+        let mut agent = sh.agent.lock().map_err(|_| "agent state poisoned".to_string())?;
+        let channel = match verify_channel(&bytes, &sig, &trust) {
+            Ok(c) => c,
+            Err(e) => return Err(agent.refuse(format!("channel {path}: {e}"))),
+        };
+        match agent.check_channel(&channel, &machine_id) {
+            Ok(true) => Ok(Some(channel)),
+            Ok(false) => {
+                agent.remember_channel_etag(seen_etag.clone());
+                Ok(None)
+            }
+            Err(e) => {
+                agent.remember_channel_etag(seen_etag.clone());
+                Err(agent.refuse(format!("channel {}: {e}", channel.channel)))
+            }
+        }
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    let Some(channel) = decision else {
+        return Ok(Some(format!("{url}: nothing to install for this device")));
+    };
+    let bundle_url = base.join(&channel.bundle).map_err(|e| e.to_string())?;
+    let dir = PathBuf::from(AGENT_STATE_DIR).join("download");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let partial = dir.join(format!("{}-{}.basalt.partial", channel.name, channel.version));
+    println!(
+        "downloading {} {} from {bundle_url} ({} bytes)",
+        channel.name, channel.version, channel.size
+    );
+    let stats =
+        fetch::download(&bundle_url, &partial, channel.size, &channel.sha256, 20, &mut |_| {})
+            .await
+            .map_err(|e| format!("download {bundle_url}: {e}"))?;
+    println!(
+        "downloaded {} bytes in {} request(s), resumed from {}",
+        stats.bytes_fetched, stats.requests, stats.resumed_from
+    );
+    if !shared.begin() {
+        return Err("an update is being installed already".into());
+    }
+    let sh = shared.clone();
+    let file = partial.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let mut agent = sh.agent.lock().map_err(|_| "agent state poisoned".to_string())?;
+        let input = std::fs::File::open(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+        let r = agent.install(std::io::BufReader::with_capacity(1 << 20, input));
+        if r.is_ok() {
+            agent.remember_channel_etag(new_etag);
+        }
+        r.map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string());
+    shared.end();
+    let _ = std::fs::remove_file(&partial);
+    let done = result??;
+    if shared.reboot {
+        reboot_soon();
+    }
+    Ok(Some(format!("installed {} into slot {} ({})", done.version, done.slot, done.entry)))
+}
