@@ -16,5 +16,8 @@ cargo clippy --locked --workspace --all-targets -- -D warnings
 echo "== unit and integration tests"
 cargo test --locked --workspace
 
+echo "== fuzzing (each target of fuzz/ for ${FUZZ_SECONDS:-20} s)"
+FUZZ_SECONDS=${FUZZ_SECONDS:-20} bash ci/fuzz.sh
+
 echo "== system tests (QEMU)"
 cargo test --locked -p basalt --test e2e --test e2e_update -- --ignored --test-threads=1

@@ -15,7 +15,7 @@ use basalt_bundle::slot::Slot;
 use serde::Serialize;
 
 use crate::assess::{AssessError, Bootloader};
-use crate::update::install::{self, InstallError, Payloads};
+use crate::update::install::{self, BundlePayloads, InstallError};
 use crate::update::state::{self, AgentState, Outcome, Pending, StateFile};
 
 /// Why an update was not installed. The running slot is untouched in
@@ -493,22 +493,6 @@ impl<M: Machine> Agent<M> {
             signed_by,
             bytes: written.boot_bytes + written.root_bytes,
         })
-    }
-}
-
-/// A bundle's payloads, for [`install::write_slot`].
-struct BundlePayloads<'a, R: Read>(&'a mut BundleReader<R>);
-
-impl<R: Read> Payloads for BundlePayloads<'_, R> {
-    fn next_payload(&mut self) -> Result<Option<(String, u64, Box<dyn Read + '_>)>, InstallError> {
-        match self.0.next_payload() {
-            Ok(Some(p)) => {
-                let (name, size) = (p.info().name.clone(), p.info().size);
-                Ok(Some((name, size, Box::new(p))))
-            }
-            Ok(None) => Ok(None),
-            Err(e) => Err(InstallError::Bundle(e.to_string())),
-        }
     }
 }
 

@@ -20,6 +20,7 @@ use std::fs::OpenOptions;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use basalt_bundle::archive::BundleReader;
 use basalt_bundle::slot::Slot;
 
 use crate::assess::Bootloader;
@@ -214,6 +215,22 @@ pub fn write_partition(
     let n = copy_payload(name, content, &mut dev, device, capacity, chunk)?;
     cut::sync(&dev).map_err(io_err("flush", device))?;
     Ok(n)
+}
+
+/// A bundle's payloads, for [`install::write_slot`].
+pub struct BundlePayloads<'a, R: Read>(pub &'a mut BundleReader<R>);
+
+impl<R: Read> Payloads for BundlePayloads<'_, R> {
+    fn next_payload(&mut self) -> Result<Option<(String, u64, Box<dyn Read + '_>)>, InstallError> {
+        match self.0.next_payload() {
+            Ok(Some(p)) => {
+                let (name, size) = (p.info().name.clone(), p.info().size);
+                Ok(Some((name, size, Box::new(p))))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(InstallError::Bundle(e.to_string())),
+        }
+    }
 }
 
 #[cfg(test)]
