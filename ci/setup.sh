@@ -10,9 +10,10 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 packages=(
   qemu-system-x86 ovmf systemd-boot-efi   # boot images: emulator, UEFI, bootloader
   squashfs-tools cryptsetup-bin dosfstools mtools gdisk e2fsprogs bmap-tools  # judges of our formats
-  kmod cpio zstd xz-utils                 # module and initramfs inspection
+  kmod cpio zstd xz-utils openssl         # module and initramfs inspection; keys
   musl-tools                              # static device binaries (crates that compile C)
   nginx-light                             # serves update repositories in the pull scenarios
+  python3 python3-venv                    # test models, reference outputs, KServe client (ci/models)
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -43,4 +44,43 @@ if [ ! -e "$kdir/linux-image-cloud-amd64.deb" ]; then
   deb=$(ls -t "$kdir"/"$pkg"_*.deb | head -n1)
   ln -sf "$(basename "$deb")" "$kdir/linux-image-cloud-amd64.deb"
 fi
-echo "setup: ok (kernel $(readlink "$kdir/linux-image-cloud-amd64.deb"))"
+# The Python environment of the model runtime's tests, from Debian's python3
+# and the pins in ci/models/requirements.txt; reinstalled when the pins change.
+venv=.cache/venv
+req=ci/models/requirements.txt
+req_hash=$(sha256sum "$req" | cut -d' ' -f1)
+if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.requirements.sha256" 2>/dev/null)" != "$req_hash" ]; then
+  echo "setup: creating $venv from $req"
+  rm -rf "$venv"
+  /usr/bin/python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$req"
+  echo "$req_hash" >"$venv/.requirements.sha256"
+fi
+
+# The test models and their reference outputs: remade when one is missing, or
+# when the script or the environment that made them changed.
+mdir=.cache/models
+models_hash=$(cat ci/models/make_models.py "$venv/.requirements.sha256" | sha256sum | cut -d' ' -f1)
+models_ok=1
+for m in mlp cnn mobilenetv3 resnet18 transformer; do
+  [ -s "$mdir/$m.onnx" ] && [ -s "$mdir/$m.ref.json" ] && [ -s "$mdir/$m.model.toml" ] || models_ok=0
+done
+if [ "$models_ok" = 0 ] || [ "$(cat "$mdir/.make_models.sha256" 2>/dev/null)" != "$models_hash" ]; then
+  echo "setup: making test models in $mdir"
+  rm -f "$mdir/.make_models.sha256"
+  "$venv/bin/python" ci/models/make_models.py "$mdir"
+  echo "$models_hash" >"$mdir/.make_models.sha256"
+fi
+
+# A development signing key for the reference images (recipes/gateway.toml
+# signs its baked-in model with it and trusts it): made here, on this
+# machine, never committed. Production keys come from `basalt keygen`.
+keys=.cache/keys
+if [ ! -s "$keys/dev.key" ] || [ ! -s "$keys/dev.pub" ]; then
+  mkdir -p "$keys"
+  (umask 077 && openssl genpkey -algorithm ed25519 -out "$keys/dev.key.tmp") && mv "$keys/dev.key.tmp" "$keys/dev.key"
+  openssl pkey -in "$keys/dev.key" -pubout -out "$keys/dev.pub"
+  echo "setup: made the development key $keys/dev.key"
+fi
+
+echo "setup: ok (kernel $(readlink "$kdir/linux-image-cloud-amd64.deb"), $("$venv/bin/python" -c 'import onnxruntime; print("onnxruntime", onnxruntime.__version__)'))"

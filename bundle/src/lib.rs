@@ -11,7 +11,8 @@
 //! OTA updates live here too: [`manifest`] (what a bundle holds),
 //! [`archive`] (the `*.basalt` tar stream, its writer and the device's
 //! streaming, verifying reader) and [`channel`] (the signed metadata of an
-//! update repository, with expiry and staged rollout). [`civil`] converts
+//! update repository, with expiry and staged rollout). [`model`] is the
+//! `model.toml` of model bundles, with its test vector. [`civil`] converts
 //! the dates these formats carry.
 //!
 //! It does no I/O beyond reading and writing the streams it is given (no
@@ -29,6 +30,7 @@ pub mod guid;
 pub mod keys;
 pub mod layout;
 pub mod manifest;
+pub mod model;
 pub mod signature;
 pub mod slot;
 

@@ -120,6 +120,9 @@ enum Command {
         #[arg(long = "key", value_name = "KEY", required = true)]
         keys: Vec<PathBuf>,
     },
+    /// Model bundles for the runtime.
+    #[command(subcommand)]
+    Model(ModelCommand),
     /// Show partitions, slots, boot entries and versions of a disk image.
     Inspect {
         /// The disk image.
@@ -188,6 +191,29 @@ enum Command {
     Completions {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Make a signed model bundle from an ONNX file and its model.toml
+    /// (name, version and the test vector the runtime runs before it
+    /// serves the model).
+    Bundle {
+        /// The ONNX model.
+        onnx: PathBuf,
+        /// Its model.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// Private key(s) to sign with (repeat for several).
+        #[arg(long = "key", value_name = "KEY", required = true)]
+        keys: Vec<PathBuf>,
+        /// The bundle file; `<name>-<version>.basalt` by default.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Boards the model is for; any board by default.
+        #[arg(long = "compatible", value_name = "BOARD")]
+        compatible: Vec<String>,
     },
 }
 
@@ -355,6 +381,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ch.version,
                 ch.rollout,
                 ch.expires
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Model(ModelCommand::Bundle { onnx, config, keys, out, compatible }) => {
+            let keys =
+                keys.iter().map(|k| ota::read_signing_key(k)).collect::<Result<Vec<_>, _>>()?;
+            let content = ota::ModelContent::from_files(&onnx, &config)?;
+            let c = &content.config;
+            let out =
+                out.unwrap_or_else(|| PathBuf::from(format!("{}-{}.basalt", c.name, c.version)));
+            let bytes =
+                ota::model_bundle_bytes(&content, &keys, &compatible, source_date_epoch()?)?;
+            ota::write_atomic(&out, &bytes)?;
+            eprintln!(
+                "basalt: wrote {} ({} {}, {} bytes)",
+                out.display(),
+                c.name,
+                c.version,
+                bytes.len()
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -491,3 +491,70 @@ pub fn publish(p: &Publish<'_>) -> Result<Channel, OtaError> {
     write_atomic(&p.repo.join(channel::signature_path_for(&path)), sig_text.as_bytes())?;
     Ok(ch)
 }
+
+/// A model version ready to bundle: its ONNX file and its `model.toml`.
+pub struct ModelContent {
+    /// The parsed `model.toml`.
+    pub config: basalt_bundle::model::ModelConfig,
+    /// Its bytes, as they go into the bundle.
+    pub config_bytes: Vec<u8>,
+    /// The ONNX file.
+    pub onnx: Vec<u8>,
+}
+
+impl ModelContent {
+    /// Reads and checks the two files.
+    pub fn from_files(onnx: &Path, config: &Path) -> Result<ModelContent, OtaError> {
+        let config_bytes = fs::read(config).map_err(io_err("read", config))?;
+        let parsed = basalt_bundle::model::ModelConfig::parse(&config_bytes)
+            .map_err(|e| OtaError::Other(format!("{}: {e}", config.display())))?;
+        let onnx_bytes = fs::read(onnx).map_err(io_err("read", onnx))?;
+        // An ONNX file is a protobuf ModelProto; its first field is
+        // ir_version (field 1, varint): tag byte 0x08.
+        if onnx_bytes.first() != Some(&0x08) {
+            return Err(OtaError::Other(format!(
+                "{} does not look like an ONNX model (a ModelProto starts with ir_version)",
+                onnx.display()
+            )));
+        }
+        Ok(ModelContent { config: parsed, config_bytes, onnx: onnx_bytes })
+    }
+}
+
+/// Writes a signed model bundle (`model.onnx` + `model.toml`); the bundle
+/// bytes are returned too, for images that carry it.
+pub fn model_bundle_bytes(
+    content: &ModelContent,
+    keys: &[SigningKey],
+    compatible: &[String],
+    created: u64,
+) -> Result<Vec<u8>, OtaError> {
+    use basalt_bundle::model::{MODEL_ONNX, MODEL_TOML};
+    if keys.is_empty() {
+        return Err(OtaError::Other("a model bundle needs at least one signing key".into()));
+    }
+    let manifest = Manifest {
+        format: FORMAT_VERSION,
+        kind: BundleKind::Model,
+        name: content.config.name.clone(),
+        version: content.config.version.clone(),
+        compatible: if compatible.is_empty() { vec!["any".into()] } else { compatible.to_vec() },
+        created: civil::unix_to_datetime(created as i64),
+        os: None,
+        payloads: vec![
+            PayloadInfo::describe(MODEL_ONNX, &content.onnx, Compression::Zstd, None),
+            PayloadInfo::describe(MODEL_TOML, &content.config_bytes, Compression::None, None),
+        ],
+    }
+    .to_toml();
+    let mut sigs = SignatureFile::default();
+    for k in keys {
+        sigs.add(signature::sign(manifest.as_bytes(), k));
+    }
+    let sig_text = sigs.to_toml().map_err(|e| OtaError::Other(e.to_string()))?;
+    let onnx = archive::compress(&content.onnx, LEVEL)
+        .map_err(|e| OtaError::Other(format!("cannot compress the model: {e}")))?;
+    let payloads: [(&str, &[u8]); 2] = [(MODEL_ONNX, &onnx), (MODEL_TOML, &content.config_bytes)];
+    archive::write_bundle(Vec::new(), manifest.as_bytes(), sig_text.as_bytes(), &payloads, created)
+        .map_err(|e| OtaError::Other(format!("cannot write the model bundle: {e}")))
+}

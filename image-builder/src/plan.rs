@@ -78,6 +78,12 @@ pub struct PlanOptions {
 /// recipe services may list it in `after`.
 pub const DHCP_SERVICE: &str = "dhcp";
 
+/// The device programs a recipe's `[[file]] build = ...` can name.
+pub const DEVICE_PROGRAMS: [&str; 3] = ["basalt-demo", "basalt-init", "basalt-runtime"];
+
+/// Where baked-in model bundles go in the image.
+pub const MODELS_DIR: &str = "/usr/share/basalt/models";
+
 /// Where the update agent's API listens unless the recipe says otherwise.
 pub const AGENT_LISTEN: &str = "127.0.0.1:7400";
 
@@ -430,13 +436,13 @@ pub fn resolve(recipe_path: &Path, opts: &PlanOptions) -> Result<Plan, PlanError
                 format!("file {} (inline)", f.path.value),
             ),
             (None, None, Some(build)) => {
-                if build.value != "basalt-demo" && build.value != "basalt-init" {
+                if !DEVICE_PROGRAMS.contains(&build.value.as_str()) {
                     return Err(with_help(
                         src.error(
                             build.span.clone(),
                             format!("`{}` is not a basalt device program", build.value),
                         ),
-                        "the device programs are: basalt-demo, basalt-init",
+                        "the device programs are: basalt-demo, basalt-init, basalt-runtime",
                     )
                     .into());
                 }
@@ -679,6 +685,48 @@ pub fn resolve(recipe_path: &Path, opts: &PlanOptions) -> Result<Plan, PlanError
         }
     };
     let signing_key = opts.signing_key.clone().or(signing_key);
+
+    // [[model]]: signed model bundles in the image.
+    if let Some(first) = recipe.models.first() {
+        let Some(key_path) = &signing_key else {
+            return Err(with_help(
+                src.error(
+                    first.onnx.span.clone(),
+                    "a baked-in model is a signed bundle, but there is no signing key",
+                ),
+                "add [update] with trusted_keys and signing_key (or pass --key)",
+            )
+            .into());
+        };
+        let key = crate::ota::read_signing_key(key_path)
+            .map_err(|e| PlanError::from(src.error(first.onnx.span.clone(), e.to_string())))?;
+        let r = tree.add_dir(MODELS_DIR, dir_meta, Origin::Build);
+        add(MODELS_DIR, r)?;
+        for m in &recipe.models {
+            let onnx = host_path(&recipe_dir, &m.onnx.value);
+            let config = host_path(&recipe_dir, &m.config.value);
+            std::fs::metadata(&onnx).map_err(|e| missing_input(&src, &m.onnx, &onnx, e))?;
+            std::fs::metadata(&config).map_err(|e| missing_input(&src, &m.config, &config, e))?;
+            let content = crate::ota::ModelContent::from_files(&onnx, &config)
+                .map_err(|e| PlanError::from(src.error(m.config.span.clone(), e.to_string())))?;
+            let bytes = crate::ota::model_bundle_bytes(
+                &content,
+                std::slice::from_ref(&key),
+                std::slice::from_ref(&board.name.value),
+                sde,
+            )
+            .map_err(|e| PlanError::from(src.error(m.onnx.span.clone(), e.to_string())))?;
+            let path =
+                format!("{MODELS_DIR}/{}-{}.basalt", content.config.name, content.config.version);
+            tree.add_file(
+                &path,
+                bytes,
+                Meta::root(0o644, sde),
+                Origin::Recipe(format!("model {}", onnx.display())),
+            )
+            .map_err(|e| tree_error(&src, m.onnx.span.clone(), e))?;
+        }
+    }
 
     let b = &recipe.boot;
     if b.tries.value == 0 || b.tries.value > 9 {

@@ -48,6 +48,23 @@ pub struct Recipe {
     /// Over-the-air updates: the agent, its keys and where it looks.
     #[serde(default)]
     pub update: Option<UpdateSection>,
+    /// ONNX models baked into the image, as signed model bundles.
+    #[serde(default, rename = "model")]
+    pub models: Vec<ModelEntry>,
+}
+
+/// `[[model]]`: an ONNX model baked into the image. The build makes it a
+/// model bundle signed with the update signing key, in
+/// `/usr/share/basalt/models/`, where `basalt-runtime` finds it; the
+/// runtime checks its signature against `[update] trusted_keys` and runs
+/// its test vector before it serves it.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ModelEntry {
+    /// The ONNX file.
+    pub onnx: Located<PathBuf>,
+    /// Its `model.toml`: name, version, test vector.
+    pub config: Located<PathBuf>,
 }
 
 /// `[image]`: name, version and target of the image.

@@ -106,12 +106,20 @@ fn entries(disk: &Path) -> Vec<(String, String)> {
     info.entries.into_iter().map(|e| (e.file, e.version)).collect()
 }
 
+/// v1 trusts test.key; v2 (signed by test.key) trusts only other.key: a
+/// key rotation. v3 then needs other.key's signature.
 #[test]
 #[ignore = "boots QEMU; run with --ignored (ci/test.sh does)"]
-fn e2e_010_pushed_updates_land_in_b_then_a() {
+fn e2e_010_pushed_updates_land_in_b_then_a_across_a_key_rotation() {
+    const ROTATED: &str = "ci/e2e/010-update/rotated.toml";
     let v1 = build(RECIPE, "1.0.0");
-    let v2 = bundle_of(&build(RECIPE, "1.1.0"));
-    let v3 = bundle_of(&build(RECIPE, "1.2.0"));
+    let v2 = bundle_of(&build(ROTATED, "1.1.0"));
+    let v3_built = build(ROTATED, "1.2.0");
+    let v3_old_key = bundle_of(&v3_built);
+    let v3_path = v3_built.disk.with_file_name("update.basalt");
+    let other = basalt::ota::read_signing_key(&keys().join("other.key")).unwrap();
+    basalt::ota::sign_bundle(&v3_path, &other).unwrap();
+    let v3 = std::fs::read(&v3_path).unwrap();
 
     let mut m = boot(&v1.disk, &v1.report, "010-update-boot1");
     expect(&mut m, "boot blessed: slot a", 120);
@@ -130,6 +138,10 @@ fn e2e_010_pushed_updates_land_in_b_then_a() {
     assert_eq!(s["blessed"], true, "{s}");
     assert_eq!(s["last_update"]["result"], "updated", "{s}");
 
+    // The old key alone no longer installs anything.
+    let (code, answer) = push(&m, &v3_old_key, "");
+    assert_eq!(code, 400, "{answer}");
+    assert!(answer["error"].as_str().unwrap().contains("signature"), "{answer}");
     let (code, answer) = push(&m, &v3, "");
     assert_eq!(code, 200, "{answer}");
     assert_eq!(answer["installed"]["slot"], "a", "{answer}");

@@ -71,6 +71,13 @@ impl<M: Machine> Shared<M> {
 
 type Reply = Response<Full<Bytes>>;
 
+/// How long an upload may pause before it counts as broken.
+const BODY_IDLE: Duration = Duration::from_secs(60);
+
+/// How much of a refused upload is read (and dropped) before the answer.
+/// Beyond that the connection is closed with the answer.
+const DRAIN_MAX: usize = 64 << 20;
+
 fn json<T: Serialize>(status: StatusCode, body: &T) -> Reply {
     let text = serde_json::to_string_pretty(body).unwrap_or_else(|_| "{}".into());
     let mut r = Response::new(Full::new(Bytes::from(text + "\n")));
@@ -172,13 +179,27 @@ async fn update<M: Machine + Send + 'static>(
     });
     let mut body = req.into_body();
     let mut feeding = true;
-    while let Some(frame) = body.frame().await {
-        let Ok(frame) = frame else { break };
+    let mut dropped = 0usize;
+    loop {
+        // A client that stops sending must not hold the install forever:
+        // the reader then sees the end of a truncated bundle.
+        let frame = match tokio::time::timeout(BODY_IDLE, body.frame()).await {
+            Ok(Some(Ok(frame))) => frame,
+            Ok(Some(Err(_)) | None) | Err(_) => break,
+        };
         if let Ok(data) = frame.into_data() {
-            // Once the installer has stopped (a refused bundle), the rest of
-            // the body is read and dropped, so the client gets the answer.
-            if feeding && tx.send(data).await.is_err() {
-                feeding = false;
+            if feeding {
+                if tx.send(data).await.is_err() {
+                    feeding = false;
+                }
+            } else {
+                // The installer has stopped (a refused bundle): read a
+                // bounded rest of the body, so that the client, still
+                // sending, gets to read the answer; then close.
+                dropped += data.len();
+                if dropped > DRAIN_MAX {
+                    break;
+                }
             }
         }
     }
