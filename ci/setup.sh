@@ -13,6 +13,7 @@ packages=(
   kmod cpio zstd xz-utils openssl         # module and initramfs inspection; keys
   musl-tools                              # static device binaries (crates that compile C)
   nginx-light                             # serves update repositories in the pull scenarios
+  prometheus                              # promtool judges the runtime's /metrics
   python3 python3-venv                    # test models, reference outputs, KServe client (ci/models)
 )
 missing=()
