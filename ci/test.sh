@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 bash ci/setup.sh
 
 echo "== device programs (static, musl)"
-cargo build --release --locked --target x86_64-unknown-linux-musl -p basalt-init --bins
+cargo build --release --locked --target x86_64-unknown-linux-musl -p basalt-init -p basalt-runtime --bins
 
 echo "== format and lints"
 cargo fmt --all -- --check

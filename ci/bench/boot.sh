@@ -15,7 +15,7 @@ cd "$(dirname "$0")/../.."
 runs=${1:-5}
 export SOURCE_DATE_EPOCH=1700000000 MTOOLS_SKIP_CHECK=1
 
-cargo build --release --locked --target x86_64-unknown-linux-musl -p basalt-init --bins 2>/dev/null
+cargo build --release --locked --target x86_64-unknown-linux-musl -p basalt-init -p basalt-runtime --bins 2>/dev/null
 cargo build --release --locked -p basalt 2>/dev/null
 work=$(mktemp -d /tmp/basalt-boot-bench.XXXXXX)
 trap 'rm -rf "$work"' EXIT

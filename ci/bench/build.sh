@@ -11,7 +11,7 @@ runs=${1:-5}
 export SOURCE_DATE_EPOCH=1700000000
 
 command -v debootstrap >/dev/null && command -v bc >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap bc >/dev/null
-cargo build --release --locked --target x86_64-unknown-linux-musl -p basalt-init --bins 2>/dev/null
+cargo build --release --locked --target x86_64-unknown-linux-musl -p basalt-init -p basalt-runtime --bins 2>/dev/null
 cargo build --release --locked -p basalt 2>/dev/null
 basalt=target/release/basalt
 work=$(mktemp -d /tmp/basalt-bench.XXXXXX)

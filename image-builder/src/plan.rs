@@ -38,7 +38,7 @@ pub enum PlanError {
     #[error(transparent)]
     Kernel(#[from] kernel::KernelError),
     /// A static device program is missing.
-    #[error("the static {name} for {target} is not built (looked in {looked}); build it with `cargo build --release --target {target} -p basalt-init --bins`, or set BASALT_DEVICE_BIN to the folder that holds it")]
+    #[error("the static {name} for {target} is not built (looked in {looked}); build it with `cargo build --release --target {target} -p basalt-init -p basalt-runtime --bins`, or set BASALT_DEVICE_BIN to the folder that holds it")]
     DeviceBinary {
         /// Program name.
         name: String,

@@ -226,3 +226,32 @@ fn e2e_005_static_address_and_forwarded_port() {
     assert!(!console.contains("[dhcp]"), "{console}");
     assert!(!console.contains("FATAL"), "{console}");
 }
+
+#[test]
+#[ignore = "boots QEMU; run with --ignored (ci/test.sh does)"]
+fn e2e_020_the_gateway_serves_tritonclient_through_the_forwarded_port() {
+    let Scenario { disk, report, .. } = &scenario("recipes/gateway.toml", None);
+    let mut m = boot(disk, report, "020-serve");
+    // Blessing waits for the runtime's readiness, which waits for the
+    // model's test vector.
+    expect(&mut m, "[runtime] model mlp 1.0.0: loaded, test vector passed", 120);
+    expect(&mut m, "boot blessed: slot a", 60);
+    let python = root().join(".cache/venv/bin/python");
+    assert!(python.is_file(), "no {}; run ci/setup.sh", python.display());
+    let out = std::process::Command::new(&python)
+        .arg(root().join("ci/models/interop.py"))
+        .arg("http://127.0.0.1:8000")
+        .arg("mlp")
+        .arg(root().join(".cache/models/mlp.ref.json"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tritonclient against the gateway: {}{}\nconsole:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        m.console()
+    );
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    assert!(!m.console().contains("FATAL"), "{}", m.console());
+}

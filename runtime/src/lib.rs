@@ -1,6 +1,16 @@
 //! basalt-runtime: the model server of a basalt gateway.
 //!
-//! Not built yet: the engine, the model store and the Open Inference
-//! Protocol server arrive with their own issue. The crate exists so the
-//! workspace has its final shape.
+//! [`engine`] loads ONNX models and runs them on the CPU, on candle-core.
+//! [`store`] reads signed model bundles and runs each model's test vector
+//! before it serves; [`backend`] connects the engine to the server.
+//! [`server`] speaks the Open Inference Protocol (KServe V2) over HTTP,
+//! [`v2`] its wire format (JSON and binary tensors), [`metrics`] the
+//! Prometheus metrics.
 #![deny(missing_docs)]
+
+pub mod backend;
+pub mod engine;
+pub mod metrics;
+pub mod server;
+pub mod store;
+pub mod v2;

@@ -1,0 +1,941 @@
+//! Convolution and pooling on f32 slices, where candle-core has no kernel of its own.
+//!
+//! General convolution is im2col followed by candle's (multi-threaded) matmul; depthwise
+//! convolution and pooling are direct loops split over output planes with rayon.
+
+use candle_core::{CpuStorage, Device, Storage, Tensor};
+use rayon::prelude::*;
+
+use super::ops::{OpError, R};
+
+/// How padding is chosen (`auto_pad`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AutoPad {
+    /// Explicit `pads`.
+    NotSet,
+    /// Output size `ceil(in / stride)`, extra padding at the end.
+    SameUpper,
+    /// Output size `ceil(in / stride)`, extra padding at the start.
+    SameLower,
+    /// No padding.
+    Valid,
+}
+
+/// Attributes shared by Conv, MaxPool and AveragePool.
+#[derive(Debug, Clone)]
+pub(crate) struct Window {
+    pub auto_pad: AutoPad,
+    pub kernel_shape: Option<Vec<usize>>,
+    pub strides: Option<Vec<usize>>,
+    pub dilations: Option<Vec<usize>>,
+    /// `[x1_begin, x2_begin, ..., x1_end, x2_end, ...]`.
+    pub pads: Option<Vec<usize>>,
+    pub ceil_mode: bool,
+}
+
+/// Conv attributes.
+#[derive(Debug, Clone)]
+pub(crate) struct ConvAttrs {
+    pub window: Window,
+    pub group: usize,
+    /// An activation fused in at load time, applied in the same pass as the bias.
+    pub activation: Option<Activation>,
+}
+
+/// Elementwise activations that can run inside a Conv's output pass.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Activation {
+    Relu,
+    HardSwish,
+    HardSigmoid { alpha: f32, beta: f32 },
+    Clip { min: f32, max: f32 },
+}
+
+impl Activation {
+    #[inline]
+    pub(crate) fn apply(self, v: f32) -> f32 {
+        match self {
+            Activation::Relu => v.max(0.0),
+            Activation::HardSwish => v * (v / 6.0 + 0.5).clamp(0.0, 1.0),
+            Activation::HardSigmoid { alpha, beta } => (alpha * v + beta).clamp(0.0, 1.0),
+            Activation::Clip { min, max } => v.max(min).min(max),
+        }
+    }
+}
+
+/// MaxPool / AveragePool attributes.
+#[derive(Debug, Clone)]
+pub(crate) struct PoolAttrs {
+    pub window: Window,
+    pub count_include_pad: bool,
+}
+
+/// Resolved 2-D geometry (1-D windows use height 1).
+#[derive(Debug, Clone, Copy)]
+struct Geom {
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    sh: usize,
+    sw: usize,
+    dh: usize,
+    dw: usize,
+    pt: usize,
+    pl: usize,
+    pb: usize,
+    pr: usize,
+    oh: usize,
+    ow: usize,
+}
+
+fn err(msg: impl Into<String>) -> OpError {
+    OpError(msg.into())
+}
+
+/// Output length and pads of one spatial axis.
+fn axis_geometry(
+    input: usize,
+    kernel: usize,
+    stride: usize,
+    dilation: usize,
+    pads: (usize, usize),
+    auto_pad: AutoPad,
+    ceil_mode: bool,
+) -> R<(usize, usize, usize)> {
+    if kernel == 0 || stride == 0 || dilation == 0 {
+        return Err(err("kernel, strides and dilations must be positive"));
+    }
+    let eff = (kernel - 1)
+        .checked_mul(dilation)
+        .and_then(|v| v.checked_add(1))
+        .ok_or_else(|| err("kernel size times dilation overflows"))?;
+    let (begin, end) = match auto_pad {
+        AutoPad::NotSet => pads,
+        AutoPad::Valid => (0, 0),
+        AutoPad::SameUpper | AutoPad::SameLower => {
+            let out = input.div_ceil(stride);
+            let total = (out.saturating_sub(1) * stride + eff).saturating_sub(input);
+            let small = total / 2;
+            if auto_pad == AutoPad::SameUpper {
+                (small, total - small)
+            } else {
+                (total - small, small)
+            }
+        }
+    };
+    let padded = input
+        .checked_add(begin)
+        .and_then(|v| v.checked_add(end))
+        .ok_or_else(|| err("pads overflow"))?;
+    let Some(span) = padded.checked_sub(eff) else {
+        return Err(err(format!(
+            "the input length {input} plus pads ({begin}, {end}) is smaller than the kernel \
+             extent {eff}"
+        )));
+    };
+    let mut out = if ceil_mode { span.div_ceil(stride) + 1 } else { span / stride + 1 };
+    // A window that would start in the end padding is dropped (ceil_mode only).
+    if ceil_mode && out > 1 && (out - 1) * stride >= input + begin {
+        out -= 1;
+    }
+    Ok((out, begin, end))
+}
+
+fn geometry(spatial: &[usize], kernel: &[usize], window: &Window) -> R<Geom> {
+    let rank = spatial.len();
+    if kernel.len() != rank {
+        return Err(err(format!(
+            "the kernel has {} spatial dimensions but the input has {rank}",
+            kernel.len()
+        )));
+    }
+    let list = |v: &Option<Vec<usize>>, what: &str, len: usize| -> R<Vec<usize>> {
+        match v {
+            None => Ok(vec![if what == "pads" { 0 } else { 1 }; len]),
+            Some(v) if v.len() == len => Ok(v.clone()),
+            Some(v) => Err(err(format!("{what} has {} values, expected {len}", v.len()))),
+        }
+    };
+    let strides = list(&window.strides, "strides", rank)?;
+    let dilations = list(&window.dilations, "dilations", rank)?;
+    let pads = list(&window.pads, "pads", 2 * rank)?;
+    let mut axes = Vec::with_capacity(2);
+    for i in 0..rank {
+        let at = |v: &[usize], j: usize| v.get(j).copied().unwrap_or(0);
+        axes.push(axis_geometry(
+            at(spatial, i),
+            at(kernel, i),
+            at(&strides, i),
+            at(&dilations, i),
+            (at(&pads, i), at(&pads, i + rank)),
+            window.auto_pad,
+            window.ceil_mode,
+        )?);
+    }
+    let at = |v: &[usize], j: usize| v.get(j).copied().unwrap_or(1);
+    match rank {
+        1 => {
+            let (ow, pl, pr) = axes.first().copied().unwrap_or((1, 0, 0));
+            Ok(Geom {
+                h: 1,
+                w: at(spatial, 0),
+                kh: 1,
+                kw: at(kernel, 0),
+                sh: 1,
+                sw: at(&strides, 0),
+                dh: 1,
+                dw: at(&dilations, 0),
+                pt: 0,
+                pl,
+                pb: 0,
+                pr,
+                oh: 1,
+                ow,
+            })
+        }
+        2 => {
+            let (oh, pt, pb) = axes.first().copied().unwrap_or((1, 0, 0));
+            let (ow, pl, pr) = axes.get(1).copied().unwrap_or((1, 0, 0));
+            Ok(Geom {
+                h: at(spatial, 0),
+                w: at(spatial, 1),
+                kh: at(kernel, 0),
+                kw: at(kernel, 1),
+                sh: at(&strides, 0),
+                sw: at(&strides, 1),
+                dh: at(&dilations, 0),
+                dw: at(&dilations, 1),
+                pt,
+                pl,
+                pb,
+                pr,
+                oh,
+                ow,
+            })
+        }
+        _ => Err(err(format!("{rank}-D windows are not supported; use 1-D or 2-D"))),
+    }
+}
+
+/// The output positions `o` in `0..out_len` whose input `o * stride + offset` lies in
+/// `0..in_len`, as a half-open range.
+fn valid_range(out_len: usize, in_len: usize, stride: usize, offset: isize) -> (usize, usize) {
+    let stride_i = stride as isize;
+    let lo = if offset >= 0 { 0 } else { ((-offset) + stride_i - 1) / stride_i } as usize;
+    let last = in_len as isize - 1 - offset;
+    let hi = if last < 0 { 0 } else { (last / stride_i + 1) as usize };
+    let hi = hi.min(out_len);
+    (lo.min(hi), hi)
+}
+
+/// Below this many multiply-adds (or elements) a loop runs on the calling thread: waking
+/// the other workers costs more than the work (measured on a loaded 2-core machine).
+pub(crate) const PARALLEL_MIN_WORK: usize = 1 << 16;
+
+/// Runs `f` on each `chunk`-sized piece of `out` with its index, across threads when
+/// `work` is large enough.
+fn for_each_chunk<F>(out: &mut [f32], chunk: usize, work: usize, f: F)
+where
+    F: Fn((usize, &mut [f32])) + Sync + Send,
+{
+    if chunk == 0 {
+        return;
+    }
+    if work >= PARALLEL_MIN_WORK {
+        out.par_chunks_mut(chunk).enumerate().for_each(f);
+    } else {
+        out.chunks_mut(chunk).enumerate().for_each(f);
+    }
+}
+
+/// Runs `f` on the contiguous f32 data of `t`.
+pub(crate) fn with_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> R<T>) -> R<T> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let (start, end) =
+        layout.contiguous_offsets().ok_or_else(|| err("tensor is not contiguous"))?;
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(data)) => f(data
+            .get(start..end)
+            .ok_or_else(|| err("tensor storage is shorter than its shape"))?),
+        _ => Err(err(format!("expected an f32 tensor on the CPU, got {:?}", t.dtype()))),
+    }
+}
+
+fn check_f32(t: &Tensor, what: &str) -> R<()> {
+    if t.dtype() == candle_core::DType::F32 {
+        Ok(())
+    } else {
+        Err(err(format!("{what} must be FLOAT, got {:?}", t.dtype())))
+    }
+}
+
+/// `N x C x spatial` split into `(n, c, spatial)`.
+fn split_nc(dims: &[usize], what: &str) -> R<(usize, usize, Vec<usize>)> {
+    match dims {
+        [n, c, rest @ ..] if !rest.is_empty() && rest.len() <= 2 => Ok((*n, *c, rest.to_vec())),
+        _ => Err(err(format!("{what} must be N x C x W or N x C x H x W, got shape {dims:?}"))),
+    }
+}
+
+/// ONNX Conv (1-D or 2-D, any groups).
+pub(crate) fn conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, attrs: &ConvAttrs) -> R<Tensor> {
+    check_f32(x, "Conv input X")?;
+    check_f32(w, "Conv weight W")?;
+    let (n, c, spatial) = split_nc(x.dims(), "Conv input X")?;
+    let (m, cg, kernel) = match w.dims() {
+        [m, cg, k @ ..] if k.len() == spatial.len() => (*m, *cg, k.to_vec()),
+        d => {
+            return Err(err(format!(
+                "weight W has shape {d:?}; expected M x C/group x {} kernel dimensions",
+                spatial.len()
+            )))
+        }
+    };
+    if let Some(ks) = &attrs.window.kernel_shape {
+        if *ks != kernel {
+            return Err(err(format!("kernel_shape {ks:?} does not match the weight {kernel:?}")));
+        }
+    }
+    let g = attrs.group;
+    if g == 0 || cg.checked_mul(g) != Some(c) || m % g != 0 {
+        return Err(err(format!(
+            "group {g} does not fit {c} input channels, weight {:?}",
+            w.dims()
+        )));
+    }
+    if let Some(b) = b {
+        check_f32(b, "Conv bias B")?;
+        if b.dims() != [m] {
+            return Err(err(format!("bias B has shape {:?}, expected [{m}]", b.dims())));
+        }
+    }
+    let geo = geometry(&spatial, &kernel, &attrs.window)?;
+    let out_dims: Vec<usize> =
+        if spatial.len() == 1 { vec![n, m, geo.ow] } else { vec![n, m, geo.oh, geo.ow] };
+    if g == c && cg == 1 {
+        return depthwise(x, w, b, n, c, m, geo, out_dims, attrs.activation);
+    }
+    let plane_in = geo.h * geo.w;
+    let p = geo.oh * geo.ow;
+    let k = cg * geo.kh * geo.kw;
+    let mg = m / g;
+    let wmat = w.reshape((m, k))?;
+    let pointwise = geo.kh == 1
+        && geo.kw == 1
+        && geo.sh == 1
+        && geo.sw == 1
+        && geo.pt + geo.pb + geo.pl + geo.pr == 0;
+    let mut images = Vec::with_capacity(n);
+    for ni in 0..n {
+        let mut groups = Vec::with_capacity(g);
+        for gi in 0..g {
+            let col = if pointwise {
+                x.narrow(0, ni, 1)?.narrow(1, gi * cg, cg)?.reshape((cg, plane_in))?
+            } else {
+                let data = with_f32(x, |xs| {
+                    let base = (ni * c + gi * cg) * plane_in;
+                    let block = xs
+                        .get(base..base + cg * plane_in)
+                        .ok_or_else(|| err("input shorter than its shape"))?;
+                    Ok(im2col(block, cg, &geo))
+                })?;
+                Tensor::from_vec(data, (k, p), &Device::Cpu)?
+            };
+            let wg = if g == 1 { wmat.clone() } else { wmat.narrow(0, gi * mg, mg)? };
+            groups.push(wg.matmul(&col)?);
+        }
+        images.push(if g == 1 {
+            groups.into_iter().next().ok_or_else(|| err("no group"))?
+        } else {
+            Tensor::cat(&groups, 0)?
+        });
+    }
+    // One image needs no stacking copy.
+    let y = if n == 1 {
+        images.into_iter().next().ok_or_else(|| err("no image"))?.unsqueeze(0)?
+    } else {
+        Tensor::stack(&images, 0)?
+    };
+    if b.is_none() && attrs.activation.is_none() {
+        return Ok(y.reshape(out_dims)?);
+    }
+    // Bias and activation in one pass over the matmul's output.
+    let bias: Vec<f32> = match b {
+        Some(b) => b.to_vec1()?,
+        None => vec![0.0; m],
+    };
+    let act = attrs.activation;
+    let mut out = with_f32(&y, |ys| Ok(ys.to_vec()))?;
+    for_each_chunk(&mut out, p, n * m * p, |(plane, values)| {
+        let add = bias.get(plane % m.max(1)).copied().unwrap_or(0.0);
+        match act {
+            Some(act) => values.iter_mut().for_each(|v| *v = act.apply(*v + add)),
+            None => values.iter_mut().for_each(|v| *v += add),
+        }
+    });
+    Ok(Tensor::from_vec(out, out_dims, &Device::Cpu)?)
+}
+
+/// Unfolds `channels` planes into a `(channels * kh * kw) x (oh * ow)` matrix.
+fn im2col(planes: &[f32], channels: usize, geo: &Geom) -> Vec<f32> {
+    let p = geo.oh * geo.ow;
+    let plane_in = geo.h * geo.w;
+    let mut col = vec![0f32; channels * geo.kh * geo.kw * p];
+    if p == 0 {
+        return col;
+    }
+    let work = col.len();
+    for_each_chunk(&mut col, p, work, |(row, out)| {
+        let ci = row / (geo.kh * geo.kw);
+        let ky = (row / geo.kw) % geo.kh;
+        let kx = row % geo.kw;
+        let Some(plane) = planes.get(ci * plane_in..(ci + 1) * plane_in) else { return };
+        let x_off = (kx * geo.dw) as isize - geo.pl as isize;
+        let (lo, hi) = valid_range(geo.ow, geo.w, geo.sw, x_off);
+        let y_off = (ky * geo.dh) as isize - geo.pt as isize;
+        let (ylo, yhi) = valid_range(geo.oh, geo.h, geo.sh, y_off);
+        for oy in ylo..yhi {
+            let iy = (oy as isize * geo.sh as isize + y_off) as usize;
+            let (Some(in_row), Some(out_row)) = (
+                plane.get(iy * geo.w..(iy + 1) * geo.w),
+                out.get_mut(oy * geo.ow..(oy + 1) * geo.ow),
+            ) else {
+                continue;
+            };
+            if lo >= hi {
+                continue;
+            }
+            let start = (lo as isize * geo.sw as isize + x_off) as usize;
+            if geo.sw == 1 {
+                if let (Some(dst), Some(src)) =
+                    (out_row.get_mut(lo..hi), in_row.get(start..start + (hi - lo)))
+                {
+                    dst.copy_from_slice(src);
+                }
+            } else if let Some(dst) = out_row.get_mut(lo..hi) {
+                for (o, v) in dst.iter_mut().zip(in_row.iter().skip(start).step_by(geo.sw)) {
+                    *o = *v;
+                }
+            }
+        }
+    });
+    col
+}
+
+/// Depthwise convolution: each output channel reads one input channel.
+#[allow(clippy::too_many_arguments)]
+fn depthwise(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    n: usize,
+    c: usize,
+    m: usize,
+    geo: Geom,
+    out_dims: Vec<usize>,
+    activation: Option<Activation>,
+) -> R<Tensor> {
+    let mult = m / c.max(1);
+    let plane_in = geo.h * geo.w;
+    let p = geo.oh * geo.ow;
+    let kk = geo.kh * geo.kw;
+    let bias: Vec<f32> = match b {
+        Some(b) => b.to_vec1()?,
+        None => vec![0.0; m],
+    };
+    let weights = with_f32(w, |ws| Ok(ws.to_vec()))?;
+    // The valid output columns of each kernel column do not depend on the row: once.
+    let x_ranges: Vec<(usize, usize, usize)> = (0..geo.kw)
+        .map(|kx| {
+            let x_off = (kx * geo.dw) as isize - geo.pl as isize;
+            let (lo, hi) = valid_range(geo.ow, geo.w, geo.sw, x_off);
+            let start = if lo < hi { (lo as isize * geo.sw as isize + x_off) as usize } else { 0 };
+            (lo, hi, start)
+        })
+        .collect();
+    let mut out = vec![0f32; n * m * p];
+    with_f32(x, |xs| {
+        if p == 0 {
+            return Ok(());
+        }
+        for_each_chunk(&mut out, p, n * m * p * kk, |(plane_index, out)| {
+            let ni = plane_index / m;
+            let mi = plane_index % m;
+            let ci = mi / mult.max(1);
+            let base = (ni * c + ci) * plane_in;
+            let (Some(plane), Some(wk)) =
+                (xs.get(base..base + plane_in), weights.get(mi * kk..(mi + 1) * kk))
+            else {
+                return;
+            };
+            out.fill(bias.get(mi).copied().unwrap_or(0.0));
+            for ky in 0..geo.kh {
+                let y_off = (ky * geo.dh) as isize - geo.pt as isize;
+                let (ylo, yhi) = valid_range(geo.oh, geo.h, geo.sh, y_off);
+                let Some(wrow) = wk.get(ky * geo.kw..(ky + 1) * geo.kw) else { continue };
+                for oy in ylo..yhi {
+                    let iy = (oy as isize * geo.sh as isize + y_off) as usize;
+                    let (Some(in_row), Some(out_row)) = (
+                        plane.get(iy * geo.w..(iy + 1) * geo.w),
+                        out.get_mut(oy * geo.ow..(oy + 1) * geo.ow),
+                    ) else {
+                        continue;
+                    };
+                    for (&wv, &(lo, hi, start)) in wrow.iter().zip(&x_ranges) {
+                        let Some(dst) = out_row.get_mut(lo..hi) else { continue };
+                        if geo.sw == 1 {
+                            if let Some(src) = in_row.get(start..start + (hi - lo)) {
+                                for (o, v) in dst.iter_mut().zip(src) {
+                                    *o += wv * v;
+                                }
+                            }
+                        } else {
+                            let src = in_row.iter().skip(start).step_by(geo.sw);
+                            for (o, v) in dst.iter_mut().zip(src) {
+                                *o += wv * v;
+                            }
+                        }
+                    }
+                }
+            }
+            if let Some(act) = activation {
+                out.iter_mut().for_each(|v| *v = act.apply(*v));
+            }
+        });
+        Ok(())
+    })?;
+    Ok(Tensor::from_vec(out, out_dims, &Device::Cpu)?)
+}
+
+/// Which pooling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PoolKind {
+    Max,
+    Average,
+}
+
+/// ONNX MaxPool / AveragePool (1-D or 2-D).
+pub(crate) fn pool(x: &Tensor, kind: PoolKind, attrs: &PoolAttrs) -> R<Tensor> {
+    check_f32(x, "pool input X")?;
+    let (n, c, spatial) = split_nc(x.dims(), "pool input X")?;
+    let kernel = attrs.window.kernel_shape.clone().ok_or_else(|| err("kernel_shape is missing"))?;
+    let geo = geometry(&spatial, &kernel, &attrs.window)?;
+    let out_dims: Vec<usize> =
+        if spatial.len() == 1 { vec![n, c, geo.ow] } else { vec![n, c, geo.oh, geo.ow] };
+    let plane_in = geo.h * geo.w;
+    let p = geo.oh * geo.ow;
+    let mut out = vec![0f32; n * c * p];
+    let include_pad = attrs.count_include_pad;
+    with_f32(x, |xs| {
+        if p == 0 {
+            return Ok(());
+        }
+        let work = n * c * p * geo.kh * geo.kw;
+        for_each_chunk(&mut out, p, work, |(plane_index, out)| {
+            let Some(plane) = xs.get(plane_index * plane_in..(plane_index + 1) * plane_in) else {
+                return;
+            };
+            for oy in 0..geo.oh {
+                let hs = (oy * geo.sh) as isize - geo.pt as isize;
+                for ox in 0..geo.ow {
+                    let ws = (ox * geo.sw) as isize - geo.pl as isize;
+                    let value = match kind {
+                        PoolKind::Max => {
+                            let mut best = f32::MIN;
+                            for ky in 0..geo.kh {
+                                let iy = hs + (ky * geo.dh) as isize;
+                                if iy < 0 || iy >= geo.h as isize {
+                                    continue;
+                                }
+                                for kx in 0..geo.kw {
+                                    let ix = ws + (kx * geo.dw) as isize;
+                                    if ix < 0 || ix >= geo.w as isize {
+                                        continue;
+                                    }
+                                    if let Some(&v) = plane.get(iy as usize * geo.w + ix as usize) {
+                                        if v > best || v.is_nan() {
+                                            best = v;
+                                        }
+                                    }
+                                }
+                            }
+                            best
+                        }
+                        PoolKind::Average => {
+                            let he = (hs + geo.kh as isize).min((geo.h + geo.pb) as isize);
+                            let we = (ws + geo.kw as isize).min((geo.w + geo.pr) as isize);
+                            let padded = (he - hs) * (we - ws);
+                            let (y0, y1) = (hs.max(0), he.min(geo.h as isize));
+                            let (x0, x1) = (ws.max(0), we.min(geo.w as isize));
+                            let mut sum = 0f32;
+                            for iy in y0..y1 {
+                                let row = iy as usize * geo.w;
+                                if let Some(r) =
+                                    plane.get(row + x0 as usize..row + x1.max(x0) as usize)
+                                {
+                                    sum += r.iter().sum::<f32>();
+                                }
+                            }
+                            let count = if include_pad {
+                                padded
+                            } else {
+                                (y1 - y0).max(0) * (x1 - x0).max(0)
+                            };
+                            if count > 0 {
+                                sum / count as f32
+                            } else {
+                                0.0
+                            }
+                        }
+                    };
+                    if let Some(o) = out.get_mut(oy * geo.ow + ox) {
+                        *o = value;
+                    }
+                }
+            }
+        });
+        Ok(())
+    })?;
+    Ok(Tensor::from_vec(out, out_dims, &Device::Cpu)?)
+}
+
+/// ConvTranspose attributes.
+#[derive(Debug, Clone)]
+pub(crate) struct ConvTransposeAttrs {
+    pub window: Window,
+    pub group: usize,
+    pub output_padding: Option<Vec<usize>>,
+    pub output_shape: Option<Vec<usize>>,
+}
+
+/// Output length and begin pad of one ConvTranspose axis.
+#[allow(clippy::too_many_arguments)]
+fn transpose_axis(
+    input: usize,
+    kernel: usize,
+    stride: usize,
+    dilation: usize,
+    output_padding: usize,
+    pads: (usize, usize),
+    output_shape: Option<usize>,
+    auto_pad: AutoPad,
+) -> R<(usize, usize)> {
+    if kernel == 0 || stride == 0 || dilation == 0 || input == 0 {
+        return Err(err("kernel, strides, dilations and the input must be positive"));
+    }
+    let full = stride
+        .checked_mul(input - 1)
+        .and_then(|v| v.checked_add(output_padding))
+        .and_then(|v| v.checked_add((kernel - 1).checked_mul(dilation)? + 1))
+        .ok_or_else(|| err("output size overflows"))?;
+    let split = |total: usize| {
+        if auto_pad == AutoPad::SameUpper {
+            total / 2
+        } else {
+            total - total / 2
+        }
+    };
+    match (output_shape, auto_pad) {
+        (Some(out), _) => {
+            let total = full.checked_sub(out).ok_or_else(|| {
+                err(format!("output_shape {out} is larger than the full output {full}"))
+            })?;
+            Ok((out, split(total)))
+        }
+        (None, AutoPad::SameUpper | AutoPad::SameLower) => {
+            let out = input * stride;
+            Ok((out, split(full.saturating_sub(out))))
+        }
+        (None, AutoPad::Valid) => Ok((full, 0)),
+        (None, AutoPad::NotSet) => {
+            let out = full
+                .checked_sub(pads.0 + pads.1)
+                .filter(|&o| o > 0)
+                .ok_or_else(|| err(format!("pads {pads:?} remove the whole output of {full}")))?;
+            Ok((out, pads.0))
+        }
+    }
+}
+
+/// ONNX ConvTranspose (1-D or 2-D, any groups): matmul, then col2im.
+pub(crate) fn conv_transpose(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    attrs: &ConvTransposeAttrs,
+) -> R<Tensor> {
+    check_f32(x, "ConvTranspose input X")?;
+    check_f32(w, "ConvTranspose weight W")?;
+    let (n, c, spatial) = split_nc(x.dims(), "ConvTranspose input X")?;
+    let rank = spatial.len();
+    let (wc, mg, kernel) = match w.dims() {
+        [wc, mg, k @ ..] if k.len() == rank => (*wc, *mg, k.to_vec()),
+        d => return Err(err(format!("weight W has shape {d:?}; expected C x M/group x kernel"))),
+    };
+    let g = attrs.group;
+    if g == 0 || wc != c || c % g != 0 {
+        return Err(err(format!(
+            "group {g} does not fit {c} input channels, weight {:?}",
+            w.dims()
+        )));
+    }
+    let m = mg * g;
+    let cg = c / g;
+    let list = |v: &Option<Vec<usize>>, default: usize, len: usize, what: &str| -> R<Vec<usize>> {
+        match v {
+            None => Ok(vec![default; len]),
+            Some(v) if v.len() == len => Ok(v.clone()),
+            Some(v) => Err(err(format!("{what} has {} values, expected {len}", v.len()))),
+        }
+    };
+    let win = &attrs.window;
+    let strides = list(&win.strides, 1, rank, "strides")?;
+    let dilations = list(&win.dilations, 1, rank, "dilations")?;
+    let pads = list(&win.pads, 0, 2 * rank, "pads")?;
+    let out_pad = list(&attrs.output_padding, 0, rank, "output_padding")?;
+    let out_shape = match &attrs.output_shape {
+        Some(s) if s.len() == rank => Some(s.clone()),
+        // output_shape may include N and C.
+        Some(s) if s.len() == rank + 2 => Some(s.get(2..).unwrap_or_default().to_vec()),
+        Some(s) => return Err(err(format!("output_shape {s:?} does not fit the input rank"))),
+        None => None,
+    };
+    let at = |v: &[usize], i: usize, d: usize| v.get(i).copied().unwrap_or(d);
+    let mut axes = Vec::with_capacity(2);
+    for i in 0..rank {
+        axes.push(transpose_axis(
+            at(&spatial, i, 1),
+            at(&kernel, i, 1),
+            at(&strides, i, 1),
+            at(&dilations, i, 1),
+            at(&out_pad, i, 0),
+            (at(&pads, i, 0), at(&pads, i + rank, 0)),
+            out_shape.as_ref().map(|s| at(s, i, 0)),
+            win.auto_pad,
+        )?);
+    }
+    // 1-D is 2-D with height 1.
+    let (h, wd, kh, kw, sh, sw, dh, dw, (oh, pt), (ow, pl)) = if rank == 1 {
+        let a = axes.first().copied().unwrap_or((1, 0));
+        (
+            1,
+            at(&spatial, 0, 1),
+            1,
+            at(&kernel, 0, 1),
+            1,
+            at(&strides, 0, 1),
+            1,
+            at(&dilations, 0, 1),
+            (1, 0),
+            a,
+        )
+    } else {
+        (
+            at(&spatial, 0, 1),
+            at(&spatial, 1, 1),
+            at(&kernel, 0, 1),
+            at(&kernel, 1, 1),
+            at(&strides, 0, 1),
+            at(&strides, 1, 1),
+            at(&dilations, 0, 1),
+            at(&dilations, 1, 1),
+            axes.first().copied().unwrap_or((1, 0)),
+            axes.get(1).copied().unwrap_or((1, 0)),
+        )
+    };
+    let mut out_dims = vec![n, m];
+    if rank == 2 {
+        out_dims.push(oh);
+    }
+    out_dims.push(ow);
+    let plane_out = oh * ow;
+    let hw = h * wd;
+    let kk = kh * kw;
+    let total: usize = out_dims.iter().product();
+    if total > super::load::MAX_ELEMENTS {
+        return Err(err(format!("output shape {out_dims:?} is too large")));
+    }
+    let bias: Vec<f32> = match b {
+        Some(b) if b.dims() == [m] => b.to_vec1()?,
+        Some(b) => return Err(err(format!("bias B has shape {:?}, expected [{m}]", b.dims()))),
+        None => vec![0.0; m],
+    };
+    let mut out = vec![0f32; total];
+    let wmat = w.reshape((c, mg * kk))?;
+    for ni in 0..n {
+        for gi in 0..g {
+            let xg = x.narrow(0, ni, 1)?.narrow(1, gi * cg, cg)?.reshape((cg, hw))?;
+            let wg = wmat.narrow(0, gi * cg, cg)?;
+            let col = wg.t()?.matmul(&xg)?;
+            let start = (ni * m + gi * mg) * plane_out;
+            let Some(planes) = out.get_mut(start..start + mg * plane_out) else {
+                return Err(err("output shorter than its shape"));
+            };
+            with_f32(&col, |col| {
+                if plane_out == 0 {
+                    return Ok(());
+                }
+                let work = mg * kk * hw;
+                for_each_chunk(planes, plane_out, work, |(mi, plane)| {
+                    plane.fill(bias.get(gi * mg + mi).copied().unwrap_or(0.0));
+                    for ky in 0..kh {
+                        let y_off = (ky * dh) as isize - pt as isize;
+                        for kx in 0..kw {
+                            let x_off = (kx * dw) as isize - pl as isize;
+                            let row = (mi * kk + ky * kw + kx) * hw;
+                            let Some(src) = col.get(row..row + hw) else { continue };
+                            for iy in 0..h {
+                                let oy = (iy * sh) as isize + y_off;
+                                if oy < 0 || oy >= oh as isize {
+                                    continue;
+                                }
+                                let in_row = src.get(iy * wd..(iy + 1) * wd).unwrap_or_default();
+                                let base = oy as usize * ow;
+                                for (ix, v) in in_row.iter().enumerate() {
+                                    let ox = (ix * sw) as isize + x_off;
+                                    if ox >= 0 && ox < ow as isize {
+                                        if let Some(o) = plane.get_mut(base + ox as usize) {
+                                            *o += v;
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                });
+                Ok(())
+            })?;
+        }
+    }
+    Ok(Tensor::from_vec(out, out_dims, &Device::Cpu)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_range_clips_to_the_input() {
+        // in 5, stride 1, offset -1: o=0 reads -1 (out), o=1..=5 read 0..=4.
+        assert_eq!(valid_range(6, 5, 1, -1), (1, 6));
+        // stride 2, offset 0, in 5: o reads 0,2,4 -> o in 0..3.
+        assert_eq!(valid_range(4, 5, 2, 0), (0, 3));
+        // offset beyond the input.
+        assert_eq!(valid_range(3, 2, 1, 5), (0, 0));
+    }
+
+    #[test]
+    fn same_upper_and_lower_split_odd_padding() {
+        // in 4, kernel 2, stride 1: out 4, total pad 1.
+        assert_eq!(
+            axis_geometry(4, 2, 1, 1, (0, 0), AutoPad::SameUpper, false).ok(),
+            Some((4, 0, 1))
+        );
+        assert_eq!(
+            axis_geometry(4, 2, 1, 1, (0, 0), AutoPad::SameLower, false).ok(),
+            Some((4, 1, 0))
+        );
+    }
+
+    #[test]
+    fn ceil_mode_adds_a_partial_window() {
+        // in 5, kernel 2, stride 2: floor gives 2, ceil gives 3.
+        assert_eq!(axis_geometry(5, 2, 2, 1, (0, 0), AutoPad::NotSet, false).ok(), Some((2, 0, 0)));
+        assert_eq!(axis_geometry(5, 2, 2, 1, (0, 0), AutoPad::NotSet, true).ok(), Some((3, 0, 0)));
+    }
+
+    #[test]
+    fn kernel_larger_than_input_is_an_error() {
+        assert!(axis_geometry(2, 3, 1, 1, (0, 0), AutoPad::NotSet, false).is_err());
+    }
+}
+
+/// Timing of the hand-written loops on one and on all threads. Run with
+/// `cargo test --release -p basalt-runtime thread_scaling -- --ignored --nocapture`.
+#[cfg(test)]
+mod scaling {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    fn median_time(f: impl Fn()) -> Duration {
+        let mut v: Vec<Duration> = (0..7)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed()
+            })
+            .collect();
+        v.sort();
+        v[3]
+    }
+
+    #[test]
+    #[ignore = "timing, not a check"]
+    fn thread_scaling() {
+        let window = |k: usize, s: usize, p: usize| Window {
+            auto_pad: AutoPad::NotSet,
+            kernel_shape: Some(vec![k, k]),
+            strides: Some(vec![s, s]),
+            dilations: None,
+            pads: Some(vec![p; 4]),
+            ceil_mode: false,
+        };
+        let x = Tensor::ones((1, 96, 56, 56), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let w = Tensor::ones((96, 1, 5, 5), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let dw = ConvAttrs { window: window(5, 1, 2), group: 96, activation: None };
+        let mp = PoolAttrs { window: window(3, 2, 1), count_include_pad: false };
+        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let x64 = Tensor::ones((1, 64, 56, 56), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let w64 = Tensor::ones((64, 64, 3, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let c64 = ConvAttrs { window: window(3, 1, 1), group: 1, activation: None };
+        let full = || drop(conv(&x64, &w64, None, &c64).unwrap());
+        let unfold64 = || {
+            drop(with_f32(&x64, |xs| {
+                let geo = geometry(&[56, 56], &[3, 3], &window(3, 1, 1))?;
+                Ok(im2col(xs, 64, &geo))
+            }))
+        };
+        let a = Tensor::ones((64, 576), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let b = Tensor::ones((576, 3136), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let mm = || drop(a.matmul(&b).unwrap());
+        let xp = Tensor::ones((1, 96, 7, 7), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let wp = Tensor::ones((576, 96, 1, 1), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let bp = Tensor::ones(576, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let cp = ConvAttrs { window: window(1, 1, 0), group: 1, activation: None };
+        let pw = || drop(conv(&xp, &wp, Some(&bp), &cp).unwrap());
+        let wm = wp.reshape((576, 96)).unwrap();
+        let xm = xp.reshape((96, 49)).unwrap();
+        let pwm = || drop(wm.matmul(&xm).unwrap());
+        let depthwise = || drop(conv(&x, &w, None, &dw).unwrap());
+        let maxpool = || drop(pool(&x, PoolKind::Max, &mp).unwrap());
+        let unfold = || {
+            drop(with_f32(&x, |xs| {
+                let geo = geometry(&[56, 56], &[5, 5], &window(5, 1, 2))?;
+                Ok(im2col(xs, 96, &geo))
+            }))
+        };
+        let cases: [(&str, &(dyn Fn() + Sync)); 8] = [
+            ("pointwise 96->576 on 7x7", &pw),
+            ("its matmul", &pwm),
+            ("conv 3x3 64->64 on 56x56", &full),
+            ("im2col of it", &unfold64),
+            ("matmul 64x576 by 576x3136", &mm),
+            ("depthwise 5x5 on 1x96x56x56", &depthwise),
+            ("maxpool 3x3/2 on 1x96x56x56", &maxpool),
+            ("im2col 5x5 of 96 channels", &unfold),
+        ];
+        for (name, f) in cases {
+            let single = one.install(|| median_time(f));
+            let all = median_time(f);
+            println!(
+                "{name}: 1 thread {:.3} ms, {} threads {:.3} ms",
+                single.as_secs_f64() * 1e3,
+                rayon::current_num_threads(),
+                all.as_secs_f64() * 1e3
+            );
+        }
+    }
+}

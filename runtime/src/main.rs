@@ -1,0 +1,118 @@
+//! `basalt-runtime`: serves the signed model bundles found in its model
+//! folders over the Open Inference Protocol (KServe V2).
+//!
+//! ```text
+//! basalt-runtime [--listen ADDR] [--models DIR]... [--keys DIR] [--threshold N]
+//! ```
+//!
+//! Defaults: `0.0.0.0:8000`; the models baked into the image
+//! (`/usr/share/basalt/models`) and those installed later
+//! (`/data/models`); trusted keys from `/etc/basalt/keys`, threshold 1.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use basalt_bundle::archive::Trust;
+use basalt_bundle::keys::PublicKey;
+use basalt_runtime::server::{self, Limits, Server};
+use basalt_runtime::store;
+
+const USAGE: &str =
+    "usage: basalt-runtime [--listen ADDR] [--models DIR]... [--keys DIR] [--threshold N]";
+
+struct Args {
+    listen: String,
+    models: Vec<PathBuf>,
+    keys: PathBuf,
+    threshold: usize,
+}
+
+fn parse(args: &[String]) -> Result<Args, String> {
+    let mut a = Args {
+        listen: "0.0.0.0:8000".into(),
+        models: Vec::new(),
+        keys: PathBuf::from("/etc/basalt/keys"),
+        threshold: 1,
+    };
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let mut value =
+            || it.next().cloned().ok_or_else(|| format!("{flag} needs a value\n{USAGE}"));
+        match flag.as_str() {
+            "--listen" => a.listen = value()?,
+            "--models" => a.models.push(PathBuf::from(value()?)),
+            "--keys" => a.keys = PathBuf::from(value()?),
+            "--threshold" => {
+                a.threshold =
+                    value()?.parse().map_err(|_| format!("--threshold is a number\n{USAGE}"))?
+            }
+            "--version" => {
+                println!("basalt-runtime {}", env!("CARGO_PKG_VERSION"));
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    if a.models.is_empty() {
+        a.models = vec![PathBuf::from("/usr/share/basalt/models"), PathBuf::from("/data/models")];
+    }
+    Ok(a)
+}
+
+fn trust(dir: &std::path::Path, threshold: usize) -> Result<Trust, String> {
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| format!("trusted keys in {}: {e}", dir.display()))?;
+    let mut keys = Vec::new();
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "pub") {
+            let pem = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+            keys.push(PublicKey::from_pem(&pem).map_err(|e| format!("{}: {e}", p.display()))?);
+        }
+    }
+    if keys.is_empty() {
+        return Err(format!("no trusted key (*.pub) in {}", dir.display()));
+    }
+    Ok(Trust { keys, threshold })
+}
+
+fn run() -> Result<(), String> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let a = parse(&args)?;
+    let trust = trust(&a.keys, a.threshold)?;
+    let models = store::load_all(&a.models, &trust, &basalt_runtime::backend::load_onnx);
+    if models.is_empty() {
+        println!(
+            "no model bundles in {}",
+            a.models.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    let server = Arc::new(Server::new(models, Limits::default()));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&a.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", a.listen))?;
+        println!(
+            "serving on http://{}/v2 ({})",
+            a.listen,
+            if server.ready() { "ready" } else { "NOT ready: see /v2/health/ready" }
+        );
+        server::serve(listener, server).await;
+        Ok(())
+    })
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("basalt-runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! Runs every model in `.cache/models/` on its reference input and compares each output
+//! element with onnxruntime's, within 1e-4 relative (absolute floor 1e-5).
+//!
+//! The models come from `ci/models/make_models.py` (run by `ci/setup.sh`); without them
+//! this test fails rather than passing silently.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use basalt_runtime::engine::{DataType, Model};
+use candle_core::{Device, Tensor};
+use serde_json::Value;
+
+const MODELS: &[&str] = &["mlp", "cnn", "mobilenetv3", "resnet18", "transformer"];
+const RELATIVE: f64 = 1e-4;
+const ABSOLUTE_FLOOR: f64 = 1e-5;
+
+fn models_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(".cache").join("models")
+}
+
+fn tensor_of(name: &str, v: &Value) -> Tensor {
+    let shape: Vec<usize> = v["shape"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{name}: no shape"))
+        .iter()
+        .map(|d| d.as_u64().expect("dimension") as usize)
+        .collect();
+    let data = v["data"].as_array().unwrap_or_else(|| panic!("{name}: no data"));
+    match v["datatype"].as_str() {
+        Some("FP32") => {
+            let d: Vec<f32> = data.iter().map(|x| x.as_f64().expect("number") as f32).collect();
+            Tensor::from_vec(d, shape, &Device::Cpu).unwrap()
+        }
+        Some("INT64") => {
+            let d: Vec<i64> = data.iter().map(|x| x.as_i64().expect("integer")).collect();
+            Tensor::from_vec(d, shape, &Device::Cpu).unwrap()
+        }
+        other => panic!("{name}: unexpected datatype {other:?}"),
+    }
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Returns the largest relative error (error / max(|reference|, floor / relative)).
+fn check_model(name: &str, dir: &Path) -> f64 {
+    let bytes = std::fs::read(dir.join(format!("{name}.onnx"))).unwrap();
+    let started = Instant::now();
+    let model = Model::load(&bytes).unwrap_or_else(|e| panic!("{name}: load failed: {e}"));
+    let load_time = started.elapsed();
+    let reference: Value =
+        serde_json::from_slice(&std::fs::read(dir.join(format!("{name}.ref.json"))).unwrap())
+            .unwrap();
+    let inputs: Vec<(String, Tensor)> = reference["inputs"]
+        .as_object()
+        .expect("inputs")
+        .iter()
+        .map(|(k, v)| (k.clone(), tensor_of(k, v)))
+        .collect();
+    let feeds: Vec<(&str, Tensor)> = inputs.iter().map(|(k, t)| (k.as_str(), t.clone())).collect();
+    let outputs = model.run(&feeds).unwrap_or_else(|e| panic!("{name}: run failed: {e}"));
+    let mut worst: f64 = 0.0;
+    for (out_name, want) in reference["outputs"].as_object().expect("outputs") {
+        let (_, got) = outputs
+            .iter()
+            .find(|(n, _)| n == out_name)
+            .unwrap_or_else(|| panic!("{name}: no output {out_name}"));
+        let want_t = tensor_of(out_name, want);
+        assert_eq!(got.dims(), want_t.dims(), "{name}/{out_name}: shape");
+        let spec = model.outputs().iter().find(|s| &s.name == out_name).expect("spec");
+        assert_eq!(spec.datatype.dtype(), got.dtype(), "{name}/{out_name}: dtype");
+        let (g, w): (Vec<f64>, Vec<f64>) = if spec.datatype == DataType::I64 {
+            let g: Vec<i64> = got.flatten_all().unwrap().to_vec1().unwrap();
+            let w: Vec<i64> = want_t.flatten_all().unwrap().to_vec1().unwrap();
+            (g.iter().map(|&v| v as f64).collect(), w.iter().map(|&v| v as f64).collect())
+        } else {
+            let g: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+            let w: Vec<f32> = want_t.flatten_all().unwrap().to_vec1().unwrap();
+            (g.iter().map(|&v| f64::from(v)).collect(), w.iter().map(|&v| f64::from(v)).collect())
+        };
+        for (i, (g, w)) in g.iter().zip(&w).enumerate() {
+            let allowed = (RELATIVE * w.abs()).max(ABSOLUTE_FLOOR);
+            let err = (g - w).abs();
+            assert!(
+                err <= allowed,
+                "{name}/{out_name}[{i}]: got {g}, onnxruntime gives {w} (error {err:e}, allowed {allowed:e})"
+            );
+            worst = worst.max(err / w.abs().max(ABSOLUTE_FLOOR / RELATIVE));
+        }
+    }
+    let runs = 5;
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t = Instant::now();
+        model.run(&feeds).unwrap();
+        times.push(t.elapsed());
+    }
+    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    println!(
+        "{name}: {} nodes, load {:.1} ms, median run {:.2} ms ({profile}, {runs} runs), max relative error {worst:.2e}",
+        model.node_count(),
+        load_time.as_secs_f64() * 1e3,
+        median(times).as_secs_f64() * 1e3,
+    );
+    worst
+}
+
+#[test]
+fn reference_models_match_onnxruntime() {
+    let dir = models_dir();
+    let present: Vec<&str> = MODELS
+        .iter()
+        .copied()
+        .filter(|m| {
+            dir.join(format!("{m}.onnx")).is_file() && dir.join(format!("{m}.ref.json")).is_file()
+        })
+        .collect();
+    assert!(
+        !present.is_empty(),
+        "no reference models in {}: run ci/setup.sh (it runs ci/models/make_models.py) first",
+        dir.display()
+    );
+    for m in MODELS {
+        if !present.contains(m) {
+            println!("{m}: not in {}, skipped (ci/setup.sh makes it)", dir.display());
+        }
+    }
+    for m in present {
+        check_model(m, &dir);
+    }
+}
