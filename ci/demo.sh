@@ -19,7 +19,15 @@ basalt=target/release/basalt
 log=$(mktemp /tmp/basalt-demo.XXXXXX.log)
 "$basalt" run out/gateway/disk.img --console-log "$log" &
 qemu=$!
-trap 'kill "$qemu" 2>/dev/null || true; rm -f "$log"' EXIT
+# `basalt run` keeps QEMU as its child; stop both (a signal to basalt alone
+# would leave QEMU running with the forwarded ports).
+stop() {
+  pkill -TERM -P "$qemu" 2>/dev/null || true
+  kill "$qemu" 2>/dev/null || true
+  wait "$qemu" 2>/dev/null || true
+  rm -f "$log"
+}
+trap stop EXIT
 
 for _ in $(seq 300); do
   grep -q "boot blessed" "$log" && break

@@ -10,7 +10,7 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 packages=(
   qemu-system-x86 ovmf systemd-boot-efi   # boot images: emulator, UEFI, bootloader
   squashfs-tools cryptsetup-bin dosfstools mtools gdisk e2fsprogs bmap-tools  # judges of our formats
-  kmod cpio zstd xz-utils openssl         # module and initramfs inspection; keys
+  kmod cpio zstd xz-utils openssl procps  # module and initramfs inspection; keys; pkill
   musl-tools                              # static device binaries (crates that compile C)
   nginx-light                             # serves update repositories in the pull scenarios
   prometheus                              # promtool judges the runtime's /metrics
