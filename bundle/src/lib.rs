@@ -16,7 +16,8 @@
 //! the dates these formats carry.
 //!
 //! It does no I/O beyond reading and writing the streams it is given (no
-//! files, no network), and holds no policy: the builder decides what to
+//! network; files only in [`model::install`], the installed-model layout
+//! that the update agent writes and the runtime reads), and holds no policy: the builder decides what to
 //! write and sign, the device decides which keys it trusts, which versions
 //! and boards it accepts, and what to do with a bundle.
 #![deny(missing_docs)]
