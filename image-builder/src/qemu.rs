@@ -7,6 +7,7 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
@@ -124,6 +125,24 @@ impl Machine {
             cmd.arg("-no-reboot");
         }
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        // QEMU dies with us: a `basalt run` ended by SIGTERM or SIGKILL (not
+        // only by Ctrl-C, which reaches the whole process group) must not
+        // leave a machine behind holding the forwarded ports.
+        let parent = std::process::id();
+        // SAFETY: prctl and getppid are async-signal-safe and touch no
+        // memory of ours.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // We may have died before the prctl took effect.
+                if libc::getppid() as u32 != parent {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            });
+        }
         let mut child = cmd
             .spawn()
             .map_err(|source| QemuError::Spawn { binary: opts.spec.binary.clone(), source })?;

@@ -255,3 +255,70 @@ fn e2e_020_the_gateway_serves_tritonclient_through_the_forwarded_port() {
     eprintln!("{}", String::from_utf8_lossy(&out.stdout));
     assert!(!m.console().contains("FATAL"), "{}", m.console());
 }
+
+/// The children of `pid`, from /proc.
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(child) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
+        // The fields after the command name (which may hold spaces) are
+        // state and parent pid.
+        let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+        if rest.split_whitespace().nth(1) == Some(&pid.to_string()) {
+            found.push(child);
+        }
+    }
+    found
+}
+
+/// True while `pid` exists and is not a zombie.
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit_once(") ").is_some_and(|(_, r)| !r.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+#[test]
+#[ignore = "boots QEMU; run with --ignored (ci/test.sh does)"]
+fn e2e_001_basalt_run_killed_leaves_no_qemu_behind() {
+    let Scenario { disk, .. } = &scenario("recipes/minimal.toml", None);
+    let log = disk.with_file_name("console.log");
+    let mut run = std::process::Command::new(env!("CARGO_BIN_EXE_basalt"))
+        .arg("run")
+        .arg(disk)
+        .arg("--console-log")
+        .arg(&log)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("basalt-init") {
+        assert!(std::time::Instant::now() < deadline, "the image did not reach basalt-init");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let qemu = children_of(run.id());
+    assert_eq!(qemu.len(), 1, "expected QEMU as the only child of basalt run: {qemu:?}");
+    // Should this test fail, the QEMU it left must not outlive it (it would
+    // hold the test's output open).
+    struct Reap(u32);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            if alive(self.0) {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", &self.0.to_string()])
+                    .status();
+            }
+        }
+    }
+    let _reap = Reap(qemu[0]);
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while alive(qemu[0]) {
+        assert!(std::time::Instant::now() < deadline, "QEMU {} outlived basalt run", qemu[0]);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
