@@ -14,6 +14,7 @@ packages=(
   musl-tools                              # static device binaries (crates that compile C)
   nginx-light                             # serves update repositories in the pull scenarios
   prometheus                              # promtool judges the runtime's /metrics
+  libubootenv-tool                        # fw_printenv/fw_setenv judge the U-Boot environment we write
   python3 python3-venv                    # test models, reference outputs, KServe client (ci/models)
 )
 missing=()

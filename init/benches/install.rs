@@ -23,7 +23,7 @@ use basalt_bundle::keys::SigningKey;
 use basalt_bundle::manifest::{BundleKind, Compression, Manifest, OsInfo, PayloadInfo};
 use basalt_bundle::signature::{sign, SignatureFile};
 use basalt_bundle::slot::Slot;
-use basalt_init::assess::{Bootloader, SystemdBoot};
+use basalt_init::assess::SystemdBoot;
 use basalt_init::update::install::{write_slot, BundlePayloads, CHUNK};
 
 fn random(len: usize, seed: u64) -> Vec<u8> {

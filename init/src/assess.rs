@@ -10,9 +10,12 @@
 //! Acting on it goes through the [`Bootloader`] trait, one back-end per
 //! bootloader. [`SystemdBoot`] renames Type #1 entries on the ESP the way
 //! `systemd-bless-boot` does: `a+2-1.conf` becomes `a.conf` (good) or
-//! `a+0-3.conf` (bad, so systemd-boot prefers the other slot). The update
-//! agent uses the same trait to install a slot and prefer it for one try
-//! (see [`crate::update::install`]).
+//! `a+0-3.conf` (bad, so systemd-boot prefers the other slot).
+//! [`crate::uboot::UBoot`] keeps the same states in the U-Boot environment
+//! (`bootcount`, `bootlimit`, `upgrade_available`, `altbootcmd`), and
+//! [`crate::tryboot::Tryboot`] in the Raspberry Pi firmware's
+//! `autoboot.txt`. The update agent uses the same trait to install a slot
+//! and prefer it for one try (see [`crate::update::install`]).
 //!
 //! What a failed boot does depends on the entry ([`fail_boot`]): an entry on
 //! trial is marked bad and the machine reboots into the other slot; an entry
@@ -118,25 +121,119 @@ pub enum AssessError {
         #[source]
         source: io::Error,
     },
+    /// Reading or writing the bootloader's own state (the U-Boot
+    /// environment, `autoboot.txt`, the firmware's device-tree values)
+    /// failed.
+    #[error("cannot {what} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file or device.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// The bootloader's state is not what the back-end can read or use.
+    #[error("{}: {reason}", path.display())]
+    Invalid {
+        /// The file or device.
+        path: PathBuf,
+        /// What is wrong and what to do about it.
+        reason: String,
+    },
+    /// The operation would leave the machine with nothing to boot, or
+    /// contradicts what the bootloader booted.
+    #[error("{0}")]
+    Refused(String),
 }
 
-/// A boot entry before and after an operation; equal when nothing changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Renamed {
-    /// The name it had.
-    pub from: BootEntryName,
-    /// The name it has now.
-    pub to: BootEntryName,
+/// How a bootloader records one slot, in one short line for messages and
+/// status: systemd-boot's entry file name (`b+2-1.conf`), the U-Boot
+/// variables that select it, the `autoboot.txt` partition that holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotMark(String);
+
+impl SlotMark {
+    /// A mark with this text.
+    pub fn new(text: impl Into<String>) -> SlotMark {
+        SlotMark(text.into())
+    }
 }
 
-impl Renamed {
-    /// Whether the file was actually renamed.
+impl From<BootEntryName> for SlotMark {
+    fn from(name: BootEntryName) -> SlotMark {
+        SlotMark(name.to_string())
+    }
+}
+
+impl fmt::Display for SlotMark {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One slot as the bootloader records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotRecord {
+    /// The slot.
+    pub slot: Slot,
+    /// The version installed there.
+    pub version: String,
+    /// Good, on trial or bad.
+    pub state: EntryState,
+    /// How the bootloader records it.
+    pub mark: SlotMark,
+}
+
+/// What a bootloader is told about a slot it is to try: the image in it
+/// and the kernel command line (without `basalt.slot=`, which every
+/// back-end adds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotBoot {
+    /// The image's name.
+    pub image: String,
+    /// The image's version.
+    pub version: String,
+    /// The bundle's kernel command line.
+    pub cmdline: String,
+}
+
+impl SlotBoot {
+    /// The full kernel command line of `slot`: the bundle's, then
+    /// `basalt.slot=`.
+    pub fn cmdline_for(&self, slot: Slot) -> String {
+        if self.cmdline.is_empty() {
+            format!("basalt.slot={slot}")
+        } else {
+            format!("{} basalt.slot={slot}", self.cmdline)
+        }
+    }
+}
+
+/// A slot's mark before and after an operation; equal when nothing
+/// changed (and then nothing was written).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// The mark it had.
+    pub from: SlotMark,
+    /// The mark it has now.
+    pub to: SlotMark,
+}
+
+impl Change {
+    /// A change from `from` to `to`.
+    pub fn new(from: impl Into<SlotMark>, to: impl Into<SlotMark>) -> Change {
+        Change { from: from.into(), to: to.into() }
+    }
+
+    /// Whether anything was actually written.
     pub fn changed(&self) -> bool {
         self.from != self.to
     }
 }
 
-impl fmt::Display for Renamed {
+impl fmt::Display for Change {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.changed() {
             write!(f, "{} -> {}", self.from, self.to)
@@ -146,17 +243,25 @@ impl fmt::Display for Renamed {
     }
 }
 
-/// What PID 1 needs from a bootloader to assess a boot.
+/// What PID 1 and the update agent need from a bootloader: report the
+/// booted slot and each slot's state, install a slot, prefer it for one
+/// try, bless it, mark it bad.
+///
+/// Every write a back-end makes goes through [`crate::update::cut`], so
+/// tests can cut power after each one; after any cut the bootloader boots
+/// a whole slot.
 pub trait Bootloader {
     /// The slot that was booted, if known.
     fn booted_slot(&self) -> Option<Slot>;
-    /// What the bootloader makes of `slot`'s entry.
+    /// What the bootloader makes of `slot`.
     fn entry_state(&self, slot: Slot) -> Result<EntryState, AssessError>;
-    /// Marks `slot` good; a no-op for an entry already good.
-    fn bless(&mut self, slot: Slot) -> Result<Renamed, AssessError>;
+    /// How the bootloader records `slot` now.
+    fn mark(&self, slot: Slot) -> Result<SlotMark, AssessError>;
+    /// Marks `slot` good; a no-op (no write) for a slot already good.
+    fn bless(&mut self, slot: Slot) -> Result<Change, AssessError>;
     /// Marks `slot` bad, so the bootloader prefers the other slot; a no-op
-    /// for an entry already bad.
-    fn mark_bad(&mut self, slot: Slot) -> Result<Renamed, AssessError>;
+    /// for a slot already bad.
+    fn mark_bad(&mut self, slot: Slot) -> Result<Change, AssessError>;
     /// Starts installing `slot`: makes it unbootable (on the disk before
     /// this returns) and removes its boot files.
     fn begin_install(&mut self, slot: Slot) -> Result<(), InstallError>;
@@ -171,16 +276,24 @@ pub trait Bootloader {
         chunk: usize,
     ) -> Result<u64, InstallError>;
     /// Makes the installed `slot` the one the next boot tries, `tries`
-    /// times before the bootloader gives up on it; `entry` describes it.
+    /// times before the bootloader gives up on it (a back-end whose
+    /// bootloader grants one try only ignores `tries`); `boot` describes
+    /// it.
     fn prefer_for_one_try(
         &mut self,
         slot: Slot,
-        entry: &EntryConf,
+        boot: &SlotBoot,
         tries: u32,
-    ) -> Result<BootEntryName, InstallError>;
-    /// Every slot's entry as the bootloader sees it, with its version
-    /// (slots without an entry are left out).
-    fn entries(&self) -> Result<Vec<(BootEntryName, EntryConf)>, AssessError>;
+    ) -> Result<SlotMark, InstallError>;
+    /// Every installed slot as the bootloader sees it, with its version
+    /// (slots being installed or never installed are left out).
+    fn slots(&self) -> Result<Vec<SlotRecord>, AssessError>;
+    /// The argument the reboot that starts a try must hand the firmware
+    /// (`reboot(2)` with `LINUX_REBOOT_CMD_RESTART2`), when a plain reboot
+    /// would not try the slot [`Bootloader::prefer_for_one_try`] chose.
+    fn reboot_to_try(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// Reads `basalt.slot=` from a kernel command line (the last one wins, as
@@ -244,16 +357,9 @@ impl SystemdBoot {
         }
     }
 
-    /// Flushes the entries directory and the whole FAT.
-    fn flush(&self, dir: &Path) -> Result<(), InstallError> {
-        cut::sync_dir(dir)
-            .and_then(|()| platform::mount::sync_fs(dir))
-            .map_err(io_err("flush", dir))
-    }
-
-    fn rename(&self, from: BootEntryName, to: BootEntryName) -> Result<Renamed, AssessError> {
-        let done = Renamed { from, to };
-        if !done.changed() {
+    fn rename(&self, from: BootEntryName, to: BootEntryName) -> Result<Change, AssessError> {
+        let done = Change::new(from, to);
+        if from == to {
             return Ok(done);
         }
         let dir = self.dir();
@@ -269,6 +375,93 @@ impl SystemdBoot {
             .map_err(|source| AssessError::Sync { dir, source })?;
         Ok(done)
     }
+
+    /// Writes `slot`'s entry with a try counter of `tries`: systemd-boot's
+    /// own form of [`Bootloader::prefer_for_one_try`], taking the entry
+    /// file's content.
+    pub fn prefer_for_one_try(
+        &mut self,
+        slot: Slot,
+        entry: &EntryConf,
+        tries: u32,
+    ) -> Result<BootEntryName, InstallError> {
+        let dir = self.dir();
+        let name = BootEntryName::on_trial(slot, tries.max(1));
+        // The temporary name does not end in `.conf`, so systemd-boot never
+        // reads a half-written entry.
+        let tmp = format!("{}.tmp", BootEntryName::blessed(slot));
+        replace_file(&dir, &tmp, &name.to_string(), entry.to_text().as_bytes())?;
+        Ok(name)
+    }
+
+    /// Every slot's entry file with its content (slots without an entry
+    /// are left out).
+    pub fn entries(&self) -> Result<Vec<(BootEntryName, EntryConf)>, AssessError> {
+        let dir = self.dir();
+        let mut out = Vec::new();
+        for name in self.list()? {
+            let path = dir.join(name.to_string());
+            let text = std::fs::read_to_string(&path)
+                .map_err(|source| AssessError::ReadEntries { dir: path.clone(), source })?;
+            if let Some(conf) = EntryConf::parse(&text) {
+                out.push((name, conf));
+            }
+        }
+        out.sort_by_key(|(n, _)| n.slot);
+        Ok(out)
+    }
+}
+
+/// Writes `bytes` to `dir/tmp`, flushes it, renames it to `dir/name` and
+/// flushes the directory and its filesystem: the file under its final
+/// name is always whole, the old one or the new one.
+pub fn replace_file(dir: &Path, tmp: &str, name: &str, bytes: &[u8]) -> Result<(), InstallError> {
+    let (tmp, path) = (dir.join(tmp), dir.join(name));
+    let mut file = cut::create(&tmp).map_err(io_err("create", &tmp))?;
+    cut::write_all(&mut file, bytes).map_err(io_err("write", &tmp))?;
+    cut::sync(&file).map_err(io_err("flush", &tmp))?;
+    drop(file);
+    cut::rename(&tmp, &path).map_err(io_err("rename into place", &path))?;
+    flush_dir(dir)
+}
+
+/// Flushes a directory and the whole filesystem under it (on FAT the
+/// directory alone does not cover the allocation table).
+pub fn flush_dir(dir: &Path) -> Result<(), InstallError> {
+    cut::sync_dir(dir).and_then(|()| platform::mount::sync_fs(dir)).map_err(io_err("flush", dir))
+}
+
+/// Writes the boot file `dir/name` from `content` in writes of `chunk`
+/// bytes under a temporary name, flushed, then renamed into place; returns
+/// its size.
+pub fn install_boot_file(
+    dir: &Path,
+    name: &str,
+    content: &mut dyn Read,
+    chunk: usize,
+) -> Result<u64, InstallError> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let path = dir.join(name);
+    let mut file = cut::create(&tmp).map_err(io_err("create", &tmp))?;
+    let n = copy_payload(name, content, &mut file, &tmp, u64::MAX, chunk)?;
+    cut::sync(&file).map_err(io_err("flush", &tmp))?;
+    drop(file);
+    cut::rename(&tmp, &path).map_err(io_err("rename into place", &path))?;
+    flush_dir(dir)?;
+    Ok(n)
+}
+
+/// Removes `names` (and their `.tmp` forms) from `dir`, creating `dir` if
+/// needed, and flushes it.
+pub fn clear_boot_files(dir: &Path, names: &[&str]) -> Result<(), InstallError> {
+    cut::create_dir_all(dir).map_err(io_err("create", dir))?;
+    for name in names {
+        for file in [name.to_string(), format!("{name}.tmp")] {
+            let path = dir.join(file);
+            cut::remove(&path).map_err(io_err("remove", &path))?;
+        }
+    }
+    flush_dir(dir)
 }
 
 impl Bootloader for SystemdBoot {
@@ -280,15 +473,19 @@ impl Bootloader for SystemdBoot {
         Ok(self.find(slot)?.state())
     }
 
-    fn bless(&mut self, slot: Slot) -> Result<Renamed, AssessError> {
+    fn mark(&self, slot: Slot) -> Result<SlotMark, AssessError> {
+        Ok(self.find(slot)?.into())
+    }
+
+    fn bless(&mut self, slot: Slot) -> Result<Change, AssessError> {
         let entry = self.find(slot)?;
         self.rename(entry, entry.bless())
     }
 
-    fn mark_bad(&mut self, slot: Slot) -> Result<Renamed, AssessError> {
+    fn mark_bad(&mut self, slot: Slot) -> Result<Change, AssessError> {
         let entry = self.find(slot)?;
         if entry.state() == EntryState::Bad {
-            return Ok(Renamed { from: entry, to: entry });
+            return Ok(Change::new(entry, entry));
         }
         self.rename(entry, entry.mark_bad())
     }
@@ -309,14 +506,8 @@ impl Bootloader for SystemdBoot {
         // A cut install can leave a temporary entry behind.
         let tmp = dir.join(format!("{}.tmp", BootEntryName::blessed(slot)));
         cut::remove(&tmp).map_err(io_err("remove", &tmp))?;
-        self.flush(&dir)?;
-        let files = self.esp.join(slot.esp_dir());
-        cut::create_dir_all(&files).map_err(io_err("create", &files))?;
-        for name in ["vmlinuz", "initrd", "vmlinuz.tmp", "initrd.tmp"] {
-            let path = files.join(name);
-            cut::remove(&path).map_err(io_err("remove", &path))?;
-        }
-        self.flush(&files)
+        flush_dir(&dir)?;
+        clear_boot_files(&self.esp.join(slot.esp_dir()), &["vmlinuz", "initrd"])
     }
 
     fn install_file(
@@ -326,64 +517,42 @@ impl Bootloader for SystemdBoot {
         content: &mut dyn Read,
         chunk: usize,
     ) -> Result<u64, InstallError> {
-        let dir = self.esp.join(slot.esp_dir());
-        let tmp = dir.join(format!("{name}.tmp"));
-        let path = dir.join(name);
-        let mut file = cut::create(&tmp).map_err(io_err("create", &tmp))?;
-        let n = copy_payload(name, content, &mut file, &tmp, u64::MAX, chunk)?;
-        cut::sync(&file).map_err(io_err("flush", &tmp))?;
-        drop(file);
-        cut::rename(&tmp, &path).map_err(io_err("rename into place", &path))?;
-        self.flush(&dir)?;
-        Ok(n)
+        install_boot_file(&self.esp.join(slot.esp_dir()), name, content, chunk)
     }
 
     fn prefer_for_one_try(
         &mut self,
         slot: Slot,
-        entry: &EntryConf,
+        boot: &SlotBoot,
         tries: u32,
-    ) -> Result<BootEntryName, InstallError> {
-        let dir = self.dir();
-        let name = BootEntryName::on_trial(slot, tries.max(1));
-        // The temporary name does not end in `.conf`, so systemd-boot never
-        // reads a half-written entry.
-        let tmp = dir.join(format!("{}.tmp", BootEntryName::blessed(slot)));
-        let path = dir.join(name.to_string());
-        let mut file = cut::create(&tmp).map_err(io_err("create", &tmp))?;
-        cut::write_all(&mut file, entry.to_text().as_bytes()).map_err(io_err("write", &tmp))?;
-        cut::sync(&file).map_err(io_err("flush", &tmp))?;
-        drop(file);
-        cut::rename(&tmp, &path).map_err(io_err("rename into place", &path))?;
-        self.flush(&dir)?;
-        Ok(name)
+    ) -> Result<SlotMark, InstallError> {
+        let entry = EntryConf::for_slot(slot, &boot.image, &boot.version, &boot.cmdline);
+        SystemdBoot::prefer_for_one_try(self, slot, &entry, tries).map(SlotMark::from)
     }
 
-    fn entries(&self) -> Result<Vec<(BootEntryName, EntryConf)>, AssessError> {
-        let dir = self.dir();
-        let mut out = Vec::new();
-        for name in self.list()? {
-            let path = dir.join(name.to_string());
-            let text = std::fs::read_to_string(&path)
-                .map_err(|source| AssessError::ReadEntries { dir: path.clone(), source })?;
-            if let Some(conf) = EntryConf::parse(&text) {
-                out.push((name, conf));
-            }
-        }
-        out.sort_by_key(|(n, _)| n.slot);
-        Ok(out)
+    fn slots(&self) -> Result<Vec<SlotRecord>, AssessError> {
+        Ok(self
+            .entries()?
+            .into_iter()
+            .map(|(name, conf)| SlotRecord {
+                slot: name.slot,
+                version: conf.version,
+                state: name.state(),
+                mark: name.into(),
+            })
+            .collect())
     }
 }
 
 /// What was done about a failed boot; see the module docs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FailOutcome {
     /// The entry was on trial and is now bad: reboot into the other slot.
-    MarkedBad(Renamed),
+    MarkedBad(Change),
     /// The entry was blessed by an earlier boot and stays so.
-    KeptGood(BootEntryName),
+    KeptGood(SlotMark),
     /// The entry was already bad; the bootloader found nothing better.
-    AlreadyBad(BootEntryName),
+    AlreadyBad(SlotMark),
 }
 
 impl FailOutcome {
@@ -398,7 +567,7 @@ impl FailOutcome {
 pub fn fail_boot(bl: &mut dyn Bootloader, slot: Slot) -> Result<FailOutcome, AssessError> {
     match bl.entry_state(slot)? {
         EntryState::Indeterminate => Ok(FailOutcome::MarkedBad(bl.mark_bad(slot)?)),
-        EntryState::Good => Ok(FailOutcome::KeptGood(BootEntryName::blessed(slot))),
+        EntryState::Good => Ok(FailOutcome::KeptGood(bl.mark(slot)?)),
         EntryState::Bad => {
             let r = bl.mark_bad(slot)?;
             Ok(FailOutcome::AlreadyBad(r.to))
@@ -628,7 +797,7 @@ mod tests {
         // A failed boot of a known-good entry does not mark it bad.
         assert_eq!(
             fail_boot(&mut sb, Slot::A).unwrap(),
-            FailOutcome::KeptGood(BootEntryName::blessed(Slot::A))
+            FailOutcome::KeptGood(BootEntryName::blessed(Slot::A).into())
         );
         assert_eq!(names(dir.path()), ["a.conf", "b+0-3.conf"]);
         let after = std::fs::metadata(dir.path().join(ENTRIES_DIR).join("a.conf")).unwrap();

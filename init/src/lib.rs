@@ -30,4 +30,6 @@ pub mod platform;
 pub mod stage1;
 pub mod stage2;
 pub mod supervisor;
+pub mod tryboot;
+pub mod uboot;
 pub mod update;

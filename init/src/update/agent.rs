@@ -9,12 +9,12 @@ use std::path::PathBuf;
 use basalt_bundle::archive::{BundleError, BundleReader, Trust};
 use basalt_bundle::channel::Channel;
 use basalt_bundle::config::ImageConfig;
-use basalt_bundle::entry::{compare_versions, EntryConf, EntryState};
+use basalt_bundle::entry::{compare_versions, EntryState};
 use basalt_bundle::manifest::{BundleKind, Manifest};
 use basalt_bundle::slot::Slot;
 use serde::Serialize;
 
-use crate::assess::{AssessError, Bootloader};
+use crate::assess::{AssessError, Bootloader, SlotBoot};
 use crate::update::install::{self, BundlePayloads, InstallError};
 use crate::update::state::{self, AgentState, Outcome, Pending, StateFile};
 
@@ -73,7 +73,8 @@ pub struct SlotStatus {
     pub slot: Slot,
     /// The version its entry names.
     pub version: String,
-    /// The entry file (`b+2-1.conf`).
+    /// How the bootloader records it: the entry file (`b+2-1.conf`) for
+    /// systemd-boot.
     pub entry: String,
     /// `good`, `trying` or `bad`.
     pub state: &'static str,
@@ -303,19 +304,18 @@ impl<M: Machine> Agent<M> {
         self.reconcile();
         let booted = self.machine.booted_slot();
         let mut warnings = self.warnings.clone();
-        let entries =
-            self.machine.with_bootloader(&mut |bl| Ok(bl.entries()?)).unwrap_or_else(|e| {
-                warnings.push(format!("cannot read the boot entries: {e}"));
-                Vec::new()
-            });
-        let slots: Vec<SlotStatus> = entries
-            .iter()
-            .map(|(name, conf)| SlotStatus {
-                slot: name.slot,
-                version: conf.version.clone(),
-                entry: name.to_string(),
-                state: state_word(name.state()),
-                booted: Some(name.slot) == booted,
+        let records = self.machine.with_bootloader(&mut |bl| Ok(bl.slots()?)).unwrap_or_else(|e| {
+            warnings.push(format!("cannot read the boot entries: {e}"));
+            Vec::new()
+        });
+        let slots: Vec<SlotStatus> = records
+            .into_iter()
+            .map(|r| SlotStatus {
+                slot: r.slot,
+                version: r.version,
+                entry: r.mark.to_string(),
+                state: state_word(r.state),
+                booted: Some(r.slot) == booted,
             })
             .collect();
         let blessed = slots.iter().any(|s| s.booted && s.state == "good");
@@ -473,7 +473,11 @@ impl<M: Machine> Agent<M> {
         let root = self.machine.root_device(target)?;
         let chunk = self.chunk;
         let version = manifest.version.to_string();
-        let conf = EntryConf::for_slot(target, &manifest.name, &version, &os.cmdline);
+        let boot = SlotBoot {
+            image: manifest.name.clone(),
+            version: version.clone(),
+            cmdline: os.cmdline.clone(),
+        };
         let mut reader = Some(reader);
         let (written, entry) = self.machine.with_bootloader(&mut |bl| {
             let Some(mut r) = reader.take() else {
@@ -482,7 +486,7 @@ impl<M: Machine> Agent<M> {
             let written =
                 install::write_slot(bl, target, &root, &mut BundlePayloads(&mut r), chunk)?;
             r.finish()?;
-            let entry = bl.prefer_for_one_try(target, &conf, os.tries)?;
+            let entry = bl.prefer_for_one_try(target, &boot, os.tries)?;
             Ok((written, entry))
         })?;
         Ok(Installed {

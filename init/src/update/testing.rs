@@ -16,7 +16,7 @@ use basalt_bundle::manifest::{BundleKind, Compression, Manifest, OsInfo, Payload
 use basalt_bundle::signature::{sign, SignatureFile};
 use basalt_bundle::slot::Slot;
 
-use crate::assess::{Bootloader, SystemdBoot};
+use crate::assess::SystemdBoot;
 use crate::update::install::{write_slot, InstallError, Payloads};
 
 /// One OS version's files.
