@@ -7,7 +7,7 @@ use basalt_bundle::layout::Arch;
 use schemars::JsonSchema;
 use serde::Deserialize;
 
-use crate::diag::Located;
+use crate::diag::{with_help, Diagnostic, Located, Source};
 
 /// A board file (`boards/<name>.toml`).
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
@@ -18,7 +18,13 @@ pub struct Board {
     /// CPU architecture: `x86_64` or `aarch64`.
     #[schemars(with = "String")]
     pub arch: Arch,
-    /// Bootloader back-end: `systemd-boot`.
+    /// Bootloader back-end: `systemd-boot` (UEFI, Automatic Boot
+    /// Assessment), `u-boot` (`bootcount`/`bootlimit`/`altbootcmd` in a
+    /// redundant environment; needs `[uboot]`) or `rpi-tryboot` (the
+    /// Raspberry Pi 4/5 firmware's `autoboot.txt` and tryboot; needs
+    /// `[tryboot]`). basalt-init runs all three; `basalt build` lays out
+    /// systemd-boot images only so far and refuses the others with an
+    /// error (docs/boards.md).
     pub bootloader: Located<String>,
     /// Kernel command line every image on this board gets (console,
     /// panic behaviour); `basalt.slot=` is added per slot.
@@ -36,6 +42,7 @@ pub struct Board {
     #[serde(default = "default_root_wait")]
     pub root_wait: crate::duration::Duration,
     /// Firmware and bootloader files.
+    #[serde(default)]
     pub firmware: FirmwareSection,
     /// Partition sizes.
     pub disk: DiskSection,
@@ -43,6 +50,95 @@ pub struct Board {
     /// run.
     #[serde(default)]
     pub qemu: Option<QemuSection>,
+    /// Where U-Boot keeps its environment; required with
+    /// `bootloader = "u-boot"`.
+    #[serde(default)]
+    pub uboot: Option<UbootSection>,
+    /// The Raspberry Pi's slot partitions; required with
+    /// `bootloader = "rpi-tryboot"`.
+    #[serde(default)]
+    pub tryboot: Option<TrybootSection>,
+}
+
+/// The bootloader back-ends a board may name.
+pub const BOOTLOADERS: [&str; 3] = ["systemd-boot", "u-boot", "rpi-tryboot"];
+
+impl Board {
+    /// Checks that the board's bootloader is one basalt knows, with the
+    /// section it needs, and that `basalt build` can lay out its image;
+    /// returns the systemd-boot binary it installs. `src` is the board
+    /// file, for the error's place.
+    pub fn buildable_bootloader(&self, src: &Source) -> Result<&Located<PathBuf>, Diagnostic> {
+        let bl = &self.bootloader;
+        let needs = |what: &str| {
+            with_help(
+                src.error(
+                    bl.span.clone(),
+                    format!("bootloader `{}` needs a {what} section", bl.value),
+                ),
+                "see docs/boards.md and docs/reference.md",
+            )
+        };
+        match bl.value.as_str() {
+            "systemd-boot" => self.firmware.systemd_boot.as_ref().ok_or_else(|| {
+                with_help(
+                    src.error(bl.span.clone(), "systemd-boot needs [firmware] systemd_boot"),
+                    "name the EFI binary, e.g. /usr/lib/systemd/boot/efi/systemd-bootx64.efi \
+                     (Debian's systemd-boot-efi)",
+                )
+            }),
+            "u-boot" | "rpi-tryboot" => {
+                if bl.value == "u-boot" && self.uboot.is_none() {
+                    return Err(needs("[uboot]"));
+                }
+                if bl.value == "rpi-tryboot" && self.tryboot.is_none() {
+                    return Err(needs("[tryboot]"));
+                }
+                Err(with_help(
+                    src.error(
+                        bl.span.clone(),
+                        format!("`basalt build` cannot lay out an image for `{}` yet", bl.value),
+                    ),
+                    "basalt-init supports this bootloader on the device (docs/boards.md), but \
+                     the image layout is not written; build for a systemd-boot board meanwhile",
+                ))
+            }
+            _ => Err(with_help(
+                src.error(bl.span.clone(), "unknown bootloader back-end"),
+                format!("the back-ends are: {}", BOOTLOADERS.join(", ")),
+            )),
+        }
+    }
+}
+
+/// `[uboot]`: the redundant U-Boot environment, with the numbers U-Boot
+/// was built with. Check them with `fw_printenv` and an `fw_env.config`
+/// of the same values.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UbootSection {
+    /// The device that holds the environment on the target, e.g.
+    /// `/dev/mmcblk0`.
+    pub env_device: Located<String>,
+    /// Byte offset of the first copy (`CONFIG_ENV_OFFSET`).
+    pub env_offset: Located<u64>,
+    /// Byte offset of the second copy (`CONFIG_ENV_OFFSET_REDUND`); both
+    /// copies are required, so a power cut during a write leaves one
+    /// whole.
+    pub env_offset_redund: Located<u64>,
+    /// Size of each copy in bytes (`CONFIG_ENV_SIZE`).
+    pub env_size: Located<u64>,
+}
+
+/// `[tryboot]`: the Raspberry Pi's partitions. Partition 1 is a small FAT
+/// partition holding `autoboot.txt`; each slot has its own FAT boot
+/// partition.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TrybootSection {
+    /// The partition numbers of slot a's and slot b's boot partitions, as
+    /// `boot_partition` in `autoboot.txt` counts them (from 1).
+    pub boot_partitions: Located<[u32; 2]>,
 }
 
 fn default_root_wait() -> crate::duration::Duration {
@@ -50,12 +146,14 @@ fn default_root_wait() -> crate::duration::Duration {
 }
 
 /// `[firmware]`: files the bootloader needs.
-#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FirmwareSection {
     /// The systemd-boot EFI binary, installed as the removable-media boot
-    /// file (`EFI/BOOT/BOOTX64.EFI`).
-    pub systemd_boot: Located<PathBuf>,
+    /// file (`EFI/BOOT/BOOTX64.EFI`); required with
+    /// `bootloader = "systemd-boot"`.
+    #[serde(default)]
+    pub systemd_boot: Option<Located<PathBuf>>,
 }
 
 /// `[disk]`: partition sizes in MiB. Each root slot must hold the largest
@@ -64,8 +162,10 @@ pub struct FirmwareSection {
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DiskSection {
-    /// EFI system partition (FAT32, at least 34 MiB): bootloader and two
-    /// kernels with their initrds.
+    /// The FAT boot partition that holds the kernels and initrds: the EFI
+    /// system partition (FAT32, at least 34 MiB: bootloader and both
+    /// slots' kernels) with systemd-boot and U-Boot; each slot's boot
+    /// partition with `rpi-tryboot`.
     pub esp_mib: Located<u64>,
     /// Each of the two root slots.
     pub root_mib: Located<u64>,
@@ -94,4 +194,55 @@ pub struct QemuSection {
     pub firmware_code: PathBuf,
     /// UEFI variable store template; each run gets a private copy.
     pub firmware_vars: PathBuf,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every board in boards/ parses; `basalt build` accepts the
+    /// systemd-boot ones and refuses the others with a reason.
+    #[test]
+    fn every_board_file_parses_and_says_whether_it_builds() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../boards");
+        let mut seen = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let src = Source::read(&path).unwrap();
+            let board: Board = src.parse().unwrap_or_else(|e| panic!("{e}"));
+            let verdict = board.buildable_bootloader(&src);
+            match board.bootloader.value.as_str() {
+                "systemd-boot" => assert!(verdict.is_ok(), "{}", path.display()),
+                "u-boot" | "rpi-tryboot" => {
+                    let e = verdict.unwrap_err().to_string();
+                    assert!(e.contains("cannot lay out an image for"), "{e}");
+                }
+                other => panic!("{}: bootloader {other}", path.display()),
+            }
+            seen.push(board.name.value.clone());
+        }
+        seen.sort();
+        for name in ["qemu-x86_64", "rpi4", "rpi5", "uboot-arm64"] {
+            assert!(seen.iter().any(|s| s == name), "{name} missing from {seen:?}");
+        }
+    }
+
+    #[test]
+    fn a_bootloader_without_its_section_is_an_error() {
+        let text = "name = \"x\"\narch = \"aarch64\"\nbootloader = \"u-boot\"\n\
+                    [disk]\nesp_mib = 64\nroot_mib = 64\ndata_mib = 64\n";
+        let src = Source { path: "x.toml".into(), text: text.into() };
+        let board: Board = src.parse().unwrap();
+        let e = board.buildable_bootloader(&src).unwrap_err().to_string();
+        assert!(e.contains("needs a [uboot] section"), "{e}");
+        let src = Source { text: text.replace("u-boot", "grub"), ..src };
+        let board: Board = src.parse().unwrap();
+        let e = board.buildable_bootloader(&src).unwrap_err().to_string();
+        assert!(e.contains("unknown bootloader back-end"), "{e}");
+        assert!(e.contains("systemd-boot, u-boot, rpi-tryboot"), "{e}");
+        let src = Source { text: text.replace("u-boot", "systemd-boot"), ..src };
+        let board: Board = src.parse().unwrap();
+        let e = board.buildable_bootloader(&src).unwrap_err().to_string();
+        assert!(e.contains("needs [firmware] systemd_boot"), "{e}");
+    }
 }

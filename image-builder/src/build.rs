@@ -398,11 +398,10 @@ pub fn build(
     step("rootfs+verity+initrd", t);
 
     let t = Instant::now();
-    let sd_boot_path = plan
-        .board_path
-        .parent()
-        .unwrap_or(Path::new("."))
-        .join(&plan.board.firmware.systemd_boot.value);
+    // plan() refuses a board without it.
+    let sd_boot_rel = plan.board.firmware.systemd_boot.as_ref().map(|l| l.value.clone());
+    let sd_boot_path =
+        plan.board_path.parent().unwrap_or(Path::new(".")).join(sd_boot_rel.unwrap_or_default());
     let sd_boot = fs::read(&sd_boot_path).map_err(io("cannot read", &sd_boot_path))?;
     let files = esp_files(plan.board.arch, &sd_boot, &slots, LOADER_CONF.as_bytes());
     let fat_files: Vec<fat::FatFile<'_>> =

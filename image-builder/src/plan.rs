@@ -279,21 +279,12 @@ pub fn resolve(recipe_path: &Path, opts: &PlanOptions) -> Result<Plan, PlanError
     })?;
     let board_src = read_source(&board_path)?;
     let board: Board = board_src.parse()?;
-    if board.bootloader.value != "systemd-boot" {
-        return Err(with_help(
-            board_src.error(board.bootloader.span.clone(), "unknown bootloader back-end"),
-            "the back-ends are: systemd-boot",
-        )
-        .into());
-    }
-    let sd_boot =
-        host_path(board_path.parent().unwrap_or(Path::new(".")), &board.firmware.systemd_boot);
+    let sd_boot_key = board.buildable_bootloader(&board_src)?;
+    let sd_boot = host_path(board_path.parent().unwrap_or(Path::new(".")), sd_boot_key);
     if !sd_boot.is_file() {
         return Err(with_help(
-            board_src.error(
-                board.firmware.systemd_boot.span.clone(),
-                format!("`{}` does not exist", sd_boot.display()),
-            ),
+            board_src
+                .error(sd_boot_key.span.clone(), format!("`{}` does not exist", sd_boot.display())),
             "install Debian's systemd-boot-efi (ci/setup.sh does) or point at the EFI binary",
         )
         .into());
