@@ -71,9 +71,10 @@ pub struct Watch {
     /// 0 keeps it at once.
     #[serde(default = "Watch::default_window")]
     pub window: f64,
-    /// Requests the window needs before the rules judge it early (default
-    /// 20). At the end of the window the error rule judges whatever it saw;
-    /// the latency rules judge only with this many requests.
+    /// Requests the window needs before the error rule judges it early
+    /// (default 20); at the end of the window it judges whatever it saw.
+    /// The latency rules judge at the end of the window, and only with
+    /// this many requests.
     #[serde(default = "Watch::default_min_requests")]
     pub min_requests: u64,
     /// Largest share of requests the model fails (answered 500), 0 to 1

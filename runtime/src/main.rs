@@ -2,12 +2,14 @@
 //! folders over the Open Inference Protocol (KServe V2).
 //!
 //! ```text
-//! basalt-runtime [--listen ADDR] [--models DIR]... [--keys DIR] [--threshold N]
+//! basalt-runtime [--listen ADDR] [--models DIR]... [--store DIR|none] [--keys DIR] [--threshold N]
 //! ```
 //!
-//! Defaults: `0.0.0.0:8000`; the models baked into the image
-//! (`/usr/share/basalt/models`) and those installed later
-//! (`/data/models`); trusted keys from `/etc/basalt/keys`, threshold 1.
+//! Defaults: `0.0.0.0:8000`; the bundles baked into the image
+//! (`--models`, `/usr/share/basalt/models`), the installed-model store
+//! (`--store`, `/data/models/<name>/<version>/`, where the runtime also
+//! records which version serves); trusted keys from `/etc/basalt/keys`,
+//! threshold 1.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,15 +17,17 @@ use std::sync::Arc;
 
 use basalt_bundle::archive::Trust;
 use basalt_bundle::keys::PublicKey;
+use basalt_bundle::model::StdDisk;
+use basalt_runtime::repository::{self, Catalog, Settings};
 use basalt_runtime::server::{self, Limits, Server};
-use basalt_runtime::store;
 
-const USAGE: &str =
-    "usage: basalt-runtime [--listen ADDR] [--models DIR]... [--keys DIR] [--threshold N]";
+const USAGE: &str = "usage: basalt-runtime [--listen ADDR] [--models DIR]... [--store DIR|none] \
+                     [--keys DIR] [--threshold N]";
 
 struct Args {
     listen: String,
     models: Vec<PathBuf>,
+    store: Option<PathBuf>,
     keys: PathBuf,
     threshold: usize,
 }
@@ -32,6 +36,7 @@ fn parse(args: &[String]) -> Result<Args, String> {
     let mut a = Args {
         listen: "0.0.0.0:8000".into(),
         models: Vec::new(),
+        store: Some(PathBuf::from("/data/models")),
         keys: PathBuf::from("/etc/basalt/keys"),
         threshold: 1,
     };
@@ -42,6 +47,10 @@ fn parse(args: &[String]) -> Result<Args, String> {
         match flag.as_str() {
             "--listen" => a.listen = value()?,
             "--models" => a.models.push(PathBuf::from(value()?)),
+            "--store" => {
+                let v = value()?;
+                a.store = (v != "none").then(|| PathBuf::from(v));
+            }
             "--keys" => a.keys = PathBuf::from(value()?),
             "--threshold" => {
                 a.threshold =
@@ -55,7 +64,7 @@ fn parse(args: &[String]) -> Result<Args, String> {
         }
     }
     if a.models.is_empty() {
-        a.models = vec![PathBuf::from("/usr/share/basalt/models"), PathBuf::from("/data/models")];
+        a.models = vec![PathBuf::from("/usr/share/basalt/models")];
     }
     Ok(a)
 }
@@ -81,14 +90,20 @@ fn run() -> Result<(), String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let a = parse(&args)?;
     let trust = trust(&a.keys, a.threshold)?;
-    let models = store::load_all(&a.models, &trust, &basalt_runtime::backend::load_onnx);
-    if models.is_empty() {
-        println!(
-            "no model bundles in {}",
-            a.models.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
-        );
+    let settings = Settings {
+        store: a.store.clone(),
+        baked: a.models.clone(),
+        trust,
+        boot_id: repository::boot_id(),
+    };
+    let catalog =
+        Catalog::open(settings, Box::new(basalt_runtime::backend::load_onnx), Arc::new(StdDisk));
+    if catalog.names().is_empty() {
+        let mut dirs: Vec<String> = a.models.iter().map(|d| d.display().to_string()).collect();
+        dirs.extend(a.store.iter().map(|d| d.display().to_string()));
+        println!("no model bundles in {}", dirs.join(", "));
     }
-    let server = Arc::new(Server::new(models, Limits::default()));
+    let server = Arc::new(Server::new(Arc::new(catalog), Limits::default()));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -8,13 +8,27 @@
 //! - `basalt_inference_queue_depth`: requests waiting for the engine;
 //! - `basalt_model_load_duration_seconds{model,version}`: how long loading
 //!   (and the test vector) took;
-//! - `basalt_model_ready{model,version}`: 1 when the model serves.
+//! - `basalt_model_ready{model,version}`: 1 when the version loaded and
+//!   passed its test vector;
+//! - `basalt_model_serving{model,version}`: 1 for the version that answers
+//!   requests naming no version, 0 for the others loaded;
+//! - `basalt_model_updates_total{model,result}`: load requests and watch
+//!   windows by result (`switched`, `kept`, `rolled-back`, `failed`,
+//!   `damaged`);
+//! - per model, version, tensor and feature, from [`crate::monitor`]:
+//!   `basalt_model_feature_samples_total`, `..._mean`, `..._variance`,
+//!   `..._min`, `..._max`, `..._out_of_range_total`, `..._nonfinite_total`
+//!   and `basalt_model_feature_psi` (where `model.toml` declares the
+//!   training bins). These are read from the statistics when scraped.
 
 use std::sync::atomic::AtomicU64;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
@@ -41,6 +55,131 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpdateLabels {
+    model: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FeatureLabels {
+    model: String,
+    version: String,
+    tensor: String,
+    feature: String,
+}
+
+/// The statistics of one model version's tensors at a scrape.
+#[derive(Debug, Clone)]
+pub struct VersionSnapshot {
+    model: String,
+    version: String,
+    tensors: Vec<(String, Vec<crate::monitor::FeatureSnapshot>)>,
+}
+
+impl VersionSnapshot {
+    /// Reads a version's monitor.
+    pub fn of(model: &str, version: &str, m: &crate::monitor::Monitor) -> VersionSnapshot {
+        VersionSnapshot {
+            model: model.to_string(),
+            version: version.to_string(),
+            tensors: m
+                .inputs
+                .iter()
+                .chain(&m.outputs)
+                .map(|t| (t.tensor.clone(), t.snapshot()))
+                .collect(),
+        }
+    }
+}
+
+/// Reads every loaded version's statistics, at each scrape.
+pub type Snapshots = Box<dyn Fn() -> Vec<VersionSnapshot> + Send + Sync>;
+
+struct Drift(Snapshots);
+
+impl std::fmt::Debug for Drift {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Drift")
+    }
+}
+
+impl Collector for Drift {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        type Pick = fn(&crate::monitor::FeatureSnapshot) -> Option<f64>;
+        type Count = fn(&crate::monitor::FeatureSnapshot) -> u64;
+        let snaps = (self.0)();
+        let rows = || {
+            snaps.iter().flat_map(|v| {
+                v.tensors.iter().flat_map(move |(t, fs)| {
+                    fs.iter().map(move |f| {
+                        let labels = FeatureLabels {
+                            model: v.model.clone(),
+                            version: v.version.clone(),
+                            tensor: t.clone(),
+                            feature: f.name.clone(),
+                        };
+                        (labels, f)
+                    })
+                })
+            })
+        };
+        let counters: [(&str, &str, Count); 3] = [
+            (
+                "basalt_model_feature_samples",
+                "Finite values seen per model version, tensor and feature",
+                |f| f.stats.count,
+            ),
+            (
+                "basalt_model_feature_out_of_range",
+                "Values outside the training range model.toml declares",
+                |f| f.out_of_range,
+            ),
+            ("basalt_model_feature_nonfinite", "NaN and infinite values seen", |f| f.nonfinite),
+        ];
+        for (name, help, pick) in counters {
+            let mut m = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                ConstCounter::new(0u64).metric_type(),
+            )?;
+            for (labels, f) in rows() {
+                ConstCounter::new(pick(f)).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        let gauges: [(&str, &str, Pick); 5] = [
+            ("basalt_model_feature_mean", "Running mean of the feature", |f| {
+                (f.stats.count > 0).then_some(f.stats.mean)
+            }),
+            ("basalt_model_feature_variance", "Running population variance of the feature", |f| {
+                (f.stats.count > 0).then_some(f.stats.variance())
+            }),
+            ("basalt_model_feature_min", "Smallest value of the feature seen", |f| {
+                (f.stats.count > 0).then_some(f.stats.min)
+            }),
+            ("basalt_model_feature_max", "Largest value of the feature seen", |f| {
+                (f.stats.count > 0).then_some(f.stats.max)
+            }),
+            (
+                "basalt_model_feature_psi",
+                "Population stability index of the feature against its training bins",
+                |f| f.psi,
+            ),
+        ];
+        for (name, help, pick) in gauges {
+            let mut m =
+                encoder.encode_descriptor(name, help, None, ConstGauge::new(0f64).metric_type())?;
+            for (labels, f) in rows() {
+                if let Some(x) = pick(f) {
+                    ConstGauge::new(x).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The server's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -49,6 +188,8 @@ pub struct Metrics {
     queue: Gauge,
     load: Family<ModelLabels, Gauge<f64, AtomicU64>>,
     ready: Family<ModelLabels, Gauge>,
+    serving: Family<ModelLabels, Gauge>,
+    updates: Family<UpdateLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -58,7 +199,14 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Registers every metric.
+    /// Registers every metric, the drift statistics read by `snapshots`.
+    pub fn with_drift(snapshots: Snapshots) -> Metrics {
+        let mut m = Metrics::new();
+        m.registry.register_collector(Box::new(Drift(snapshots)));
+        m
+    }
+
+    /// Registers every metric but the drift statistics.
     pub fn new() -> Metrics {
         let mut registry = Registry::default();
         let requests = Family::<OutcomeLabels, Counter>::default();
@@ -88,8 +236,35 @@ impl Metrics {
             "Time to load a model version and run its test vector, in seconds",
             load.clone(),
         );
-        registry.register("basalt_model_ready", "1 when the model version serves", ready.clone());
-        Metrics { registry, requests, latency, queue, load, ready }
+        registry.register(
+            "basalt_model_ready",
+            "1 when the model version loaded and passed its test vector",
+            ready.clone(),
+        );
+        let serving = Family::<ModelLabels, Gauge>::default();
+        registry.register(
+            "basalt_model_serving",
+            "1 for the version that answers requests naming no version",
+            serving.clone(),
+        );
+        let updates = Family::<UpdateLabels, Counter>::default();
+        registry.register(
+            "basalt_model_updates",
+            "Model version switches and their outcomes by result",
+            updates.clone(),
+        );
+        Metrics { registry, requests, latency, queue, load, ready, serving, updates }
+    }
+
+    /// Marks which version of `model` serves.
+    pub fn serving(&self, model: &str, version: &str, serving: bool) {
+        self.serving.get_or_create(&Self::labels(model, version)).set(i64::from(serving));
+    }
+
+    /// Counts one update step of `model` (`switched`, `kept`, ...).
+    pub fn update(&self, model: &str, result: &str) {
+        let l = UpdateLabels { model: model.to_string(), result: result.to_string() };
+        self.updates.get_or_create(&l).inc();
     }
 
     fn labels(model: &str, version: &str) -> ModelLabels {

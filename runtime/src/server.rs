@@ -35,7 +35,10 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::metrics::Metrics;
+use basalt_bundle::model::Watch;
+
+use crate::monitor::{Latency, Monitor};
+use crate::repository::{Catalog, RepoError};
 use crate::v2::{self, Datatype, Tensor};
 
 /// The header that splits a body into JSON and binary tensor data.
@@ -87,9 +90,21 @@ pub struct Stats {
     success_ns: AtomicU64,
     fail_count: AtomicU64,
     fail_ns: AtomicU64,
+    error_count: AtomicU64,
     queue_ns: AtomicU64,
     compute_ns: AtomicU64,
     last_ms: AtomicU64,
+}
+
+impl Stats {
+    /// Requests answered with outputs.
+    pub fn successes(&self) -> u64 {
+        self.success_count.load(Ordering::Relaxed)
+    }
+    /// Requests the model failed (answered 500).
+    pub fn errors(&self) -> u64 {
+        self.error_count.load(Ordering::Relaxed)
+    }
 }
 
 /// One model version as the server serves it.
@@ -104,10 +119,31 @@ pub struct Served {
     pub problem: Option<String>,
     /// Counters.
     pub stats: Stats,
+    /// Statistics of its inputs and outputs; `None` when it did not load.
+    pub monitor: Option<Monitor>,
+    /// Compute time of its successful requests, for the watch window.
+    pub compute: Latency,
+    /// The watch-window rules of its `model.toml`.
+    pub watch: Watch,
 }
 
 impl Served {
-    fn ready(&self) -> bool {
+    /// A version that does not serve, for `problem`.
+    pub fn failed(name: &str, version: &str, problem: String) -> Served {
+        Served {
+            name: name.to_string(),
+            version: version.to_string(),
+            backend: None,
+            problem: Some(problem),
+            stats: Stats::default(),
+            monitor: None,
+            compute: Latency::default(),
+            watch: Watch::default(),
+        }
+    }
+
+    /// Whether it can answer requests.
+    pub fn ready(&self) -> bool {
         self.backend.is_some() && self.problem.is_none()
     }
 }
@@ -131,11 +167,10 @@ impl Default for Limits {
 
 /// What every connection shares.
 pub struct Server {
-    models: Vec<Served>,
+    catalog: Arc<Catalog>,
     limits: Limits,
     running: Semaphore,
     waiting: AtomicUsize,
-    metrics: Metrics,
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -160,48 +195,46 @@ fn nanos(d: Duration) -> u64 {
 }
 
 impl Server {
-    /// A server for `models`; their load times go to the metrics.
-    pub fn new(models: Vec<(Served, Duration)>, limits: Limits) -> Server {
-        let metrics = Metrics::new();
-        for (m, load) in &models {
-            metrics.model_loaded(&m.name, &m.version, load.as_secs_f64(), m.ready());
-        }
+    /// A server for the models of `catalog`.
+    pub fn new(catalog: Arc<Catalog>, limits: Limits) -> Server {
         Server {
             running: Semaphore::new(limits.concurrency.max(1)),
             waiting: AtomicUsize::new(0),
-            models: models.into_iter().map(|(m, _)| m).collect(),
+            catalog,
             limits,
-            metrics,
         }
     }
 
-    /// Whether every model is ready.
-    pub fn ready(&self) -> bool {
-        self.models.iter().all(Served::ready)
+    /// The models.
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
     }
 
-    /// The model version a path names: the highest version when none is
-    /// given.
-    fn find(&self, name: &str, version: Option<&str>) -> Result<&Served, Box<Reply>> {
-        let mut found = self.models.iter().filter(|m| m.name == name);
-        let pick = match version {
-            Some(v) => found.find(|m| m.version == v),
-            None => found.max_by(|a, b| cmp_versions(&a.version, &b.version)),
-        };
-        pick.ok_or_else(|| {
+    /// Whether every model has a version serving.
+    pub fn ready(&self) -> bool {
+        self.catalog.ready()
+    }
+
+    /// The model version a path names: the serving one when none is given.
+    fn find(&self, name: &str, version: Option<&str>) -> Result<Arc<Served>, Box<Reply>> {
+        self.catalog.find(name, version).ok_or_else(|| {
             let what = match version {
                 Some(v) => format!("model {name:?} has no version {v:?}"),
                 None => format!("no model {name:?}"),
             };
-            let known: Vec<String> =
-                self.models.iter().map(|m| format!("{}/{}", m.name, m.version)).collect();
-            Box::new(error(StatusCode::NOT_FOUND, &format!("{what}; served: {}", known.join(", "))))
+            let known: Vec<String> = self
+                .catalog
+                .all_versions()
+                .iter()
+                .map(|m| format!("{}/{}", m.name, m.version))
+                .collect();
+            Box::new(error(StatusCode::NOT_FOUND, &format!("{what}; known: {}", known.join(", "))))
         })
     }
 
     fn metadata(&self, m: &Served) -> Reply {
-        let versions: Vec<&str> =
-            self.models.iter().filter(|x| x.name == m.name).map(|x| x.version.as_str()).collect();
+        let all = self.catalog.versions(&m.name);
+        let versions: Vec<&str> = all.iter().map(|x| x.version.as_str()).collect();
         let (inputs, outputs) = match &m.backend {
             Some(b) => (
                 b.inputs().iter().map(TensorMeta::to_json).collect(),
@@ -221,7 +254,7 @@ impl Server {
         )
     }
 
-    fn stats(&self, models: Vec<&Served>) -> Reply {
+    fn stats(&self, models: Vec<Arc<Served>>) -> Reply {
         let pair = |c: &AtomicU64, ns: &AtomicU64| json!({ "count": c.load(Ordering::Relaxed), "ns": ns.load(Ordering::Relaxed) });
         let list: Vec<Value> = models
             .iter()
@@ -240,19 +273,25 @@ impl Server {
                         "queue": pair(&s.success_count, &s.queue_ns),
                         "compute_infer": pair(&s.success_count, &s.compute_ns),
                     },
+                    "model_errors": s.error_count.load(Ordering::Relaxed),
+                    "compute_p99_seconds": m.compute.quantile(0.99),
+                    "monitor": m.monitor.as_ref().map(monitor_json),
                 })
             })
             .collect();
         json_reply(StatusCode::OK, &json!({ "model_stats": list }))
     }
 
-    async fn infer(&self, m: &Served, req: Request<Incoming>) -> Reply {
+    async fn infer(self: Arc<Self>, m: Arc<Served>, req: Request<Incoming>) -> Reply {
         let start = Instant::now();
-        let outcome = self.infer_inner(m, req, start).await;
+        let outcome = self.infer_inner(&m, req, start).await;
         let elapsed = start.elapsed();
         let (reply, label) = match outcome {
             Ok(r) => (r, "success"),
             Err((status, msg)) => {
+                if status == StatusCode::INTERNAL_SERVER_ERROR {
+                    m.stats.error_count.fetch_add(1, Ordering::Relaxed);
+                }
                 let label = match status {
                     StatusCode::SERVICE_UNAVAILABLE => "rejected",
                     s if s.is_client_error() => "bad_request",
@@ -271,13 +310,18 @@ impl Server {
         }
         let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
         s.last_ms.store(u64::try_from(now_ms).unwrap_or(0), Ordering::Relaxed);
-        self.metrics.request(&m.name, &m.version, label, elapsed.as_secs_f64());
+        self.catalog.metrics().request(&m.name, &m.version, label, elapsed.as_secs_f64());
+        if self.catalog.watched(&m) {
+            let catalog = self.catalog.clone();
+            let name = m.name.clone();
+            tokio::task::spawn_blocking(move || catalog.judge(&name));
+        }
         reply
     }
 
     async fn infer_inner(
         &self,
-        m: &Served,
+        m: &Arc<Served>,
         req: Request<Incoming>,
         start: Instant,
     ) -> Result<Reply, (StatusCode, String)> {
@@ -342,18 +386,30 @@ impl Server {
                 ),
             ));
         }
-        self.metrics.queue_depth(self.waiting.load(Ordering::SeqCst));
+        self.catalog.metrics().queue_depth(self.waiting.load(Ordering::SeqCst));
         let permit = self.running.acquire().await;
         self.waiting.fetch_sub(1, Ordering::SeqCst);
-        self.metrics.queue_depth(self.waiting.load(Ordering::SeqCst));
+        self.catalog.metrics().queue_depth(self.waiting.load(Ordering::SeqCst));
         let Ok(_permit) = permit else {
             return Err((StatusCode::SERVICE_UNAVAILABLE, "the server is stopping".into()));
         };
         m.stats.queue_ns.fetch_add(nanos(start.elapsed()), Ordering::Relaxed);
-        let compute = Instant::now();
         let inputs = request.inputs;
-        let result = tokio::task::spawn_blocking(move || backend.infer(&inputs)).await;
-        m.stats.compute_ns.fetch_add(nanos(compute.elapsed()), Ordering::Relaxed);
+        let me = m.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let compute = Instant::now();
+            let out = backend.infer(&inputs);
+            let took = compute.elapsed();
+            me.stats.compute_ns.fetch_add(nanos(took), Ordering::Relaxed);
+            if let Ok(outputs) = &out {
+                me.compute.record(took.as_secs_f64());
+                if let Some(monitor) = &me.monitor {
+                    monitor.observe(&inputs, outputs);
+                }
+            }
+            out
+        })
+        .await;
         let outputs = match result {
             Ok(Ok(o)) => o,
             Ok(Err(InferError::BadInput(e))) => return Err((StatusCode::BAD_REQUEST, e)),
@@ -398,39 +454,51 @@ impl Server {
                 if self.ready() {
                     json_reply(StatusCode::OK, &json!({ "ready": true }))
                 } else {
-                    let why: Vec<String> = self
-                        .models
-                        .iter()
-                        .filter(|m| !m.ready())
-                        .map(|m| {
-                            format!(
-                                "{} {}: {}",
-                                m.name,
-                                m.version,
-                                m.problem.as_deref().unwrap_or("not loaded")
-                            )
-                        })
-                        .collect();
-                    error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        &format!("not ready: {}", why.join("; ")),
-                    )
+                    let why = self.catalog.problems().join("; ");
+                    error(StatusCode::SERVICE_UNAVAILABLE, &format!("not ready: {why}"))
                 }
             }
+            ["v2", "repository", "index"] if get || method == Method::POST => {
+                json_reply(StatusCode::OK, &self.catalog.index())
+            }
+            ["v2", "repository", "models", name] if get => match self.catalog.status(name) {
+                Some(v) => json_reply(StatusCode::OK, &v),
+                None => error(StatusCode::NOT_FOUND, &format!("no model {name:?}")),
+            },
+            ["v2", "repository", "models", name, "load"] if method == Method::POST => {
+                let (catalog, name) = (self.catalog.clone(), name.to_string());
+                let done = tokio::task::spawn_blocking(move || catalog.load_newest(&name)).await;
+                match done {
+                    Ok(Ok(report)) => json_reply(StatusCode::OK, &report.to_json()),
+                    Ok(Err(e)) => {
+                        let status = match e {
+                            RepoError::Unknown(_) => StatusCode::NOT_FOUND,
+                            RepoError::Busy(_) => StatusCode::CONFLICT,
+                            RepoError::Failed(_) => StatusCode::BAD_REQUEST,
+                        };
+                        error(status, &e.to_string())
+                    }
+                    Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("the load stopped: {e}")),
+                }
+            }
+            ["v2", "repository", ..] => error(
+                StatusCode::NOT_FOUND,
+                &format!("no such path: {path}; the repository takes GET|POST index, GET models/{{m}}, POST models/{{m}}/load"),
+            ),
             ["v2"] if get => json_reply(
                 StatusCode::OK,
                 &json!({
                     "name": "basalt-runtime",
                     "version": env!("CARGO_PKG_VERSION"),
-                    "extensions": ["binary_tensor_data", "statistics"],
+                    "extensions": ["binary_tensor_data", "statistics", "model_repository"],
                 }),
             ),
             ["metrics"] if get => reply(
                 StatusCode::OK,
-                self.metrics.encode().into_bytes(),
+                self.catalog.metrics().encode().into_bytes(),
                 crate::metrics::CONTENT_TYPE,
             ),
-            ["v2", "models", "stats"] if get => self.stats(self.models.iter().collect()),
+            ["v2", "models", "stats"] if get => self.stats(self.catalog.all_versions()),
             ["v2", "models", name, rest @ ..] => {
                 let (version, tail) = match rest {
                     ["versions", v, tail @ ..] => (Some(*v), tail),
@@ -439,7 +507,7 @@ impl Server {
                 match self.find(name, version) {
                     Err(r) => *r,
                     Ok(m) => match (tail, &method) {
-                        ([], _) if get => self.metadata(m),
+                        ([], _) if get => self.metadata(&m),
                         (["ready"], _) if get => {
                             if m.ready() {
                                 json_reply(
@@ -456,9 +524,10 @@ impl Server {
                         (["stats"], _) if get => {
                             let all = version.is_none();
                             self.stats(
-                                self.models
-                                    .iter()
-                                    .filter(|x| x.name == m.name && (all || x.version == m.version))
+                                self.catalog
+                                    .versions(&m.name)
+                                    .into_iter()
+                                    .filter(|x| all || x.version == m.version)
                                     .collect(),
                             )
                         }
@@ -479,6 +548,33 @@ impl Server {
     }
 }
 
+fn monitor_json(m: &Monitor) -> Value {
+    let tensor = |t: &crate::monitor::TensorMonitor| {
+        let features: Vec<Value> = t
+            .snapshot()
+            .iter()
+            .map(|f| {
+                json!({
+                    "name": f.name,
+                    "count": f.stats.count,
+                    "mean": f.stats.mean,
+                    "variance": f.stats.variance(),
+                    "min": f.stats.min,
+                    "max": f.stats.max,
+                    "out_of_range": f.out_of_range,
+                    "nonfinite": f.nonfinite,
+                    "psi": f.psi,
+                })
+            })
+            .collect();
+        json!({ "name": t.tensor, "features": features })
+    };
+    json!({
+        "inputs": m.inputs.iter().map(tensor).collect::<Vec<_>>(),
+        "outputs": m.outputs.iter().map(tensor).collect::<Vec<_>>(),
+    })
+}
+
 /// Orders versions numerically where they are numbers ("10" after "9").
 pub fn cmp_versions(a: &str, b: &str) -> std::cmp::Ordering {
     match (a.parse::<u64>(), b.parse::<u64>()) {
@@ -490,8 +586,32 @@ pub fn cmp_versions(a: &str, b: &str) -> std::cmp::Ordering {
     }
 }
 
-/// Serves `server` on `listener` until the process ends.
+/// How often watch windows are judged without requests.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Serves `server` on `listener` until the process ends. Once it listens,
+/// each model's newest version is tried (one installed while the runtime
+/// was down), and watch windows are judged every 100 ms.
 pub async fn serve(listener: TcpListener, server: Arc<Server>) {
+    let catalog = server.catalog.clone();
+    tokio::spawn(async move {
+        let c = catalog.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for name in c.names() {
+                if let Err(e) = c.load_newest(&name) {
+                    println!("model {name}: {e}");
+                }
+            }
+        })
+        .await;
+        loop {
+            tokio::time::sleep(TICK).await;
+            if catalog.watching() {
+                let c = catalog.clone();
+                let _ = tokio::task::spawn_blocking(move || c.tick()).await;
+            }
+        }
+    });
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,

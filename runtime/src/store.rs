@@ -39,7 +39,8 @@ use basalt_bundle::model::{
     ModelConfig, TestTensor, TestVector, MAX_MODEL_TOML, MODEL_ONNX, MODEL_TOML,
 };
 
-use crate::server::{Backend, Served, Stats};
+use crate::monitor::Monitor;
+use crate::server::{Backend, Served};
 use crate::v2::{Data, Datatype, Tensor};
 
 /// Largest `model.onnx` read into memory.
@@ -160,20 +161,20 @@ pub fn load_bundle(input: impl Read, trust: &Trust, loader: &Loader) -> Result<L
     let onnx = onnx.ok_or("the bundle has no model.onnx")?;
     let text = toml_bytes.ok_or("the bundle has no model.toml")?;
     let config = ModelConfig::parse(&text).map_err(|e| e.to_string())?;
-    let mut served = Served {
-        name: config.name.clone(),
-        version: config.version.to_string(),
-        backend: None,
-        problem: None,
-        stats: Stats::default(),
-    };
+    let mut served = Served::failed(&config.name, &config.version.to_string(), String::new());
+    served.problem = None;
+    served.watch = config.watch.clone();
     let message = match loader(&onnx) {
         Err(e) => {
             served.problem = Some(format!("it does not load: {e}"));
             format!("model {} {}: does not load: {e}", config.name, config.version)
         }
         Ok(backend) => {
-            let verdict = check(backend.as_ref(), &config.test);
+            let monitor = Monitor::new(&config.monitors, &backend.inputs(), &backend.outputs());
+            let verdict = monitor.and_then(|m| {
+                served.monitor = Some(m);
+                check(backend.as_ref(), &config.test)
+            });
             served.backend = Some(backend);
             match verdict {
                 Ok(worst) => format!(
@@ -208,39 +209,21 @@ pub fn find_bundles(dirs: &[PathBuf]) -> Vec<PathBuf> {
     out
 }
 
-/// Loads every bundle of `dirs`; a bundle that cannot be read becomes a
-/// model that is not ready, named after its file.
-pub fn load_all(dirs: &[PathBuf], trust: &Trust, loader: &Loader) -> Vec<(Served, Duration)> {
-    let mut out = Vec::new();
-    for path in find_bundles(dirs) {
-        let start = Instant::now();
-        let result = std::fs::File::open(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|f| load_bundle(std::io::BufReader::new(f), trust, loader));
-        match result {
-            Ok(l) => {
-                println!("{}", l.message);
-                out.push((l.served, l.took));
-            }
-            Err(e) => {
-                let name = stem(&path);
-                println!("model bundle {}: refused: {e}", path.display());
-                out.push((
-                    Served {
-                        name,
-                        version: "0".into(),
-                        backend: None,
-                        problem: Some(format!("{}: {e}", path.display())),
-                        stats: Stats::default(),
-                    },
-                    start.elapsed(),
-                ));
-            }
-        }
-    }
-    out
+/// Reads, verifies and loads the bundle in a file.
+pub fn load_file(path: &Path, trust: &Trust, loader: &Loader) -> Result<Loaded, String> {
+    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    load_bundle(std::io::BufReader::new(f), trust, loader)
 }
 
-fn stem(p: &Path) -> String {
-    p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+/// The model name and version a bundle's manifest gives, once its
+/// signatures check; nothing else is read.
+pub fn peek(path: &Path, trust: &Trust) -> Result<(String, semver::Version), String> {
+    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let reader =
+        BundleReader::open(std::io::BufReader::new(f), trust).map_err(|e| e.to_string())?;
+    let m = reader.manifest();
+    if m.kind != BundleKind::Model {
+        return Err(format!("{} {} is not a model bundle", m.name, m.version));
+    }
+    Ok((m.name.clone(), m.version.clone()))
 }

@@ -11,9 +11,10 @@ use std::sync::Arc;
 use basalt_bundle::archive::{compress, write_bundle, Trust};
 use basalt_bundle::keys::SigningKey;
 use basalt_bundle::manifest::{BundleKind, Compression, Manifest, PayloadInfo};
+use basalt_bundle::model::StdDisk;
 use basalt_bundle::signature::{sign, SignatureFile};
+use basalt_runtime::repository::{Catalog, Settings};
 use basalt_runtime::server::{serve, Limits, Server};
-use basalt_runtime::store;
 use serde_json::Value;
 
 fn root() -> PathBuf {
@@ -71,9 +72,15 @@ fn start(
         std::fs::write(dir.path().join(file), bytes).unwrap();
     }
     let trust = Trust { keys: vec![key.public()], threshold: 1 };
-    let loaded =
-        store::load_all(&[dir.path().to_path_buf()], &trust, &basalt_runtime::backend::load_onnx);
-    let server = Arc::new(Server::new(loaded, limits));
+    let settings = Settings {
+        store: None,
+        baked: vec![dir.path().to_path_buf()],
+        trust,
+        boot_id: "test".into(),
+    };
+    let catalog =
+        Catalog::open(settings, Box::new(basalt_runtime::backend::load_onnx), Arc::new(StdDisk));
+    let server = Arc::new(Server::new(Arc::new(catalog), limits));
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     listener.set_nonblocking(true).unwrap();

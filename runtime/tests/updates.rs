@@ -1,0 +1,449 @@
+//! Model updates on the device: versions installed into the store, loaded
+//! beside the running one, switched to under load, watched and rolled
+//! back, and power cuts at every step. The model versions come from
+//! `tests/data/make_update_models.py` (onnx and onnxruntime from
+//! `.cache/venv`); the engine that runs them is the real one.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use basalt_bundle::archive::{compress, write_bundle, Trust};
+use basalt_bundle::keys::SigningKey;
+use basalt_bundle::manifest::{BundleKind, Compression, Manifest, PayloadInfo};
+use basalt_bundle::model::{install, CutDisk, Disk, ModelState, StdDisk, Trial};
+use basalt_bundle::signature::{sign, SignatureFile};
+use basalt_runtime::repository::{Catalog, RepoError, Settings};
+use basalt_runtime::server::{serve, Limits, Server};
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// The model versions, made once per test run.
+fn versions() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let python = root().join(".cache/venv/bin/python");
+        assert!(python.is_file(), "no {}; run ci/setup.sh", python.display());
+        let out = Command::new(python)
+            .arg(root().join("runtime/tests/data/make_update_models.py"))
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        dir
+    })
+}
+
+/// A signed bundle of version `v`, with `extra` appended to its model.toml.
+fn bundle(key: &SigningKey, v: &str, extra: &str) -> Vec<u8> {
+    let onnx = std::fs::read(versions().join(format!("{v}.onnx"))).unwrap();
+    let mut config = std::fs::read_to_string(versions().join(format!("{v}.model.toml"))).unwrap();
+    config.push_str(extra);
+    let manifest = Manifest {
+        format: 1,
+        kind: BundleKind::Model,
+        name: "demo".into(),
+        version: v.parse().unwrap(),
+        compatible: vec!["any".into()],
+        created: basalt_bundle::civil::unix_to_datetime(1_700_000_000),
+        os: None,
+        payloads: vec![
+            PayloadInfo::describe("model.onnx", &onnx, Compression::Zstd, None),
+            PayloadInfo::describe("model.toml", config.as_bytes(), Compression::None, None),
+        ],
+    }
+    .to_toml();
+    let mut sigs = SignatureFile::default();
+    sigs.add(sign(manifest.as_bytes(), key));
+    let z = compress(&onnx, 3).unwrap();
+    let payloads: [(&str, &[u8]); 2] = [("model.onnx", &z), ("model.toml", config.as_bytes())];
+    write_bundle(Vec::new(), manifest.as_bytes(), sigs.to_toml().unwrap().as_bytes(), &payloads, 1)
+        .unwrap()
+}
+
+struct Device {
+    key: Arc<SigningKey>,
+    store: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Device {
+    fn new() -> Device {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("models");
+        Device { key: Arc::new(SigningKey::generate().unwrap()), store, _dir: dir }
+    }
+
+    fn trust(&self) -> Trust {
+        Trust { keys: vec![self.key.public()], threshold: 1 }
+    }
+
+    fn install(&self, v: &str, extra: &str) {
+        install(&self.store, &bundle(&self.key, v, extra)[..], &self.trust(), 3, &StdDisk).unwrap();
+    }
+
+    fn catalog(&self, boot: &str, disk: Arc<dyn Disk>) -> Catalog {
+        let settings = Settings {
+            store: Some(self.store.clone()),
+            baked: Vec::new(),
+            trust: self.trust(),
+            boot_id: boot.into(),
+        };
+        Catalog::open(settings, Box::new(basalt_runtime::backend::load_onnx), disk)
+    }
+
+    fn serving(&self, catalog: &Catalog) -> Option<String> {
+        catalog.find("demo", None).filter(|s| s.ready()).map(|s| s.version.clone())
+    }
+}
+
+fn start(catalog: Catalog) -> SocketAddr {
+    let server = Arc::new(Server::new(Arc::new(catalog), Limits::default()));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            serve(tokio::net::TcpListener::from_std(listener).unwrap(), server).await;
+        });
+    });
+    addr
+}
+
+fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let split = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let status =
+        String::from_utf8_lossy(&out[..split]).split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = &out[split + 4..];
+    let v = serde_json::from_slice(body)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into()));
+    (status, v)
+}
+
+fn infer(addr: SocketAddr, x: f32) -> (u16, Value) {
+    let body = format!(
+        r#"{{"inputs":[{{"name":"x","shape":[1,4],"datatype":"FP32","data":[{x},{x},{x},{x}]}}]}}"#
+    );
+    http(addr, "POST", "/v2/models/demo/infer", body.as_bytes())
+}
+
+fn status(addr: SocketAddr) -> Value {
+    let (c, v) = http(addr, "GET", "/v2/repository/models/demo", b"");
+    assert_eq!(c, 200, "{v}");
+    v
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + Duration::from_secs(30);
+    while !f() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Eight clients infer without pause while version 2 is loaded, tested
+/// and switched to: no request fails, and each client sees version 1's
+/// answers, then version 2's, never back.
+#[test]
+fn the_switch_under_load_fails_no_request() {
+    let d = Device::new();
+    d.install("1.0.0", "");
+    let addr = start(d.catalog("boot", Arc::new(StdDisk)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    let (code, v) = infer(addr, 1.0);
+                    assert_eq!(code, 200, "{v}");
+                    let version = v["model_version"].as_str().unwrap().to_string();
+                    let y = v["outputs"][0]["data"][0].as_f64().unwrap();
+                    seen.push((version, y));
+                }
+                seen
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    d.install("2.0.0", "[watch]\nwindow = 0.5\n");
+    let (code, v) = http(addr, "POST", "/v2/repository/models/demo/load", b"");
+    assert_eq!(code, 200, "{v}");
+    assert_eq!((v["version"].as_str(), v["state"].as_str()), (Some("2.0.0"), Some("watching")));
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    let mut total = [0usize; 2];
+    for c in clients {
+        let seen = c.join().unwrap();
+        let mut new = false;
+        for (version, y) in &seen {
+            match version.as_str() {
+                "1.0.0" => {
+                    assert!(!new, "a client went back to 1.0.0: {seen:?}");
+                    assert_eq!(*y, 4.0);
+                    total[0] += 1;
+                }
+                "2.0.0" => {
+                    new = true;
+                    assert_eq!(*y, 8.0);
+                    total[1] += 1;
+                }
+                other => panic!("version {other}"),
+            }
+        }
+    }
+    assert!(total[0] > 0 && total[1] > 0, "{total:?}");
+    wait_for("2.0.0 kept", || status(addr)["last"]["result"] == "serving");
+    let s = status(addr);
+    assert_eq!((s["serving"].as_str(), s["fallback"].as_str()), (Some("2.0.0"), Some("1.0.0")));
+    let (state, _) = ModelState::load(&d.store, "demo");
+    assert_eq!(state.serving, Some("2.0.0".parse().unwrap()));
+    // The previous version still answers by its version.
+    let body = br#"{"inputs":[{"name":"x","shape":[1,4],"datatype":"FP32","data":[1,1,1,1]}]}"#;
+    let (c, v) = http(addr, "POST", "/v2/models/demo/versions/1.0.0/infer", body);
+    assert_eq!((c, v["outputs"][0]["data"][0].as_f64()), (200, Some(4.0)), "{v}");
+    println!("requests on 1.0.0: {}, on 2.0.0: {}", total[0], total[1]);
+}
+
+/// v3 fails its test vector, v4 passes it and fails live requests, v5
+/// passes it and is too slow: each ends with v2 serving, its reason
+/// recorded and shown, and none is loaded or installed again.
+#[test]
+fn failing_versions_roll_back_and_are_never_retried() {
+    let d = Device::new();
+    d.install("1.0.0", "");
+    d.install("2.0.0", "[watch]\nwindow = 0\n");
+    let addr = start(d.catalog("boot", Arc::new(StdDisk)));
+    wait_for("2.0.0 serving", || status(addr)["serving"] == "2.0.0");
+    for _ in 0..30 {
+        assert_eq!(infer(addr, 1.0).0, 200);
+    }
+
+    // v3: its test vector fails; nothing switches, and /v2/health/ready
+    // stays as it was.
+    d.install("3.0.0", "");
+    let (c, v) = http(addr, "POST", "/v2/repository/models/demo/load", b"");
+    assert_eq!(c, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("test vector"), "{v}");
+    assert_eq!(http(addr, "GET", "/v2/health/ready", b"").0, 200);
+    assert_eq!(infer(addr, 1.0).1["model_version"], "2.0.0");
+    let (c, v) = http(addr, "GET", "/v2/models/demo/versions/3.0.0/ready", b"");
+    assert_eq!(c, 503, "{v}");
+    let (c, v) = http(addr, "POST", "/v2/repository/models/demo/load", b"");
+    assert_eq!((c, v["state"].as_str()), (200, Some("unchanged")), "{v}");
+
+    // v4: passes its test vector, then fails requests whose x is outside
+    // its table: rolled back on the error rate.
+    d.install("4.0.0", "[watch]\nwindow = 60\nmin_requests = 5\n");
+    let (c, v) = http(addr, "POST", "/v2/repository/models/demo/load", b"");
+    assert_eq!((c, v["state"].as_str()), (200, Some("watching")), "{v}");
+    let mut codes = Vec::new();
+    for _ in 0..5 {
+        codes.push(infer(addr, 5.0).0);
+    }
+    assert!(codes.contains(&500), "{codes:?}");
+    wait_for("the rollback of 4.0.0", || status(addr)["serving"] == "2.0.0");
+    let s = status(addr);
+    assert_eq!(s["last"]["result"], "rolled-back", "{s}");
+    assert!(s["last"]["message"].as_str().unwrap().contains("error rate"), "{s}");
+    assert_eq!(infer(addr, 1.0).1["model_version"], "2.0.0");
+
+    // v5: the same answers, too slow against v2's p99.
+    d.install("5.0.0", "[watch]\nwindow = 2\nmin_requests = 10\nmax_latency_ratio = 3.0\n");
+    let (c, v) = http(addr, "POST", "/v2/repository/models/demo/load", b"");
+    assert_eq!((c, v["state"].as_str()), (200, Some("watching")), "{v}");
+    for _ in 0..10 {
+        let (c, v) = infer(addr, 1.0);
+        assert_eq!(c, 200, "{v}");
+    }
+    wait_for("the rollback of 5.0.0", || status(addr)["serving"] == "2.0.0");
+    let s = status(addr);
+    assert!(s["last"]["message"].as_str().unwrap().contains("p99"), "{s}");
+
+    // Each failure is recorded with its reason, refused by the installer
+    // and by the runtime, after a restart too.
+    let failed: Vec<(String, String)> = s["failed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["version"].as_str().unwrap().into(), f["reason"].as_str().unwrap().into()))
+        .collect();
+    let versions: Vec<&str> = failed.iter().map(|(v, _)| v.as_str()).collect();
+    assert_eq!(versions, ["3.0.0", "4.0.0", "5.0.0"], "{failed:?}");
+    let (c, v) = http(addr, "POST", "/v2/repository/models/demo/load", b"");
+    assert_eq!(
+        (c, v["state"].as_str(), v["version"].as_str()),
+        (200, Some("unchanged"), Some("2.0.0"))
+    );
+    let e = install(&d.store, &bundle(&d.key, "4.0.0", "")[..], &d.trust(), 3, &StdDisk);
+    assert!(e.unwrap_err().to_string().contains("failed on this device"));
+    let again = d.catalog("boot-2", Arc::new(StdDisk));
+    assert_eq!(d.serving(&again).as_deref(), Some("2.0.0"));
+    assert_eq!(again.load_newest("demo").unwrap().state, "unchanged");
+
+    // The index shows each version's role; the metrics count the
+    // rollbacks and pass promtool.
+    let (_, index) = http(addr, "GET", "/v2/repository/index", b"");
+    let roles: Vec<(String, String)> = index
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["version"].as_str().unwrap().into(), e["role"].as_str().unwrap().into()))
+        .collect();
+    assert!(roles.contains(&("2.0.0".into(), "serving".into())), "{roles:?}");
+    assert!(roles.contains(&("5.0.0".into(), "failed".into())), "{roles:?}");
+    let metrics = metrics_text(addr);
+    assert!(
+        metrics.contains(r#"basalt_model_updates_total{model="demo",result="rolled-back"} 2"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"basalt_model_serving{model="demo",version="2.0.0"} 1"#));
+}
+
+fn metrics_text(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let text = out.split_once("\r\n\r\n").unwrap().1.to_string();
+    let mut p = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (ci/setup.sh installs Debian's prometheus)");
+    p.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = p.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+/// A trial left unfinished by a crash of this boot is refused when the
+/// runtime comes back; one cut by a reboot is tried again.
+#[test]
+fn a_crash_refuses_the_version_on_trial_a_reboot_retries_it() {
+    let d = Device::new();
+    d.install("1.0.0", "");
+    d.install("2.0.0", "[watch]\nwindow = 0\n");
+    let trial = |boot: &str| ModelState {
+        serving: Some("1.0.0".parse().unwrap()),
+        trying: Some(Trial { version: "2.0.0".parse().unwrap(), boot_id: boot.into(), since: 1 }),
+        ..Default::default()
+    };
+    trial("boot-1").save(&d.store, "demo", &StdDisk).unwrap();
+    let c = d.catalog("boot-2", Arc::new(StdDisk));
+    assert_eq!(d.serving(&c).as_deref(), Some("1.0.0"));
+    assert_eq!(c.load_newest("demo").unwrap().serving.as_deref(), Some("2.0.0"));
+
+    trial("boot-3").save(&d.store, "demo", &StdDisk).unwrap();
+    let c = d.catalog("boot-3", Arc::new(StdDisk));
+    assert_eq!(d.serving(&c).as_deref(), Some("1.0.0"));
+    assert_eq!(c.load_newest("demo").unwrap().state, "unchanged");
+    let (state, _) = ModelState::load(&d.store, "demo");
+    assert!(state.failure(&"2.0.0".parse().unwrap()).unwrap().reason.contains("stopped"));
+}
+
+/// Power cut after every single change, first of the install of v2, then
+/// of the runtime's switch to it: a fresh start serves v1 or v2, never
+/// nothing, and ends on v2 once it is told to load.
+#[test]
+fn a_power_cut_at_any_step_leaves_a_version_serving() {
+    let base = Device::new();
+    base.install("1.0.0", "");
+    drop(base.catalog("boot-0", Arc::new(StdDisk)));
+    let v2 = bundle(&base.key, "2.0.0", "[watch]\nwindow = 0\n");
+    let copy = |to: &Path| {
+        let out = Command::new("cp").arg("-a").arg(&base.store).arg(to).output().unwrap();
+        assert!(out.status.success());
+    };
+    let scratch = tempfile::tempdir().unwrap();
+
+    // The install, by the update agent.
+    let counting = CutDisk::new(u64::MAX);
+    let store = scratch.path().join("count");
+    copy(&store);
+    install(&store, &v2[..], &base.trust(), 3, &counting).unwrap();
+    let total = counting.calls();
+    assert!(total >= 6, "{total}");
+    for n in 0..total {
+        let store = scratch.path().join(format!("install-{n}"));
+        copy(&store);
+        let disk = CutDisk::new(n);
+        assert!(install(&store, &v2[..], &base.trust(), 3, &disk).is_err());
+        assert!(disk.was_cut());
+        let d = Device { key: base.key.clone(), store, _dir: tempfile::tempdir().unwrap() };
+        let c = d.catalog("boot-1", Arc::new(StdDisk));
+        assert_eq!(d.serving(&c).as_deref(), Some("1.0.0"), "install cut {n}");
+        c.load_newest("demo").unwrap();
+        let now = d.serving(&c).unwrap();
+        assert!(now == "1.0.0" || now == "2.0.0", "install cut {n}: {now}");
+    }
+
+    // The switch, by the runtime: trial recorded, loaded, kept.
+    let store = scratch.path().join("switch-count");
+    copy(&store);
+    install(&store, &v2[..], &base.trust(), 3, &StdDisk).unwrap();
+    let d = Device { key: base.key.clone(), store, _dir: tempfile::tempdir().unwrap() };
+    let counting = Arc::new(CutDisk::new(u64::MAX));
+    let c = d.catalog("boot-1", counting.clone());
+    c.load_newest("demo").unwrap();
+    let total = counting.calls();
+    assert!(total >= 8, "{total}");
+    for n in 0..total {
+        let store = scratch.path().join(format!("switch-{n}"));
+        copy(&store);
+        install(&store, &v2[..], &base.trust(), 3, &StdDisk).unwrap();
+        let d = Device { key: base.key.clone(), store, _dir: tempfile::tempdir().unwrap() };
+        let disk = Arc::new(CutDisk::new(n));
+        let c = d.catalog("boot-1", disk.clone());
+        let _ = c.load_newest("demo");
+        assert!(disk.was_cut(), "switch cut {n}");
+        drop(c);
+        let after = d.catalog("boot-2", Arc::new(StdDisk));
+        let first = d.serving(&after).unwrap_or_else(|| panic!("switch cut {n}: nothing serves"));
+        assert!(first == "1.0.0" || first == "2.0.0", "switch cut {n}: {first}");
+        after.load_newest("demo").unwrap();
+        assert_eq!(d.serving(&after).as_deref(), Some("2.0.0"), "switch cut {n}");
+    }
+}
+
+#[test]
+fn loading_an_unknown_model_is_404_and_a_busy_one_409() {
+    let d = Device::new();
+    d.install("1.0.0", "");
+    let c = d.catalog("boot", Arc::new(StdDisk));
+    assert!(matches!(c.load_newest("nope"), Err(RepoError::Unknown(_))));
+    let addr = start(c);
+    let (code, v) = http(addr, "POST", "/v2/repository/models/nope/load", b"");
+    assert_eq!(code, 404, "{v}");
+    d.install("2.0.0", "[watch]\nwindow = 60\n");
+    assert_eq!(http(addr, "POST", "/v2/repository/models/demo/load", b"").0, 200);
+    let (code, v) = http(addr, "POST", "/v2/repository/models/demo/load", b"");
+    assert_eq!(code, 409, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("watch window"), "{v}");
+}
