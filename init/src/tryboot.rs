@@ -725,6 +725,7 @@ mod tests {
         let (done, total) = cut::count(|| install(&pi, &v2, chunk));
         done.unwrap();
         assert!(total >= 20, "only {total} cut points");
+        println!("install: {total} cut points");
         let mut tried_new = 0;
         for n in 0..=total {
             let pi = fresh();
@@ -757,6 +758,7 @@ mod tests {
             let (done, total) = cut::count(|| step(&mut bl));
             done.unwrap();
             assert!(total >= 4, "{what}: {total} cut points");
+            println!("{what}: {total} cut points");
             for n in 0..=total {
                 let pi = on_trial();
                 let mut bl = pi.tryboot();

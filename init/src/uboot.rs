@@ -297,8 +297,19 @@ impl EnvStore {
     }
 
     /// Writes `env` the way a power cut cannot lose: see the module docs.
-    /// Without a redundant copy, the one copy is overwritten in place.
+    /// `current` is where [`EnvStore::read`] found the environment, `None`
+    /// only when it found no valid copy (a blank board). Without a
+    /// redundant copy, the one copy is overwritten in place.
     pub fn write(&self, env: &Env, current: Option<Current>) -> Result<(), InstallError> {
+        if current.is_none() && self.loc.redundant.is_some() && self.read().is_ok() {
+            // Writing the first copy blindly could leave a newer second
+            // copy in force and lose this write.
+            return Err(InstallError::Bootloader(format!(
+                "{}: the U-Boot environment has a valid copy; read it first, so that the \
+                 write goes to the other copy",
+                self.loc.primary.path.display()
+            )));
+        }
         let header = self.header();
         let copies = self.copies();
         let (target, flag, new_flag) = match (self.loc.redundant.as_ref(), current) {
@@ -777,7 +788,8 @@ mod tests {
         let (read, cur) = store.read().unwrap();
         assert_eq!((read, cur), (env.clone(), Current { copy: 1, flag: 1 }));
         // A torn second copy: the first one is read again.
-        let mut bytes = board.env_bytes();
+        let before_tear = board.env_bytes();
+        let mut bytes = before_tear.clone();
         bytes[ENV_SIZE as usize + 100] ^= 1;
         fs::write(board.dir.path().join("env"), &bytes).unwrap();
         let (read, cur) = store.read().unwrap();
@@ -788,6 +800,10 @@ mod tests {
         fs::write(board.dir.path().join("env"), &bytes).unwrap();
         let err = store.read().unwrap_err().to_string();
         assert!(err.contains("no copy of the U-Boot environment has a valid CRC"), "{err}");
+        // A blind write next to a valid copy is refused.
+        fs::write(board.dir.path().join("env"), before_tear).unwrap();
+        let err = store.write(&env, None).unwrap_err().to_string();
+        assert!(err.contains("read it first"), "{err}");
     }
 
     #[test]
@@ -909,6 +925,7 @@ mod tests {
         let (done, total) = cut::count(|| install(&board, Slot::A, &v2, chunk));
         done.unwrap();
         assert!(total >= 20, "only {total} cut points");
+        println!("install: {total} cut points");
         let mut new = 0;
         for n in 0..=total {
             let board = fresh();
@@ -942,6 +959,7 @@ mod tests {
             let (done, total) = cut::count(|| step(&mut bl));
             done.unwrap();
             assert!(total >= 4, "{what}: {total} cut points");
+            println!("{what}: {total} cut points");
             for n in 0..=total {
                 let board = on_trial();
                 let (_, was_cut) = cut::with_budget(n, || step(&mut board.uboot(Some(Slot::B))));
