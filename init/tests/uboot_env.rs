@@ -129,3 +129,27 @@ fn we_read_what_fw_setenv_writes_in_both_copies_across_the_flag_wrap() {
         assert_eq!(fw_printenv(&config), pairs(&env));
     }
 }
+
+#[test]
+fn a_single_copy_environment_has_no_flag_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("env");
+    fs::write(&path, vec![0u8; SIZE as usize]).unwrap();
+    let config = dir.path().join("fw_env.config");
+    fs::write(&config, format!("{} 0x0 {SIZE:#x}\n", path.display())).unwrap();
+    let store = EnvStore::new(EnvLocation {
+        primary: EnvCopy { path: path.clone(), offset: 0, size: SIZE },
+        redundant: None,
+    });
+    let mut env = Env::new();
+    env.set("basalt_slot", "b");
+    store.write(&env, None).unwrap();
+    // The data starts right after the CRC.
+    assert_eq!(&fs::read(&path).unwrap()[4..18], b"basalt_slot=b\0");
+    assert_eq!(fw_printenv(&config), pairs(&env));
+    run("fw_setenv", &["-c", config.to_str().unwrap(), "bootcount", "2"]);
+    let (read, cur) = store.read().unwrap();
+    assert_eq!(cur, Current { copy: 0, flag: 0 });
+    assert_eq!(read.get("bootcount"), Some("2"));
+    assert_eq!(read.get("basalt_slot"), Some("b"));
+}
