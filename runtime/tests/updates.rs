@@ -185,7 +185,9 @@ fn the_switch_under_load_fails_no_request() {
         })
         .collect();
     std::thread::sleep(Duration::from_millis(300));
-    d.install("2.0.0", "[watch]\nwindow = 0.5\n");
+    let feature = "[[monitor.feature]]\nrange = [0.0, 0.5]\nbins = [0.5]\nexpected = [0.5, 0.5]\n";
+    let monitor = format!("[[monitor]]\ntensor = \"x\"\n{}", feature.repeat(4));
+    d.install("2.0.0", &format!("[watch]\nwindow = 0.5\n{monitor}"));
     let (code, v) = http(addr, "POST", "/v2/repository/models/demo/load", b"");
     assert_eq!(code, 200, "{v}");
     assert_eq!((v["version"].as_str(), v["state"].as_str()), (Some("2.0.0"), Some("watching")));
@@ -222,6 +224,31 @@ fn the_switch_under_load_fails_no_request() {
     let (c, v) = http(addr, "POST", "/v2/models/demo/versions/1.0.0/infer", body);
     assert_eq!((c, v["outputs"][0]["data"][0].as_f64()), (200, Some(4.0)), "{v}");
     println!("requests on 1.0.0: {}, on 2.0.0: {}", total[0], total[1]);
+
+    // Every request sent x = 1: above the training range [0, 0.5], all in
+    // the upper bin, against training shares of one half each.
+    let (c, stats) = http(addr, "GET", "/v2/models/demo/versions/2.0.0/stats", b"");
+    assert_eq!(c, 200, "{stats}");
+    let f = &stats["model_stats"][0]["monitor"]["inputs"][0]["features"][3];
+    let n = f["count"].as_u64().unwrap();
+    assert_eq!(n as usize, total[1], "{f}");
+    assert_eq!((f["mean"].as_f64(), f["variance"].as_f64()), (Some(1.0), Some(0.0)), "{f}");
+    assert_eq!(f["out_of_range"].as_u64(), Some(n), "{f}");
+    let floor = 1e-4f64;
+    let want = (floor - 0.5) * (floor / 0.5).ln() + (1.0 - 0.5) * (1.0f64 / 0.5).ln();
+    assert!((f["psi"].as_f64().unwrap() - want).abs() < 1e-12, "{f} vs {want}");
+    let out = &stats["model_stats"][0]["monitor"]["outputs"][0]["features"][0];
+    assert_eq!(out["mean"].as_f64(), Some(8.0), "{out}");
+    let metrics = metrics_text(addr);
+    let series =
+        r#"basalt_model_feature_psi{model="demo",version="2.0.0",tensor="x",feature="3"} "#;
+    let value: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series))
+        .unwrap_or_else(|| panic!("no {series}in\n{metrics}"))
+        .parse()
+        .unwrap();
+    assert!((value - want).abs() < 1e-12, "{value} vs {want}");
 }
 
 /// v3 fails its test vector, v4 passes it and fails live requests, v5
@@ -446,4 +473,65 @@ fn loading_an_unknown_model_is_404_and_a_busy_one_409() {
     let (code, v) = http(addr, "POST", "/v2/repository/models/demo/load", b"");
     assert_eq!(code, 409, "{v}");
     assert!(v["error"].as_str().unwrap().contains("watch window"), "{v}");
+}
+
+/// The cost of the statistics on the reference MLP, batch 1: the same
+/// inferences with and without `Monitor::observe`, interleaved in one
+/// run. Not a pass/fail test; run it in release:
+/// `cargo test --release -p basalt-runtime --test updates statistics_overhead -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn statistics_overhead_on_the_mlp() {
+    use basalt_runtime::monitor::Monitor;
+    use basalt_runtime::v2::{Data, Tensor};
+    let onnx = std::fs::read(root().join(".cache/models/mlp.onnx")).expect("run ci/setup.sh");
+    let backend = basalt_runtime::backend::load_onnx(&onnx).unwrap();
+    let monitor = Monitor::new(&[], &backend.inputs(), &backend.outputs()).unwrap();
+    let inputs: Vec<Tensor> = (0..64)
+        .map(|i| Tensor {
+            name: "features".into(),
+            shape: vec![1, 32],
+            data: Data::F32((0..32).map(|j| ((i * 32 + j) % 17) as f32 * 0.1).collect()),
+        })
+        .collect();
+    let run = |with: bool, t: &Tensor| {
+        let start = Instant::now();
+        let out = backend.infer(std::slice::from_ref(t)).unwrap();
+        if with {
+            monitor.observe(std::slice::from_ref(t), &out);
+        }
+        start.elapsed().as_secs_f64()
+    };
+    for t in &inputs {
+        run(true, t);
+        run(false, t);
+    }
+    let (mut on, mut off) = (Vec::new(), Vec::new());
+    for round in 0..20_000 {
+        let t = &inputs[round % inputs.len()];
+        if round % 2 == 0 {
+            on.push(run(true, t));
+            off.push(run(false, t));
+        } else {
+            off.push(run(false, t));
+            on.push(run(true, t));
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (mon, moff) = (mean(&on), mean(&off));
+    let (a, b) = (median(&mut on), median(&mut off));
+    println!(
+        "mlp batch 1, 20000 inferences each: median {:.2} us with statistics, {:.2} us without \
+         ({:+.2} %); mean {:.2} us vs {:.2} us ({:+.2} %)",
+        a * 1e6,
+        b * 1e6,
+        (a / b - 1.0) * 100.0,
+        mon * 1e6,
+        moff * 1e6,
+        (mon / moff - 1.0) * 100.0
+    );
 }
