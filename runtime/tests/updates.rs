@@ -524,6 +524,76 @@ fn statistics_overhead_on_the_mlp() {
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let (mon, moff) = (mean(&on), mean(&off));
     let (a, b) = (median(&mut on), median(&mut off));
+
+    // The whole request, for scale: one keep-alive connection to the
+    // server with the MLP, JSON in and out, statistics on.
+    let d = Device::new();
+    let key = &d.key;
+    let onnx_bundle = {
+        let config = std::fs::read(root().join(".cache/models/mlp.model.toml")).unwrap();
+        let manifest = Manifest {
+            format: 1,
+            kind: BundleKind::Model,
+            name: "mlp".into(),
+            version: "1.0.0".parse().unwrap(),
+            compatible: vec!["any".into()],
+            created: basalt_bundle::civil::unix_to_datetime(1_700_000_000),
+            os: None,
+            payloads: vec![
+                PayloadInfo::describe("model.onnx", &onnx, Compression::None, None),
+                PayloadInfo::describe("model.toml", &config, Compression::None, None),
+            ],
+        }
+        .to_toml();
+        let mut sigs = SignatureFile::default();
+        sigs.add(sign(manifest.as_bytes(), key));
+        let payloads: [(&str, &[u8]); 2] = [("model.onnx", &onnx), ("model.toml", &config)];
+        let sig = sigs.to_toml().unwrap();
+        write_bundle(Vec::new(), manifest.as_bytes(), sig.as_bytes(), &payloads, 1).unwrap()
+    };
+    install(&d.store, &onnx_bundle[..], &d.trust(), 3, &StdDisk).unwrap();
+    let addr = start(d.catalog("boot", Arc::new(StdDisk)));
+    let x: Vec<String> = (0..32).map(|j| format!("{}", j as f32 * 0.1)).collect();
+    let body = format!(
+        r#"{{"inputs":[{{"name":"features","shape":[1,32],"datatype":"FP32","data":[{}]}}]}}"#,
+        x.join(",")
+    );
+    let request = format!(
+        "POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut conn = std::io::BufReader::new(TcpStream::connect(addr).unwrap());
+    conn.get_ref().set_nodelay(true).unwrap();
+    let mut one = || {
+        let t = Instant::now();
+        conn.get_mut().write_all(request.as_bytes()).unwrap();
+        let mut len = 0;
+        loop {
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut conn, &mut line).unwrap();
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap();
+            }
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let mut b = vec![0; len];
+        conn.read_exact(&mut b).unwrap();
+        t.elapsed().as_secs_f64()
+    };
+    for _ in 0..200 {
+        one();
+    }
+    let mut whole: Vec<f64> = (0..5000).map(|_| one()).collect();
+    let req = median(&mut whole);
+    println!(
+        "whole request over HTTP (JSON, keep-alive): median {:.1} us; the statistics' {:.2} us are \
+         {:.2} % of it",
+        req * 1e6,
+        (a - b) * 1e6,
+        (a - b) / req * 100.0
+    );
     println!(
         "mlp batch 1, 20000 inferences each: median {:.2} us with statistics, {:.2} us without \
          ({:+.2} %); mean {:.2} us vs {:.2} us ({:+.2} %)",
