@@ -706,7 +706,8 @@ static INSTALLS: AtomicU64 = AtomicU64::new(0);
 ///    one.
 ///
 /// A version the runtime recorded as failed is refused. A version already
-/// installed is left as it is. The caller (the update agent) decides
+/// installed with the same bytes is left as it is; one whose bundle on
+/// disk differs (damaged) is replaced. The caller (the update agent) decides
 /// beforehand whether the version is one it wants (channel, order); the
 /// runtime loads it when told (`POST /v2/repository/models/<name>/load`).
 pub fn install(
@@ -804,7 +805,7 @@ pub fn install(
     }
     let model_dir = store.join(&name);
     let dir = version_dir(store, &name, &version);
-    if dir.join(BUNDLE_FILE).is_file() {
+    if same_content(&dir.join(BUNDLE_FILE), &tmp.join(BUNDLE_FILE)) {
         let _ = disk.remove_dir_all(&tmp);
         // A cut may have come between the rename and the prune.
         let pruned = prune_except(store, &name, keep, Some(&version), disk)?;
@@ -814,8 +815,8 @@ pub fn install(
         disk.create_dir_all(&model_dir).map_err(io_err("create", &model_dir))?;
         disk.sync_dir(store).map_err(io_err("flush", store))?;
     }
-    // A folder of that version without a bundle is what a cut prune or an
-    // older layout left: move it aside first.
+    // A folder of that version with another (damaged) bundle, or none,
+    // goes aside first, in one rename.
     if dir.exists() {
         let aside = model_dir.join(format!(".pruned-{version}"));
         disk.remove_dir_all(&aside).map_err(io_err("remove", &aside))?;
@@ -826,6 +827,27 @@ pub fn install(
     disk.sync_dir(store).map_err(io_err("flush", store))?;
     let pruned = prune_except(store, &name, keep, Some(&version), disk)?;
     Ok(Installed { name, version, dir, already: false, pruned })
+}
+
+/// Whether two files hold the same bytes (false when either is missing).
+fn same_content(a: &Path, b: &Path) -> bool {
+    let (Ok(fa), Ok(fb)) = (File::open(a), File::open(b)) else { return false };
+    match (fa.metadata(), fb.metadata()) {
+        (Ok(ma), Ok(mb)) if ma.len() == mb.len() => {}
+        _ => return false,
+    }
+    let (mut ra, mut rb) = (io::BufReader::new(fa), io::BufReader::new(fb));
+    let (mut ba, mut bb) = (vec![0u8; 1 << 16], vec![0u8; 1 << 16]);
+    loop {
+        let n = match ra.read(&mut ba) {
+            Ok(0) => return true,
+            Ok(n) => n,
+            Err(_) => return false,
+        };
+        if rb.read_exact(&mut bb[..n]).is_err() || ba[..n] != bb[..n] {
+            return false;
+        }
+    }
 }
 
 /// Removes the versions of `name` beyond the newest `keep`, never one the
@@ -922,6 +944,20 @@ data = [3.0]
     fn parses_and_round_trips() {
         let c = ModelConfig::parse(GOOD.as_bytes()).unwrap();
         assert_eq!(c.test.absolute, 1e-5);
+        assert_eq!(c.watch, Watch::default());
+        assert_eq!(ModelConfig::parse(c.to_toml().as_bytes()).unwrap(), c);
+        let full = format!(
+            "{GOOD}[watch]\nwindow = 60\nmax_p99_seconds = 0.01\n[[monitor]]\ntensor = \"x\"\n\
+             axis = 1\n[[monitor.feature]]\nname = \"a\"\nrange = [0, 1]\nbins = [0.5]\n\
+             expected = [0.25, 0.75]\n[[monitor.feature]]\n"
+        );
+        let c = ModelConfig::parse(full.as_bytes()).unwrap();
+        assert_eq!(
+            (c.watch.window, c.watch.max_p99_seconds, c.watch.min_requests),
+            (60.0, Some(0.01), 20)
+        );
+        assert_eq!(c.monitors[0].features[0].expected, [0.25, 0.75]);
+        assert_eq!(c.monitors[0].features.len(), 2);
         assert_eq!(ModelConfig::parse(c.to_toml().as_bytes()).unwrap(), c);
     }
 
@@ -933,6 +969,22 @@ data = [3.0]
             (GOOD.replace("tolerance = 1e-4", "tolerance = -1"), "tolerance"),
             (GOOD.replace("version = \"1.0.0\"", "version = \"one\""), "version"),
             (GOOD.replace("[test]", "extra = 1\n[test]"), "unknown field"),
+            (format!("{GOOD}[watch]\nwindow = 10\nmax_errors = 1\n"), "unknown field"),
+            (format!("{GOOD}[watch]\nmax_error_rate = 1.5\n"), "max_error_rate"),
+            (format!("{GOOD}[watch]\nmax_latency_ratio = 0.5\n"), "max_latency_ratio"),
+            (format!("{GOOD}[[monitor]]\ntensor = \"x\"\nbin = [1]\n"), "unknown field"),
+            (
+                format!("{GOOD}[[monitor]]\ntensor = \"x\"\n[[monitor.feature]]\nbins = [2, 1]\nexpected = [0.5, 0.2, 0.3]\n"),
+                "increasing",
+            ),
+            (
+                format!("{GOOD}[[monitor]]\ntensor = \"x\"\n[[monitor.feature]]\nbins = [1]\nexpected = [0.5, 0.6]\n"),
+                "summing to 1",
+            ),
+            (
+                format!("{GOOD}[[monitor]]\ntensor = \"x\"\n[[monitor.feature]]\nrange = [3, 1]\n"),
+                "min <= max",
+            ),
         ] {
             let e = ModelConfig::parse(edit.as_bytes()).unwrap_err().to_string();
             assert!(e.contains(says), "{says}: {e}");

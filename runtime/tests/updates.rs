@@ -605,3 +605,35 @@ fn statistics_overhead_on_the_mlp() {
         (mon / moff - 1.0) * 100.0
     );
 }
+
+/// A bundle damaged on disk is not loaded and not refused for good: the
+/// next install of the same version replaces it, and it loads.
+#[test]
+fn a_damaged_install_is_reported_and_can_be_installed_again() {
+    let d = Device::new();
+    d.install("1.0.0", "");
+    let c = d.catalog("boot", Arc::new(StdDisk));
+    d.install("2.0.0", "[watch]\nwindow = 0\n");
+    let file = d.store.join("demo/2.0.0/model.basalt");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x40;
+    std::fs::write(&file, &bytes).unwrap();
+    let e = c.load_newest("demo").unwrap_err();
+    assert!(e.to_string().contains("was not loaded"), "{e}");
+    assert_eq!(d.serving(&c).as_deref(), Some("1.0.0"));
+    let (state, _) = ModelState::load(&d.store, "demo");
+    assert_eq!(state.last.unwrap().result, "damaged");
+    assert!(state.failures.is_empty());
+    let again = install(
+        &d.store,
+        &bundle(&d.key, "2.0.0", "[watch]\nwindow = 0\n")[..],
+        &d.trust(),
+        3,
+        &StdDisk,
+    )
+    .unwrap();
+    assert!(!again.already);
+    assert_eq!(c.load_newest("demo").unwrap().state, "serving");
+    assert_eq!(d.serving(&c).as_deref(), Some("2.0.0"));
+}
