@@ -132,3 +132,46 @@ fn reference_models_match_onnxruntime() {
         check_model(m, &dir);
     }
 }
+
+/// Median latency of each reference model at batch 1, on the thread count of the rayon
+/// pool (`RAYON_NUM_THREADS`). Timing, not a check: `ci/bench/runtime.sh` runs it beside
+/// onnxruntime. `BENCH_MODELS` (comma-separated) picks models, `BENCH_SECONDS` the time
+/// spent per model (default 2). Prints one `latency <model> <ms> <runs>` line per model.
+#[test]
+#[ignore = "timing, not a check: run by ci/bench/runtime.sh"]
+fn reference_latency() {
+    let dir = models_dir();
+    let wanted = std::env::var("BENCH_MODELS").unwrap_or_else(|_| MODELS.join(","));
+    let seconds: f64 =
+        std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2.0);
+    for name in wanted.split(',').filter(|s| !s.is_empty()) {
+        let bytes = std::fs::read(dir.join(format!("{name}.onnx")))
+            .unwrap_or_else(|e| panic!("{name}: {e}; run ci/setup.sh first"));
+        let model = Model::load(&bytes).unwrap_or_else(|e| panic!("{name}: load failed: {e}"));
+        let reference: Value =
+            serde_json::from_slice(&std::fs::read(dir.join(format!("{name}.ref.json"))).unwrap())
+                .unwrap();
+        // Batch 1: the first row of each reference input.
+        let inputs: Vec<(String, Tensor)> = reference["inputs"]
+            .as_object()
+            .expect("inputs")
+            .iter()
+            .map(|(k, v)| (k.clone(), tensor_of(k, v).narrow(0, 0, 1).unwrap()))
+            .collect();
+        let feeds: Vec<(&str, Tensor)> =
+            inputs.iter().map(|(k, t)| (k.as_str(), t.clone())).collect();
+        for _ in 0..3 {
+            model.run(&feeds).unwrap();
+        }
+        let budget = Duration::from_secs_f64(seconds);
+        let started = Instant::now();
+        let mut times = Vec::new();
+        while times.len() < 10 || (started.elapsed() < budget && times.len() < 5000) {
+            let t = Instant::now();
+            model.run(&feeds).unwrap();
+            times.push(t.elapsed());
+        }
+        let runs = times.len();
+        println!("latency {name} {:.4} {runs}", median(times).as_secs_f64() * 1e3);
+    }
+}

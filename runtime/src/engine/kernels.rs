@@ -321,73 +321,179 @@ pub(crate) fn conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, attrs: &ConvAttrs
     let p = geo.oh * geo.ow;
     let k = cg * geo.kh * geo.kw;
     let mg = m / g;
-    let wmat = w.reshape((m, k))?;
+    // A 1x1, stride-1, unpadded convolution is a plain matmul on the input planes.
     let pointwise = geo.kh == 1
         && geo.kw == 1
         && geo.sh == 1
         && geo.sw == 1
         && geo.pt + geo.pb + geo.pl + geo.pr == 0;
-    let mut images = Vec::with_capacity(n);
-    for ni in 0..n {
-        let mut groups = Vec::with_capacity(g);
-        for gi in 0..g {
-            let col = if pointwise {
-                x.narrow(0, ni, 1)?.narrow(1, gi * cg, cg)?.reshape((cg, plane_in))?
-            } else {
-                let data = with_f32(x, |xs| {
+    let total = n
+        .checked_mul(m)
+        .and_then(|v| v.checked_mul(p))
+        .filter(|&t| t <= super::load::MAX_ELEMENTS)
+        .ok_or_else(|| err(format!("output shape {out_dims:?} is too large")))?;
+    // The matmul writes straight into the output, on top of the bias when there is one.
+    let mut out = vec![0f32; total];
+    let bias: Option<Vec<f32>> = b.map(|b| b.to_vec1()).transpose()?;
+    if let Some(bias) = &bias {
+        for (plane, values) in out.chunks_mut(p.max(1)).enumerate() {
+            values.fill(bias.get(plane % m.max(1)).copied().unwrap_or(0.0));
+        }
+    }
+    with_f32(w, |ws| {
+        with_f32(x, |xs| {
+            let mut col = Vec::new();
+            for ni in 0..n {
+                for gi in 0..g {
                     let base = (ni * c + gi * cg) * plane_in;
                     let block = xs
                         .get(base..base + cg * plane_in)
                         .ok_or_else(|| err("input shorter than its shape"))?;
-                    Ok(im2col(block, cg, &geo))
-                })?;
-                Tensor::from_vec(data, (k, p), &Device::Cpu)?
-            };
-            let wg = if g == 1 { wmat.clone() } else { wmat.narrow(0, gi * mg, mg)? };
-            groups.push(wg.matmul(&col)?);
-        }
-        images.push(if g == 1 {
-            groups.into_iter().next().ok_or_else(|| err("no group"))?
-        } else {
-            Tensor::cat(&groups, 0)?
-        });
+                    let rhs = if pointwise {
+                        block
+                    } else {
+                        im2col_into(block, cg, &geo, &mut col);
+                        col.as_slice()
+                    };
+                    let lhs = ws
+                        .get(gi * mg * k..(gi + 1) * mg * k)
+                        .ok_or_else(|| err("weight shorter than its shape"))?;
+                    let start = (ni * m + gi * mg) * p;
+                    let dst = out
+                        .get_mut(start..start + mg * p)
+                        .ok_or_else(|| err("output shorter than its shape"))?;
+                    sgemm(mg, p, k, lhs, rhs, dst, bias.is_some())?;
+                }
+            }
+            Ok(())
+        })
+    })?;
+    if let Some(act) = attrs.activation {
+        apply_in_place(&mut out, act);
     }
-    // One image needs no stacking copy.
-    let y = if n == 1 {
-        images.into_iter().next().ok_or_else(|| err("no image"))?.unsqueeze(0)?
-    } else {
-        Tensor::stack(&images, 0)?
-    };
-    if b.is_none() && attrs.activation.is_none() {
-        return Ok(y.reshape(out_dims)?);
-    }
-    // Bias and activation in one pass over the matmul's output.
-    let bias: Vec<f32> = match b {
-        Some(b) => b.to_vec1()?,
-        None => vec![0.0; m],
-    };
-    let act = attrs.activation;
-    let mut out = with_f32(&y, |ys| Ok(ys.to_vec()))?;
-    for_each_chunk(&mut out, p, n * m * p, |(plane, values)| {
-        let add = bias.get(plane % m.max(1)).copied().unwrap_or(0.0);
-        match act {
-            Some(act) => values.iter_mut().for_each(|v| *v = act.apply(*v + add)),
-            None => values.iter_mut().for_each(|v| *v += add),
-        }
-    });
     Ok(Tensor::from_vec(out, out_dims, &Device::Cpu)?)
 }
 
+/// Applies `act` to every element, vectorized for the CPU it runs on, across threads
+/// when there are enough elements.
+pub(crate) fn apply_in_place(values: &mut [f32], act: Activation) {
+    const CHUNK: usize = 1 << 14;
+    let arch = pulp::Arch::new();
+    let run = |values: &mut [f32]| arch.dispatch(Activate { values, act });
+    if values.len() >= PARALLEL_MIN_WORK {
+        values.par_chunks_mut(CHUNK).for_each(run);
+    } else {
+        run(values);
+    }
+}
+
+/// [`apply_in_place`] on one chunk, compiled for the CPU's vector width.
+struct Activate<'a> {
+    values: &'a mut [f32],
+    act: Activation,
+}
+
+impl pulp::WithSimd for Activate<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        let act = self.act;
+        self.values.iter_mut().for_each(|v| *v = act.apply(*v));
+    }
+}
+
+/// Below this many multiply-adds a matmul runs on the calling thread: splitting it costs
+/// more than it saves.
+const GEMM_PARALLEL_MIN_WORK: usize = 1 << 18;
+
+/// `c = a b`, or `c += a b` when `accumulate`, for row-major `a` (`m x k`), `b` (`k x n`)
+/// and `c` (`m x n`), with the gemm kernels candle-core itself uses. Unlike candle's
+/// matmul it writes into a buffer the caller owns, so a convolution's output needs no
+/// second pass to add its bias.
+pub(crate) fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    accumulate: bool,
+) -> R<()> {
+    let size = |x: usize, y: usize| x.checked_mul(y).ok_or_else(|| err("matmul size overflows"));
+    let (a_len, b_len, c_len) = (size(m, k)?, size(k, n)?, size(m, n)?);
+    if a.len() < a_len || b.len() < b_len || c.len() < c_len {
+        return Err(err(format!(
+            "matmul of {m}x{k} by {k}x{n} got buffers of {}, {} and {} elements",
+            a.len(),
+            b.len(),
+            c.len()
+        )));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            c.iter_mut().take(c_len).for_each(|v| *v = 0.0);
+        }
+        return Ok(());
+    }
+    let threads = rayon::current_num_threads();
+    let work = c_len.saturating_mul(k);
+    let parallelism = if threads > 1 && work >= GEMM_PARALLEL_MIN_WORK {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the three buffers hold at least m*k, k*n and m*n elements (checked above),
+    // and the strides below address row-major matrices of exactly those shapes, so every
+    // access is in bounds; `c` is borrowed mutably, so it aliases neither `a` nor `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+    Ok(())
+}
+
 /// Unfolds `channels` planes into a `(channels * kh * kw) x (oh * ow)` matrix.
+#[cfg(test)]
 fn im2col(planes: &[f32], channels: usize, geo: &Geom) -> Vec<f32> {
+    let mut col = Vec::new();
+    im2col_into(planes, channels, geo, &mut col);
+    col
+}
+
+/// [`im2col`] into `col`, reusing its allocation.
+fn im2col_into(planes: &[f32], channels: usize, geo: &Geom, col: &mut Vec<f32>) {
     let p = geo.oh * geo.ow;
     let plane_in = geo.h * geo.w;
-    let mut col = vec![0f32; channels * geo.kh * geo.kw * p];
+    col.clear();
+    col.resize(channels * geo.kh * geo.kw * p, 0.0);
     if p == 0 {
-        return col;
+        return;
     }
     let work = col.len();
-    for_each_chunk(&mut col, p, work, |(row, out)| {
+    for_each_chunk(col, p, work, |(row, out)| {
         let ci = row / (geo.kh * geo.kw);
         let ky = (row / geo.kw) % geo.kh;
         let kx = row % geo.kw;
@@ -421,10 +527,15 @@ fn im2col(planes: &[f32], channels: usize, geo: &Geom) -> Vec<f32> {
             }
         }
     });
-    col
 }
 
 /// Depthwise convolution: each output channel reads one input channel.
+///
+/// Each input plane is first copied, zero-padded, into `sh x sw` phases (phase `(ry, rx)`
+/// holds the padded rows `ry + i sh` and columns `rx + j sw`). In those, every kernel tap
+/// reads one contiguous run for the whole plane, at any stride, computed on rows as wide
+/// as a phase (the few extra columns are dropped at the end): one long multiply-add per
+/// tap, which vectorizes even on 7x7 planes where a per-row loop would not.
 #[allow(clippy::too_many_arguments)]
 fn depthwise(
     x: &Tensor,
@@ -445,68 +556,189 @@ fn depthwise(
         Some(b) => b.to_vec1()?,
         None => vec![0.0; m],
     };
-    let weights = with_f32(w, |ws| Ok(ws.to_vec()))?;
-    // The valid output columns of each kernel column do not depend on the row: once.
-    let x_ranges: Vec<(usize, usize, usize)> = (0..geo.kw)
-        .map(|kx| {
-            let x_off = (kx * geo.dw) as isize - geo.pl as isize;
-            let (lo, hi) = valid_range(geo.ow, geo.w, geo.sw, x_off);
-            let start = if lo < hi { (lo as isize * geo.sw as isize + x_off) as usize } else { 0 };
-            (lo, hi, start)
-        })
-        .collect();
+    let (shape, taps) = phase_taps(&geo);
     let mut out = vec![0f32; n * m * p];
-    with_f32(x, |xs| {
-        if p == 0 {
-            return Ok(());
-        }
-        for_each_chunk(&mut out, p, n * m * p * kk, |(plane_index, out)| {
-            let ni = plane_index / m;
-            let mi = plane_index % m;
-            let ci = mi / mult.max(1);
-            let base = (ni * c + ci) * plane_in;
-            let (Some(plane), Some(wk)) =
-                (xs.get(base..base + plane_in), weights.get(mi * kk..(mi + 1) * kk))
-            else {
-                return;
+    let arch = pulp::Arch::new();
+    with_f32(w, |weights| {
+        with_f32(x, |xs| {
+            if p == 0 {
+                return Ok(());
+            }
+            let plane = |scratch: &mut (Vec<f32>, Vec<f32>), (index, out): (usize, &mut [f32])| {
+                let (ni, mi) = (index / m, index % m);
+                let base = (ni * c + mi / mult.max(1)) * plane_in;
+                let (Some(input), Some(wk)) =
+                    (xs.get(base..base + plane_in), weights.get(mi * kk..(mi + 1) * kk))
+                else {
+                    return;
+                };
+                let bias = bias.get(mi).copied().unwrap_or(0.0);
+                arch.dispatch(DepthwisePlane {
+                    input,
+                    weights: wk,
+                    taps: &taps,
+                    bias,
+                    geo: &geo,
+                    shape,
+                    scratch,
+                    out,
+                    activation,
+                });
             };
-            out.fill(bias.get(mi).copied().unwrap_or(0.0));
-            for ky in 0..geo.kh {
-                let y_off = (ky * geo.dh) as isize - geo.pt as isize;
-                let (ylo, yhi) = valid_range(geo.oh, geo.h, geo.sh, y_off);
-                let Some(wrow) = wk.get(ky * geo.kw..(ky + 1) * geo.kw) else { continue };
-                for oy in ylo..yhi {
-                    let iy = (oy as isize * geo.sh as isize + y_off) as usize;
-                    let (Some(in_row), Some(out_row)) = (
-                        plane.get(iy * geo.w..(iy + 1) * geo.w),
-                        out.get_mut(oy * geo.ow..(oy + 1) * geo.ow),
-                    ) else {
-                        continue;
-                    };
-                    for (&wv, &(lo, hi, start)) in wrow.iter().zip(&x_ranges) {
-                        let Some(dst) = out_row.get_mut(lo..hi) else { continue };
-                        if geo.sw == 1 {
-                            if let Some(src) = in_row.get(start..start + (hi - lo)) {
-                                for (o, v) in dst.iter_mut().zip(src) {
-                                    *o += wv * v;
-                                }
-                            }
-                        } else {
-                            let src = in_row.iter().skip(start).step_by(geo.sw);
-                            for (o, v) in dst.iter_mut().zip(src) {
-                                *o += wv * v;
-                            }
-                        }
-                    }
-                }
+            if n * m * p * kk >= PARALLEL_MIN_WORK {
+                out.par_chunks_mut(p).enumerate().for_each_init(Default::default, plane);
+            } else {
+                let mut scratch = Default::default();
+                out.chunks_mut(p).enumerate().for_each(|item| plane(&mut scratch, item));
             }
-            if let Some(act) = activation {
-                out.iter_mut().for_each(|v| *v = act.apply(*v));
-            }
-        });
-        Ok(())
+            Ok(())
+        })
     })?;
     Ok(Tensor::from_vec(out, out_dims, &Device::Cpu)?)
+}
+
+/// The phase shape of `geo`'s windows, and where each kernel tap starts reading in the
+/// phases (see [`pad_phases`]).
+fn phase_taps(geo: &Geom) -> (PhaseShape, Vec<usize>) {
+    let shape = PhaseShape {
+        h: geo.oh + ((geo.kh - 1) * geo.dh) / geo.sh,
+        w: geo.ow + ((geo.kw - 1) * geo.dw) / geo.sw,
+    };
+    let taps = (0..geo.kh * geo.kw)
+        .map(|t| {
+            let (row, col) = ((t / geo.kw) * geo.dh, (t % geo.kw) * geo.dw);
+            let phase = (row % geo.sh) * geo.sw + col % geo.sw;
+            phase * shape.h * shape.w + (row / geo.sh) * shape.w + col / geo.sw
+        })
+        .collect();
+    (shape, taps)
+}
+
+/// One output plane of a MaxPool, on the stride phases like [`depthwise_plane`].
+struct MaxPoolPlane<'a> {
+    input: &'a [f32],
+    taps: &'a [usize],
+    geo: &'a Geom,
+    shape: PhaseShape,
+    scratch: &'a mut (Vec<f32>, Vec<f32>),
+    out: &'a mut [f32],
+}
+
+impl pulp::WithSimd for MaxPoolPlane<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        let MaxPoolPlane { input, taps, geo, shape, scratch, out } = self;
+        let (phases, acc) = scratch;
+        // Padding never wins; a NaN in the window does, as in onnxruntime.
+        pad_phases(input, geo, shape, phases, f32::MIN);
+        let len = (geo.oh - 1) * shape.w + geo.ow;
+        acc.clear();
+        acc.resize(len, f32::MIN);
+        for &start in taps {
+            let Some(src) = phases.get(start..start + len) else { continue };
+            for (a, &v) in acc.iter_mut().zip(src) {
+                *a = if v > *a || v.is_nan() { v } else { *a };
+            }
+        }
+        for (dst, src) in out.chunks_exact_mut(geo.ow).zip(acc.chunks(shape.w)) {
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = *s;
+            }
+        }
+    }
+}
+
+/// Rows and columns of one stride phase of a padded plane.
+#[derive(Debug, Clone, Copy)]
+struct PhaseShape {
+    h: usize,
+    w: usize,
+}
+
+/// One output plane of [`depthwise`]; `scratch` holds the phases and the wide accumulator.
+struct DepthwisePlane<'a> {
+    input: &'a [f32],
+    weights: &'a [f32],
+    taps: &'a [usize],
+    bias: f32,
+    geo: &'a Geom,
+    shape: PhaseShape,
+    scratch: &'a mut (Vec<f32>, Vec<f32>),
+    out: &'a mut [f32],
+    activation: Option<Activation>,
+}
+
+impl pulp::WithSimd for DepthwisePlane<'_> {
+    type Output = ();
+
+    // Inlined into pulp's per-ISA entry points, so the loops compile for the vector width
+    // of the CPU it runs on (a closure would not be inlined there).
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        depthwise_plane(self)
+    }
+}
+
+#[inline(always)]
+fn depthwise_plane(job: DepthwisePlane<'_>) {
+    let DepthwisePlane { input, weights, taps, bias, geo, shape, scratch, out, activation } = job;
+    let (phases, acc) = scratch;
+    pad_phases(input, geo, shape, phases, 0.0);
+    let len = (geo.oh - 1) * shape.w + geo.ow;
+    acc.clear();
+    acc.resize(len, bias);
+    for (&wv, &start) in weights.iter().zip(taps) {
+        let Some(src) = phases.get(start..start + len) else { continue };
+        for (a, v) in acc.iter_mut().zip(src) {
+            *a += wv * v;
+        }
+    }
+    for (dst, src) in out.chunks_exact_mut(geo.ow).zip(acc.chunks(shape.w)) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = match activation {
+                Some(act) => act.apply(*s),
+                None => *s,
+            };
+        }
+    }
+}
+
+/// Copies `input` (one `h x w` plane) into the `sh x sw` stride phases of `shape` each,
+/// padded with `fill`, one after the other in `phases`: phase `(ry, rx)` holds the padded
+/// plane's rows `ry + i sh` and columns `rx + j sw`.
+fn pad_phases(input: &[f32], geo: &Geom, shape: PhaseShape, phases: &mut Vec<f32>, fill: f32) {
+    phases.clear();
+    phases.resize(geo.sh * geo.sw * shape.h * shape.w, fill);
+    for (index, phase) in phases.chunks_exact_mut(shape.h * shape.w).enumerate() {
+        let (ry, rx) = (index / geo.sw, index % geo.sw);
+        // Phase column j reads input column rx + j sw - pl; row i reads ry + i sh - pt.
+        let (lo, hi) = valid_range(shape.w, geo.w, geo.sw, rx as isize - geo.pl as isize);
+        let (ylo, yhi) = valid_range(shape.h, geo.h, geo.sh, ry as isize - geo.pt as isize);
+        if lo >= hi {
+            continue;
+        }
+        let first = lo * geo.sw + rx - geo.pl;
+        for i in ylo..yhi {
+            let iy = i * geo.sh + ry - geo.pt;
+            let (Some(src), Some(dst)) = (
+                input.get(iy * geo.w..(iy + 1) * geo.w),
+                phase.get_mut(i * shape.w + lo..i * shape.w + hi),
+            ) else {
+                continue;
+            };
+            if geo.sw == 1 {
+                if let Some(src) = src.get(first..first + (hi - lo)) {
+                    dst.copy_from_slice(src);
+                }
+            } else {
+                for (d, s) in dst.iter_mut().zip(src.iter().skip(first).step_by(geo.sw)) {
+                    *d = *s;
+                }
+            }
+        }
+    }
 }
 
 /// Which pooling.
@@ -528,6 +760,29 @@ pub(crate) fn pool(x: &Tensor, kind: PoolKind, attrs: &PoolAttrs) -> R<Tensor> {
     let p = geo.oh * geo.ow;
     let mut out = vec![0f32; n * c * p];
     let include_pad = attrs.count_include_pad;
+    if kind == PoolKind::Max {
+        let (shape, taps) = phase_taps(&geo);
+        let arch = pulp::Arch::new();
+        with_f32(x, |xs| {
+            if p == 0 {
+                return Ok(());
+            }
+            let plane = |scratch: &mut (Vec<f32>, Vec<f32>), (index, out): (usize, &mut [f32])| {
+                let Some(input) = xs.get(index * plane_in..(index + 1) * plane_in) else {
+                    return;
+                };
+                arch.dispatch(MaxPoolPlane { input, taps: &taps, geo: &geo, shape, scratch, out });
+            };
+            if n * c * p * geo.kh * geo.kw >= PARALLEL_MIN_WORK {
+                out.par_chunks_mut(p).enumerate().for_each_init(Default::default, plane);
+            } else {
+                let mut scratch = Default::default();
+                out.chunks_mut(p).enumerate().for_each(|item| plane(&mut scratch, item));
+            }
+            Ok(())
+        })?;
+        return Ok(Tensor::from_vec(out, out_dims, &Device::Cpu)?);
+    }
     with_f32(x, |xs| {
         if p == 0 {
             return Ok(());

@@ -1060,21 +1060,9 @@ fn gemm(args: &[Option<&Tensor>], alpha: f32, beta: f32, ta: bool, tb: bool) -> 
     Ok(y)
 }
 
-/// `a (m x k) * b (k x n)` on the calling thread, for products too small to be worth
-/// waking candle's thread pool (attention heads, small dense layers).
-fn small_matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, out: &mut [f32]) {
-    for (a_row, out_row) in a.chunks_exact(k.max(1)).zip(out.chunks_exact_mut(n.max(1))).take(m) {
-        out_row.fill(0.0);
-        for (&av, b_row) in a_row.iter().zip(b.chunks_exact(n.max(1))) {
-            for (o, &bv) in out_row.iter_mut().zip(b_row) {
-                *o += av * bv;
-            }
-        }
-    }
-}
-
 /// Batched matmul of `[..., m, k]` by `[..., k, n]` with broadcast batch dimensions, when
-/// the whole product is small; `None` when it is not.
+/// the whole product is small (attention heads, small dense layers): each product on the
+/// calling thread, without candle's per-call set-up; `None` when it is not small.
 fn small_batched_matmul(a: &Tensor, b: &Tensor) -> R<Option<Tensor>> {
     let (ad, bd) = (a.dims(), b.dims());
     let (ra, rb) = (ad.len(), bd.len());
@@ -1103,7 +1091,7 @@ fn small_batched_matmul(a: &Tensor, b: &Tensor) -> R<Option<Tensor>> {
                 else {
                     return err("matmul operand shorter than its shape");
                 };
-                small_matmul(x, y, m, k, n, o);
+                kernels::sgemm(m, n, k, x, y, o, false)?;
             }
             Ok(())
         })
@@ -1155,6 +1143,8 @@ fn matmul(a: &Tensor, b: &Tensor) -> R<Tensor> {
     Ok(y)
 }
 
+/// Softmax / LogSoftmax in one pass per row over the f32 data: no intermediate tensors,
+/// which dominate the cost at the sizes of attention scores.
 fn softmax(x: &Tensor, axis: i64, legacy: bool, log: bool) -> R<Tensor> {
     f32_only(x, "input")?;
     let rank = x.rank();
@@ -1162,22 +1152,50 @@ fn softmax(x: &Tensor, axis: i64, legacy: bool, log: bool) -> R<Tensor> {
         return err("Softmax needs at least one dimension");
     }
     let dims = x.dims().to_vec();
-    let (work, axis) = if legacy {
+    // Rows of `len` values, `inner` apart: (outer, len, inner).
+    let (len, inner) = if legacy {
         let a = if axis < 0 { axis + rank as i64 } else { axis };
         if !(0..=rank as i64).contains(&a) {
             return err(format!("axis {axis} is out of range for rank {rank}"));
         }
-        let outer: usize = dims.iter().take(a as usize).product();
-        let inner: usize = dims.iter().skip(a as usize).product();
-        (x.reshape((outer, inner))?, 1)
+        (dims.iter().skip(a as usize).product::<usize>(), 1)
     } else {
-        (x.clone(), axis_index(axis, rank)?)
+        let a = axis_index(axis, rank)?;
+        (dims.get(a).copied().unwrap_or(1), dims.iter().skip(a + 1).product::<usize>())
     };
-    let shifted = work.broadcast_sub(&work.max_keepdim(axis)?)?;
-    let e = shifted.exp()?;
-    let sum = e.sum_keepdim(axis)?;
-    let y = if log { shifted.broadcast_sub(&sum.log()?)? } else { e.broadcast_div(&sum)? };
-    Ok(y.reshape(dims)?)
+    let mut out = kernels::with_f32(x, |xs| Ok(xs.to_vec()))?;
+    let block = len * inner;
+    if block > 0 {
+        let mut row = vec![0f32; len];
+        for values in out.chunks_exact_mut(block) {
+            for i in 0..inner {
+                for (r, v) in row.iter_mut().zip(values.iter().skip(i).step_by(inner)) {
+                    *r = *v;
+                }
+                softmax_row(&mut row, log);
+                for (v, r) in values.iter_mut().skip(i).step_by(inner).zip(&row) {
+                    *v = *r;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(out, dims, &Device::Cpu)?)
+}
+
+fn softmax_row(row: &mut [f32], log: bool) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if log {
+        let sum: f32 = row.iter().map(|v| (v - max).exp()).sum();
+        let shift = max + sum.ln();
+        row.iter_mut().for_each(|v| *v -= shift);
+    } else {
+        let mut sum = 0f32;
+        for v in row.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        row.iter_mut().for_each(|v| *v /= sum);
+    }
 }
 
 /// Per-channel scale and shift of an inference-mode BatchNormalization.
@@ -1414,21 +1432,55 @@ fn layer_norm(args: &[Option<&Tensor>], axis: i64, epsilon: f32) -> R<Vec<Tensor
     let axis = axis_index(axis, dims.len())?;
     let outer: usize = dims[..axis].iter().product();
     let inner: usize = dims[axis..].iter().product();
+    let scale = req(args, 1)?;
+    broadcast_shape(&dims, scale.dims())?;
+    let bias = opt(args, 2);
+    if let Some(b) = bias {
+        broadcast_shape(&dims, b.dims())?;
+    }
+    let mut stat_dims = dims[..axis].to_vec();
+    stat_dims.extend(std::iter::repeat_n(1, dims.len() - axis));
+    // Scale and bias over exactly the normalized axes (the usual case): one pass per row.
+    let per_row = |t: &Tensor| {
+        t.dtype() == DType::F32
+            && t.elem_count() == inner
+            && t.dims().iter().rev().zip(dims.iter().rev()).all(|(a, b)| a == b)
+    };
+    if inner > 0 && per_row(scale) && bias.is_none_or(per_row) {
+        let gamma = f32_data(scale)?;
+        let beta = match bias {
+            Some(b) => f32_data(b)?,
+            None => vec![0.0; inner],
+        };
+        let mut out = kernels::with_f32(x, |xs| Ok(xs.to_vec()))?;
+        let mut means = Vec::with_capacity(outer);
+        let mut invs = Vec::with_capacity(outer);
+        for row in out.chunks_exact_mut(inner) {
+            let mean = row.iter().sum::<f32>() / inner as f32;
+            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / inner as f32;
+            let inv = 1.0 / (var + epsilon).sqrt();
+            for ((v, g), b) in row.iter_mut().zip(&gamma).zip(&beta) {
+                *v = (*v - mean) * inv * g + b;
+            }
+            means.push(mean);
+            invs.push(inv);
+        }
+        return Ok(vec![
+            Tensor::from_vec(out, dims.as_slice(), &Device::Cpu)?,
+            Tensor::from_vec(means, stat_dims.as_slice(), &Device::Cpu)?,
+            Tensor::from_vec(invs, stat_dims.as_slice(), &Device::Cpu)?,
+        ]);
+    }
     let x2 = x.reshape((outer, inner))?;
     let mean = x2.mean_keepdim(1)?;
     let centered = x2.broadcast_sub(&mean)?;
     let var = centered.sqr()?.mean_keepdim(1)?;
     let inv = (var + f64::from(epsilon))?.sqrt()?.recip()?;
     let mut y = centered.broadcast_mul(&inv)?.reshape(dims.as_slice())?;
-    let scale = req(args, 1)?;
-    broadcast_shape(&dims, scale.dims())?;
     y = y.broadcast_mul(scale)?;
-    if let Some(b) = opt(args, 2) {
-        broadcast_shape(&dims, b.dims())?;
+    if let Some(b) = bias {
         y = y.broadcast_add(b)?;
     }
-    let mut stat_dims = dims[..axis].to_vec();
-    stat_dims.extend(std::iter::repeat_n(1, dims.len() - axis));
     Ok(vec![y, mean.reshape(stat_dims.as_slice())?, inv.reshape(stat_dims.as_slice())?])
 }
 
