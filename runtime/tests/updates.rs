@@ -29,15 +29,28 @@ fn root() -> PathBuf {
 fn versions() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap().keep();
+        // Under the target folder, not /tmp (version 5 is 12 MB), made in
+        // a folder of this process and renamed file by file into a shared
+        // one: the models are the same bytes every time, and a run beside
+        // this one never reads a half-written file.
+        let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let dir = tmp.join("update-models");
+        let mine = tmp.join(format!("update-models.{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&mine).unwrap();
         let python = root().join(".cache/venv/bin/python");
         assert!(python.is_file(), "no {}; run ci/setup.sh", python.display());
         let out = Command::new(python)
             .arg(root().join("runtime/tests/data/make_update_models.py"))
-            .arg(&dir)
+            .arg(&mine)
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        for e in std::fs::read_dir(&mine).unwrap() {
+            let e = e.unwrap();
+            std::fs::rename(e.path(), dir.join(e.file_name())).unwrap();
+        }
+        std::fs::remove_dir(&mine).unwrap();
         dir
     })
 }
