@@ -317,12 +317,23 @@ impl Catalog {
         let avail = self.available(name);
         let usable: Vec<(&semver::Version, &PathBuf)> =
             avail.iter().rev().filter(|(v, _)| state.failure(v).is_none()).collect();
-        // The kept version first; without one, the newest that passes.
-        let mut order: Vec<(&semver::Version, &PathBuf)> = Vec::new();
-        if let Some(kept) = usable.iter().find(|(v, _)| Some(*v) == state.serving.as_ref()) {
-            order.push(*kept);
-        }
-        order.extend(usable.iter().filter(|(v, _)| Some(*v) != state.serving.as_ref()));
+        // The kept version first, then its fallback, then older ones, and
+        // only then versions never kept here (newest first); without a
+        // kept version, the newest that passes. Newer versions get their
+        // trial with a watch window from load_newest.
+        let rank = |v: &semver::Version| {
+            if Some(v) == state.serving.as_ref() {
+                0
+            } else if Some(v) == state.fallback.as_ref() {
+                1
+            } else if state.serving.as_ref().is_some_and(|k| v < k) {
+                2
+            } else {
+                3
+            }
+        };
+        let mut order = usable.clone();
+        order.sort_by_key(|(v, _)| rank(v));
         let mut serving = None;
         for (v, path) in order {
             match self.attempt(name, v, path) {

@@ -650,3 +650,22 @@ fn a_damaged_install_is_reported_and_can_be_installed_again() {
     assert_eq!(c.load_newest("demo").unwrap().state, "serving");
     assert_eq!(d.serving(&c).as_deref(), Some("2.0.0"));
 }
+
+/// When the kept version cannot serve at start, its fallback does, not a
+/// newer version that never had its trial.
+#[test]
+fn a_broken_kept_version_falls_back_at_start() {
+    let d = Device::new();
+    for v in ["1.0.0", "2.0.0", "3.0.0"] {
+        d.install(v, "");
+    }
+    let state = ModelState {
+        serving: Some("2.0.0".parse().unwrap()),
+        fallback: Some("1.0.0".parse().unwrap()),
+        ..Default::default()
+    };
+    state.save(&d.store, "demo", &StdDisk).unwrap();
+    std::fs::write(d.store.join("demo/2.0.0/model.basalt"), b"not a bundle").unwrap();
+    let c = d.catalog("boot", Arc::new(StdDisk));
+    assert_eq!(d.serving(&c).as_deref(), Some("1.0.0"));
+}
