@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Fuzzes the formats a device reads from the network (bundle, manifest,
-# channel metadata), each target for FUZZ_SECONDS seconds (default 30), on
-# the stable toolchain without sanitizers (`-s none`: safe Rust needs no
-# AddressSanitizer, and -Zsanitizer would need nightly). Each run starts
+# channel metadata, the model runtime's inference requests), each target
+# for FUZZ_SECONDS seconds (default 30), on the stable toolchain without
+# sanitizers (`-s none`: safe Rust needs no AddressSanitizer, and
+# -Zsanitizer would need nightly). Each run starts
 # from fuzz/seeds/<target> (valid inputs signed with the fuzzing key) and
 # what it has found before in fuzz/corpus/<target>; a crash leaves its
 # input in fuzz/artifacts/<target> and fails the script.
@@ -10,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 seconds="${FUZZ_SECONDS:-30}"
-targets=(bundle_reader manifest channel)
+targets=(bundle_reader manifest channel infer_request)
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
