@@ -152,11 +152,16 @@ fn read_config() -> Result<ImageConfig, SetupError> {
 /// module that fails is reported and skipped: a missing driver costs that
 /// device, not the boot.
 fn load_modules(cfg: &ImageConfig) {
+    if cfg.modules.is_empty() {
+        return;
+    }
+    let t = std::time::Instant::now();
     for m in &cfg.modules {
         if let Err(e) = kmod::load(Path::new(m)) {
             say(&format!("cannot load module {m}: {e}"));
         }
     }
+    say(&format!("loaded {} modules in {} ms", cfg.modules.len(), t.elapsed().as_millis()));
 }
 
 fn setup_network(cfg: &ImageConfig) {
