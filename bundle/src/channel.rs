@@ -316,6 +316,18 @@ pub fn channel_path(channel: &str) -> Result<String, ChannelError> {
     Ok(format!("channels/{channel}.toml"))
 }
 
+/// The path of a model channel's file in a repository,
+/// `channels/models/<name>/<channel>.toml`: models have channels of their
+/// own, beside the OS's, so that a model is published and rolled out
+/// without an OS release.
+pub fn model_channel_path(name: &str, channel: &str) -> Result<String, ChannelError> {
+    if !(is_plain_name(name) && is_short_name(name)) {
+        return Err(ChannelError::BadName(shorten(name)));
+    }
+    check_channel_name(channel)?;
+    Ok(format!("channels/models/{name}/{channel}.toml"))
+}
+
 /// The path of the signature file of `path`: `path` + `.sig`.
 pub fn signature_path_for(path: &str) -> String {
     format!("{path}.sig")
@@ -511,6 +523,12 @@ mod tests {
         assert_eq!(signature_path_for("channels/stable.toml"), "channels/stable.toml.sig");
         for bad in ["", ".", "..", "a/b", "-x", "a b", &"x".repeat(65)] {
             assert!(channel_path(bad).is_err(), "{bad:?}");
+            assert!(model_channel_path(bad, "stable").is_err(), "{bad:?}");
+            assert!(model_channel_path("water-quality", bad).is_err(), "{bad:?}");
         }
+        assert_eq!(
+            model_channel_path("water-quality", "stable").unwrap(),
+            "channels/models/water-quality/stable.toml"
+        );
     }
 }

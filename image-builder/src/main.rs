@@ -97,8 +97,9 @@ enum Command {
     /// and point a channel at it.
     ///
     /// Writes REPO/bundles/<name>-<version>.basalt and the signed
-    /// REPO/channels/<channel>.toml (+ .sig). Serve REPO with any HTTP
-    /// server, or `basalt serve REPO`.
+    /// REPO/channels/<channel>.toml (+ .sig); a model bundle goes to
+    /// REPO/bundles/models/ and REPO/channels/models/<name>/<channel>.toml.
+    /// Serve REPO with any HTTP server, or `basalt serve REPO`.
     Publish {
         /// The bundle.
         bundle: PathBuf,

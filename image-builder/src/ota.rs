@@ -8,6 +8,8 @@
 //! bundles/<name>-<version>.basalt
 //! channels/<channel>.toml        signed channel file: version, bundle, sha256, size, expiry, rollout
 //! channels/<channel>.toml.sig
+//! bundles/models/<name>-<version>.basalt          model bundles
+//! channels/models/<name>/<channel>.toml (+ .sig)  a model's channels
 //! ```
 
 use std::fs;
@@ -437,7 +439,9 @@ pub struct Publish<'a> {
 }
 
 /// `basalt publish`: copies the bundle into `bundles/` and writes the
-/// signed channel file that points at it.
+/// signed channel file that points at it. A model bundle goes to
+/// `bundles/models/` and its channel to `channels/models/<name>/`, so an
+/// OS channel never points at a model nor one model's channel at another.
 pub fn publish(p: &Publish<'_>) -> Result<Channel, OtaError> {
     if p.keys.is_empty() {
         return Err(OtaError::Other("publishing needs at least one --key".into()));
@@ -449,7 +453,12 @@ pub fn publish(p: &Publish<'_>) -> Result<Channel, OtaError> {
     let (_, manifest, _) = archive::peek(io::BufReader::new(input))
         .map_err(|source| OtaError::Bundle { path: p.bundle.to_path_buf(), source })?;
     let (size, sha256) = sha256_file(p.bundle)?;
-    let rel = format!("bundles/{}-{}.basalt", manifest.name, manifest.version);
+    let is_model = manifest.kind == BundleKind::Model;
+    let rel = if is_model {
+        format!("bundles/models/{}-{}.basalt", manifest.name, manifest.version)
+    } else {
+        format!("bundles/{}-{}.basalt", manifest.name, manifest.version)
+    };
     let dest = p.repo.join(&rel);
     if dest.exists() {
         let (_, have) = sha256_file(&dest)?;
@@ -485,7 +494,12 @@ pub fn publish(p: &Publish<'_>) -> Result<Channel, OtaError> {
         sigs.add(signature::sign(text.as_bytes(), k));
     }
     let sig_text = sigs.to_toml().map_err(|e| OtaError::Other(e.to_string()))?;
-    let path = channel::channel_path(p.channel).map_err(|e| OtaError::Other(e.to_string()))?;
+    let path = if is_model {
+        channel::model_channel_path(&manifest.name, p.channel)
+    } else {
+        channel::channel_path(p.channel)
+    }
+    .map_err(|e| OtaError::Other(e.to_string()))?;
     let file = p.repo.join(&path);
     write_atomic(&file, text.as_bytes())?;
     write_atomic(&p.repo.join(channel::signature_path_for(&path)), sig_text.as_bytes())?;
