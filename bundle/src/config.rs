@@ -158,6 +158,25 @@ pub struct UpdateConfig {
     /// Reboot into the new version as soon as it is installed; otherwise
     /// only when `POST /v1/reboot` asks.
     pub reboot: bool,
+    /// Models whose channels (`channels/models/<name>/<channel>.toml`)
+    /// the agent polls in the same repository, on the same channel name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<String>,
+    /// Base URL of the model runtime the agent asks to load a new model
+    /// version (`POST <runtime>/v2/repository/models/<name>/load`).
+    #[serde(default = "default_runtime_url")]
+    pub runtime: String,
+}
+
+/// Where the model runtime listens unless the recipe says otherwise.
+pub const DEFAULT_RUNTIME_URL: &str = "http://127.0.0.1:8000";
+
+/// The installed-model store on the data partition, shared by the update
+/// agent (which installs) and the runtime (which loads).
+pub const MODEL_STORE_DIR: &str = "/data/models";
+
+fn default_runtime_url() -> String {
+    DEFAULT_RUNTIME_URL.to_string()
 }
 
 /// How the image gets an address.
@@ -395,6 +414,22 @@ mod tests {
         let c = sample();
         let text = c.to_toml();
         assert_eq!(ImageConfig::from_toml(&text).unwrap(), c);
+    }
+
+    #[test]
+    fn model_keys_default_and_round_trip() {
+        let text = "threshold = 1\nlisten = \"127.0.0.1:7400\"\nchannel = \"stable\"\n\
+                    poll_interval_ms = 1000\npoll_jitter_ms = 0\nreboot = true\n";
+        let old: UpdateConfig = toml::from_str(text).unwrap();
+        assert!(old.models.is_empty());
+        assert_eq!(old.runtime, DEFAULT_RUNTIME_URL);
+        let new = UpdateConfig {
+            models: vec!["water-quality".into()],
+            runtime: "http://127.0.0.1:9000".into(),
+            ..old
+        };
+        let back: UpdateConfig = toml::from_str(&toml::to_string(&new).unwrap()).unwrap();
+        assert_eq!(back, new);
     }
 
     #[test]

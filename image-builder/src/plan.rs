@@ -899,6 +899,26 @@ fn resolve_update(
         )
         .into());
     }
+    for m in &u.models {
+        if !basalt_bundle::model::valid_name(&m.value) {
+            return Err(with_help(
+                src.error(m.span.clone(), format!("model `{}` is not a model name", m.value)),
+                "use the `name` of the model's model.toml: letters, digits, `-`, `_` and `.`",
+            )
+            .into());
+        }
+    }
+    let runtime = &u.runtime;
+    if runtime.value.strip_prefix("http://").is_none_or(|rest| rest.is_empty()) {
+        return Err(with_help(
+            src.error(
+                runtime.span.clone(),
+                format!("runtime `{}` is not an http:// URL", runtime.value),
+            ),
+            "e.g. \"http://127.0.0.1:8000\", where basalt-runtime listens",
+        )
+        .into());
+    }
     let agent = find_device_binary("basalt-agent", arch, opts.device_bin.as_deref())?;
     let bytes =
         std::fs::read(&agent).map_err(|source| PlanError::Read { path: agent.clone(), source })?;
@@ -913,6 +933,8 @@ fn resolve_update(
         poll_interval_ms: u.poll_interval.as_millis().max(1000),
         poll_jitter_ms: u.poll_jitter.as_millis(),
         reboot: u.reboot,
+        models: u.models.iter().map(|m| m.value.clone()).collect(),
+        runtime: runtime.value.clone(),
     };
     let health_addr = if listen.ip().is_unspecified() {
         std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), listen.port())

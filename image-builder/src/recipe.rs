@@ -355,6 +355,20 @@ pub struct UpdateSection {
     /// the device waits for `POST /v1/reboot`.
     #[serde(default = "default_reboot")]
     pub reboot: bool,
+    /// Models the device follows on their own channels in the same
+    /// repository (`channels/models/<name>/<channel>.toml`, written by
+    /// `basalt publish` of a model bundle): each new version is installed
+    /// into `/data/models` and handed to the runtime without a reboot.
+    #[serde(default)]
+    pub models: Vec<Located<String>>,
+    /// Base URL of the model runtime the agent asks to load a newly
+    /// installed model version.
+    #[serde(default = "default_runtime")]
+    pub runtime: Located<String>,
+}
+
+fn default_runtime() -> Located<String> {
+    Located::unplaced(basalt_bundle::config::DEFAULT_RUNTIME_URL.to_string())
 }
 
 fn default_threshold() -> Located<usize> {

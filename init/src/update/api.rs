@@ -9,6 +9,12 @@
 //!   installed (200) or refused (400 for a bundle that is damaged or not
 //!   trusted, 409 for one that does not fit this device now, 500 for a
 //!   write error); then reboots unless told not to;
+//! - `POST /v1/models`: a model bundle as the body, installed into the
+//!   model store while it arrives, then handed to the runtime
+//!   (`POST /v2/repository/models/<name>/load`); answers with what was
+//!   installed and the runtime's own status and answer (400 for a bundle
+//!   that is damaged, not trusted or failed here before, 502 when the
+//!   runtime cannot be reached);
 //! - `POST /v1/reboot`: reboots (into the installed version, if any).
 //!
 //! With a token configured every endpoint but health needs
@@ -35,6 +41,7 @@ use tokio::sync::mpsc;
 use crate::platform;
 use crate::update::agent::{Agent, Machine, UpdateError};
 use crate::update::install::InstallError;
+use crate::update::models::{self, ModelSettings, ModelStatus};
 
 /// What every connection shares.
 pub struct Shared<M: Machine> {
@@ -44,13 +51,28 @@ pub struct Shared<M: Machine> {
     pub token: Option<String>,
     /// Whether to reboot after an install unless the request says not to.
     pub reboot: bool,
+    /// Where models go and which runtime loads them; `None` when the
+    /// image has no model store.
+    pub models: Option<ModelSettings>,
     installing: AtomicBool,
 }
 
 impl<M: Machine> Shared<M> {
     /// Shares `agent` with the API.
     pub fn new(agent: Agent<M>, token: Option<String>, reboot: bool) -> Shared<M> {
-        Shared { agent: Mutex::new(agent), token, reboot, installing: AtomicBool::new(false) }
+        Shared {
+            agent: Mutex::new(agent),
+            token,
+            reboot,
+            models: None,
+            installing: AtomicBool::new(false),
+        }
+    }
+
+    /// Takes model bundles into `settings.store` too.
+    pub fn with_models(mut self, settings: ModelSettings) -> Shared<M> {
+        self.models = Some(settings);
+        self
     }
 
     /// Marks an install as running; false if one already is.
@@ -227,6 +249,113 @@ async fn update<M: Machine + Send + 'static>(
     }
 }
 
+/// Streams the request body into a blocking job, with the same idle
+/// deadline and bounded drain as [`update`]; returns the job's result.
+async fn feed<T: Send + 'static>(
+    req: Request<Incoming>,
+    job: impl FnOnce(BodyReader) -> T + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    let (tx, rx) = mpsc::channel::<Bytes>(16);
+    let job = tokio::task::spawn_blocking(move || job(BodyReader { rx, buf: Bytes::new() }));
+    let mut body = req.into_body();
+    let mut feeding = true;
+    let mut dropped = 0usize;
+    loop {
+        let frame = match tokio::time::timeout(BODY_IDLE, body.frame()).await {
+            Ok(Some(Ok(frame))) => frame,
+            Ok(Some(Err(_)) | None) | Err(_) => break,
+        };
+        if let Ok(data) = frame.into_data() {
+            if feeding {
+                if tx.send(data).await.is_err() {
+                    feeding = false;
+                }
+            } else {
+                dropped += data.len();
+                if dropped > DRAIN_MAX {
+                    break;
+                }
+            }
+        }
+    }
+    drop(tx);
+    job.await
+}
+
+async fn models_push<M: Machine + Send + 'static>(
+    req: Request<Incoming>,
+    shared: Arc<Shared<M>>,
+) -> Reply {
+    let Some(settings) = shared.models.clone() else {
+        return error(StatusCode::NOT_FOUND, "this image has no model store");
+    };
+    let trust = match shared.agent.lock() {
+        Ok(a) => a.trust().clone(),
+        Err(_) => return error(StatusCode::INTERNAL_SERVER_ERROR, "the agent's state is poisoned"),
+    };
+    if !shared.begin() {
+        return error(StatusCode::CONFLICT, &UpdateError::Busy.to_string());
+    }
+    let s = settings.clone();
+    let result = feed(req, move |reader| models::install(&s, reader, &trust)).await;
+    shared.end();
+    let installed = match result {
+        Ok(Ok(i)) => i,
+        Ok(Err(e)) => {
+            eprintln!("model refused: {e}");
+            let code = match e {
+                basalt_bundle::model::ModelStoreError::Io { .. } => {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }
+                _ => StatusCode::BAD_REQUEST,
+            };
+            return error(code, &e.to_string());
+        }
+        Err(e) => {
+            return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("the install stopped: {e}"))
+        }
+    };
+    #[derive(Serialize)]
+    struct Installed<'a> {
+        name: &'a str,
+        version: String,
+        already: bool,
+        pruned: Vec<String>,
+    }
+    #[derive(Serialize)]
+    struct Done<'a> {
+        installed: Installed<'a>,
+        runtime: Option<models::LoadAnswer>,
+        message: String,
+    }
+    let done = |runtime: Option<models::LoadAnswer>, message: String| Done {
+        installed: Installed {
+            name: &installed.name,
+            version: installed.version.to_string(),
+            already: installed.already,
+            pruned: installed.pruned.iter().map(ToString::to_string).collect(),
+        },
+        runtime,
+        message,
+    };
+    match models::load(&settings.runtime, &installed.name, models::LOAD_TIMEOUT).await {
+        Ok(answer) => {
+            let message = models::describe(&installed.name, &installed.version, &answer);
+            println!("{message}");
+            let code = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
+            json(code, &done(Some(answer), message))
+        }
+        Err(e) => {
+            let message = format!(
+                "model {} {} installed, but the runtime was not told: {e}",
+                installed.name, installed.version
+            );
+            eprintln!("{message}");
+            json(StatusCode::BAD_GATEWAY, &done(None, message))
+        }
+    }
+}
+
 async fn status<M: Machine + Send + 'static>(shared: Arc<Shared<M>>) -> Reply {
     if shared.busy() {
         return error(
@@ -236,11 +365,18 @@ async fn status<M: Machine + Send + 'static>(shared: Arc<Shared<M>>) -> Reply {
     }
     let sh = shared.clone();
     let result = tokio::task::spawn_blocking(move || {
-        sh.agent.lock().map(|mut a| a.status()).map_err(|_| ())
+        let models = sh.models.as_ref().map(models::status).unwrap_or_default();
+        sh.agent.lock().map(|mut a| (a.status(), models)).map_err(|_| ())
     })
     .await;
+    #[derive(Serialize)]
+    struct WithModels {
+        #[serde(flatten)]
+        status: crate::update::agent::Status,
+        models: Vec<ModelStatus>,
+    }
     match result {
-        Ok(Ok(s)) => json(StatusCode::OK, &s),
+        Ok(Ok((status, models))) => json(StatusCode::OK, &WithModels { status, models }),
         _ => error(StatusCode::INTERNAL_SERVER_ERROR, "the agent's state is poisoned; restart it"),
     }
 }
@@ -264,16 +400,17 @@ pub async fn handle<M: Machine + Send + 'static>(
     let reply = match (method, path.as_str()) {
         (Method::GET, "/v1/status") => status(shared).await,
         (Method::POST, "/v1/update") => update(req, shared).await,
+        (Method::POST, "/v1/models") => models_push(req, shared).await,
         (Method::POST, "/v1/reboot") => {
             reboot_soon();
             json(StatusCode::ACCEPTED, &ErrorBody { error: "" })
         }
-        (_, "/v1/status" | "/v1/update" | "/v1/reboot" | "/v1/health") => {
+        (_, "/v1/status" | "/v1/update" | "/v1/models" | "/v1/reboot" | "/v1/health") => {
             error(StatusCode::METHOD_NOT_ALLOWED, "wrong method; see the API in docs/ota.md")
         }
         _ => error(
             StatusCode::NOT_FOUND,
-            "no such endpoint: /v1/health, /v1/status, /v1/update, /v1/reboot",
+            "no such endpoint: /v1/health, /v1/status, /v1/update, /v1/models, /v1/reboot",
         ),
     };
     Ok(reply)

@@ -9,6 +9,7 @@ pub mod api;
 pub mod cut;
 pub mod device;
 pub mod install;
+pub mod models;
 pub mod pull;
 pub mod run;
 pub mod state;

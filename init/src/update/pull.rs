@@ -13,12 +13,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use basalt_bundle::channel::{channel_path, signature_path_for, verify_channel};
+use std::collections::HashMap;
+
+use basalt_bundle::channel::{
+    channel_path, model_channel_path, signature_path_for, verify_channel,
+};
 use basalt_bundle::config::{UpdateConfig, AGENT_STATE_DIR};
 
 use crate::fetch::{self, Fetched, Url};
 use crate::update::agent::Machine;
 use crate::update::api::{reboot_soon, Shared};
+use crate::update::models;
 
 /// Largest channel or signature file fetched.
 const MAX_CHANNEL_BYTES: usize = 64 * 1024;
@@ -65,6 +70,8 @@ pub async fn poller<M: Machine + Send + 'static>(shared: Arc<Shared<M>>, cfg: Up
         }
     };
     let mut last_message = String::new();
+    let mut model_etags: HashMap<String, String> = HashMap::new();
+    let mut model_messages: HashMap<String, String> = HashMap::new();
     let mut first = true;
     loop {
         let wait = if first {
@@ -78,15 +85,133 @@ pub async fn poller<M: Machine + Send + 'static>(shared: Arc<Shared<M>>, cfg: Up
             continue;
         }
         let message = match poll_once(&shared, &base, &cfg).await {
-            Ok(Some(m)) => m,
-            Ok(None) => continue,
-            Err(e) => e,
+            Ok(m) => m,
+            Err(e) => Some(e),
         };
-        if message != last_message {
+        if let Some(message) = message.filter(|m| *m != last_message) {
             println!("{message}");
             last_message = message;
         }
+        for name in &cfg.models {
+            if shared.busy() {
+                break;
+            }
+            let message = match poll_model(&shared, &base, &cfg, name, &mut model_etags).await {
+                Ok(Some(m)) => m,
+                Ok(None) => continue,
+                Err(e) => e,
+            };
+            if model_messages.get(name) != Some(&message) {
+                println!("{message}");
+                model_messages.insert(name.clone(), message);
+            }
+        }
     }
+}
+
+/// One poll of a model's channel; `Ok(Some(message))` for news worth a
+/// line. The ETag is remembered once the channel file was dealt with.
+async fn poll_model<M: Machine + Send + 'static>(
+    shared: &Arc<Shared<M>>,
+    base: &Url,
+    cfg: &UpdateConfig,
+    name: &str,
+    etags: &mut HashMap<String, String>,
+) -> Result<Option<String>, String> {
+    let Some(settings) = shared.models.clone() else { return Ok(None) };
+    let path = model_channel_path(name, &cfg.channel).map_err(|e| e.to_string())?;
+    let url = base.join(&path).map_err(|e| e.to_string())?;
+    let sig_url = base.join(&signature_path_for(&path)).map_err(|e| e.to_string())?;
+    let (trust, machine_id, now) = {
+        let agent = shared.agent.lock().map_err(|_| "agent state poisoned".to_string())?;
+        (agent.trust().clone(), agent.machine_id().to_string(), agent.machine().now())
+    };
+    let timeout = Duration::from_secs(30);
+    let etag = etags.get(name).cloned();
+    let (bytes, new_etag) =
+        match fetch::get_small(&url, etag.as_deref(), MAX_CHANNEL_BYTES, timeout).await {
+            Ok(Fetched::NotModified) => return Ok(None),
+            Ok(Fetched::Body { bytes, etag }) => (bytes, etag),
+            Err(e) => return Err(format!("poll {url}: {e}")),
+        };
+    let sig = match fetch::get_small(&sig_url, None, MAX_CHANNEL_BYTES, timeout).await {
+        Ok(Fetched::Body { bytes, .. }) => bytes,
+        Ok(Fetched::NotModified) => return Err(format!("{sig_url}: unexpected 304")),
+        Err(e) => return Err(format!("poll {sig_url}: {e}")),
+    };
+    let remember = |etags: &mut HashMap<String, String>| {
+        if let Some(e) = &new_etag {
+            etags.insert(name.to_string(), e.clone());
+        }
+    };
+    let channel = verify_channel(&bytes, &sig, &trust).map_err(|e| format!("{url}: {e}"))?;
+    match models::check_channel(&channel, name, &settings, now, &machine_id) {
+        Ok(None) => {}
+        Ok(Some(why)) => {
+            remember(etags);
+            return Ok(Some(why));
+        }
+        Err(e) => {
+            remember(etags);
+            return Err(e);
+        }
+    }
+    let on_disk = basalt_bundle::model::version_dir(&settings.store, name, &channel.version)
+        .join(basalt_bundle::model::BUNDLE_FILE);
+    if on_disk.is_file() {
+        // Installed before but not taken by the runtime (it was down, say):
+        // only the load is asked again.
+        let answer = models::load(&settings.runtime, name, models::LOAD_TIMEOUT).await?;
+        remember(etags);
+        return Ok(Some(models::describe(name, &channel.version, &answer)));
+    }
+    let bundle_url = base.join(&channel.bundle).map_err(|e| e.to_string())?;
+    let dir = PathBuf::from(AGENT_STATE_DIR).join("download");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let partial = dir.join(format!("model-{}-{}.basalt.partial", channel.name, channel.version));
+    println!(
+        "downloading model {} {} from {bundle_url} ({} bytes)",
+        channel.name, channel.version, channel.size
+    );
+    fetch::download(&bundle_url, &partial, channel.size, &channel.sha256, 20, &mut |_| {})
+        .await
+        .map_err(|e| format!("download {bundle_url}: {e}"))?;
+    if let Err(e) = models::check_bundle_file(&partial, &channel, &settings) {
+        let _ = std::fs::remove_file(&partial);
+        remember(etags);
+        return Err(e);
+    }
+    let answer = install_and_load(shared, &settings, &trust, partial.clone()).await;
+    let _ = std::fs::remove_file(&partial);
+    let message = answer?;
+    remember(etags);
+    Ok(Some(message))
+}
+
+/// Installs a downloaded model bundle and asks the runtime to load it;
+/// the message says what the runtime answered.
+async fn install_and_load<M: Machine + Send + 'static>(
+    shared: &Arc<Shared<M>>,
+    settings: &models::ModelSettings,
+    trust: &basalt_bundle::archive::Trust,
+    file: PathBuf,
+) -> Result<String, String> {
+    if !shared.begin() {
+        return Err("an update is being installed already".into());
+    }
+    let s = settings.clone();
+    let t = trust.clone();
+    let installed = tokio::task::spawn_blocking(move || {
+        let input = std::fs::File::open(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+        models::install(&s, std::io::BufReader::with_capacity(1 << 20, input), &t)
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string());
+    shared.end();
+    let installed = installed??;
+    let answer = models::load(&settings.runtime, &installed.name, models::LOAD_TIMEOUT).await?;
+    Ok(models::describe(&installed.name, &installed.version, &answer))
 }
 
 /// One poll; `Ok(Some(message))` for news worth a line on the console.

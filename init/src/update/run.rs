@@ -1,19 +1,21 @@
 //! The agent's process: configuration, keys, the API, the reconciler and
 //! the poller, on one tokio thread (installs run on a blocking thread).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use basalt_bundle::archive::Trust;
 use basalt_bundle::config::{
-    ImageConfig, UpdateConfig, AGENT_STATE_DIR, IMAGE_CONFIG_PATH, TRUSTED_KEYS_DIR,
+    ImageConfig, UpdateConfig, AGENT_STATE_DIR, IMAGE_CONFIG_PATH, MODEL_STORE_DIR,
+    TRUSTED_KEYS_DIR,
 };
 use basalt_bundle::keys::PublicKey;
 
 use crate::update::agent::Agent;
 use crate::update::api::{self, Shared};
 use crate::update::device::Device;
+use crate::update::models::ModelSettings;
 use crate::update::state::StateFile;
 
 /// Why the agent cannot start.
@@ -104,7 +106,13 @@ pub fn run() -> Result<(), StartError> {
         agent.trusted_keys(),
         update.threshold
     );
-    let shared = Arc::new(Shared::new(agent, token, update.reboot));
+    let models = ModelSettings {
+        store: PathBuf::from(MODEL_STORE_DIR),
+        runtime: update.runtime.clone(),
+        names: update.models.clone(),
+        board: image.board.clone(),
+    };
+    let shared = Arc::new(Shared::new(agent, token, update.reboot).with_models(models));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
