@@ -48,6 +48,8 @@ pub struct ModelSettings {
     pub names: Vec<String>,
     /// This device's board, for the bundles' `compatible`.
     pub board: String,
+    /// Where bundles are downloaded to before they are installed.
+    pub downloads: PathBuf,
 }
 
 /// One model in `GET /v1/status`.
@@ -292,7 +294,7 @@ pub fn describe(name: &str, version: &semver::Version, answer: &LoadAnswer) -> S
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::assess::Bootloader;
     use crate::update::agent::{Agent, Machine, UpdateError};
@@ -310,7 +312,12 @@ mod tests {
 
     const NOW: i64 = 1_800_000_000;
 
-    fn model_bundle(key: &SigningKey, name: &str, version: &str, compatible: &str) -> Vec<u8> {
+    pub(crate) fn model_bundle(
+        key: &SigningKey,
+        name: &str,
+        version: &str,
+        compatible: &str,
+    ) -> Vec<u8> {
         let onnx = testing::bytes(7, 4096);
         let toml = format!(
             "name = \"{name}\"\nversion = \"{version}\"\n[test]\ntolerance = 1e-4\n\
@@ -339,12 +346,13 @@ mod tests {
         write_bundle(Vec::new(), manifest.as_bytes(), sig.as_bytes(), &payloads, 1).unwrap()
     }
 
-    fn settings(store: &Path, runtime: &str) -> ModelSettings {
+    pub(crate) fn settings(store: &Path, runtime: &str) -> ModelSettings {
         ModelSettings {
             store: store.to_path_buf(),
             runtime: runtime.to_string(),
             names: vec!["wq".into()],
             board: "qemu-x86_64".into(),
+            downloads: store.join(".downloads"),
         }
     }
 
@@ -364,7 +372,7 @@ mod tests {
         }
     }
 
-    fn save_state(store: &Path, state: &ModelState) {
+    pub(crate) fn save_state(store: &Path, state: &ModelState) {
         state.save(store, "wq", &StdDisk).unwrap();
     }
 
@@ -434,7 +442,7 @@ mod tests {
         assert!(check_bundle_file(&write(b"junk"), &ch, &s).is_err());
     }
 
-    struct NoBoot;
+    pub(crate) struct NoBoot;
 
     impl Machine for NoBoot {
         fn booted_slot(&self) -> Option<basalt_bundle::slot::Slot> {
@@ -457,10 +465,26 @@ mod tests {
         }
     }
 
-    /// A stand-in for the runtime's load endpoint: records each request
-    /// line and answers with the status and body set in `answer`.
-    async fn fake_runtime(
-        answer: Arc<Mutex<(u16, String)>>,
+    pub(crate) fn agent(key: &SigningKey, dir: &Path) -> Agent<NoBoot> {
+        let image = ImageConfig {
+            name: "img".into(),
+            version: "1.0.0".into(),
+            board: "qemu-x86_64".into(),
+            hostname: "h".into(),
+            modules: Vec::new(),
+            network: NetworkConfig::default(),
+            update: None,
+            boot: BootConfig { bless_after_ms: 1, bless_deadline_ms: 2, stop_timeout_ms: 3 },
+            services: Vec::new(),
+        };
+        let trust = Trust { keys: vec![key.public()], threshold: 1 };
+        Agent::new(NoBoot, image, trust, StateFile::in_dir(dir))
+    }
+
+    /// A one-request-per-connection HTTP server: records each request
+    /// line and answers what `answer` gives for it.
+    pub(crate) async fn serve(
+        answer: impl Fn(&str) -> (u16, Vec<u8>) + Send + 'static,
         seen: Arc<Mutex<Vec<String>>>,
     ) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -471,24 +495,43 @@ mod tests {
                 let mut head = Vec::new();
                 let mut buf = [0u8; 1024];
                 while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let n = stream.read(&mut buf).await.unwrap();
+                    let n = stream.read(&mut buf).await.unwrap_or(0);
                     if n == 0 {
                         break;
                     }
                     head.extend_from_slice(&buf[..n]);
                 }
                 let text = String::from_utf8_lossy(&head).to_string();
-                seen.lock().unwrap().push(text.lines().next().unwrap_or("").to_string());
-                let (status, body) = answer.lock().unwrap().clone();
+                let line = text.lines().next().unwrap_or("").to_string();
+                let (status, body) = answer(&line);
+                seen.lock().unwrap().push(line);
                 let reply = format!(
                     "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n\
-                     content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                     content-length: {}\r\nconnection: close\r\n\r\n",
                     body.len()
                 );
-                stream.write_all(reply.as_bytes()).await.unwrap();
+                let _ = stream.write_all(reply.as_bytes()).await;
+                let _ = stream.write_all(&body).await;
             }
         });
-        format!("http://{addr}")
+        format!("http://{addr}/")
+    }
+
+    /// A stand-in for the runtime's load endpoint, answering with the
+    /// status and body set in `answer`.
+    pub(crate) async fn fake_runtime(
+        answer: Arc<Mutex<(u16, String)>>,
+        seen: Arc<Mutex<Vec<String>>>,
+    ) -> String {
+        let url = serve(
+            move |_| {
+                let (status, body) = answer.lock().unwrap().clone();
+                (status, body.into_bytes())
+            },
+            seen,
+        )
+        .await;
+        url.trim_end_matches('/').to_string()
     }
 
     async fn request(addr: &str, method: &str, path: &str, body: &[u8]) -> (u16, String) {
@@ -521,21 +564,8 @@ mod tests {
         )));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let runtime = fake_runtime(answer.clone(), seen.clone()).await;
-        let image = ImageConfig {
-            name: "img".into(),
-            version: "1.0.0".into(),
-            board: "qemu-x86_64".into(),
-            hostname: "h".into(),
-            modules: Vec::new(),
-            network: NetworkConfig::default(),
-            update: None,
-            boot: BootConfig { bless_after_ms: 1, bless_deadline_ms: 2, stop_timeout_ms: 3 },
-            services: Vec::new(),
-        };
-        let trust = Trust { keys: vec![key.public()], threshold: 1 };
-        let agent = Agent::new(NoBoot, image, trust, StateFile::in_dir(agent_dir.path()));
         let shared = Arc::new(
-            Shared::new(agent, Some("secret-token-1234".into()), false)
+            Shared::new(agent(&key, agent_dir.path()), Some("secret-token-1234".into()), false)
                 .with_models(settings(store.path(), &runtime)),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -166,8 +166,8 @@ async fn poll_model<M: Machine + Send + 'static>(
         return Ok(Some(models::describe(name, &channel.version, &answer)));
     }
     let bundle_url = base.join(&channel.bundle).map_err(|e| e.to_string())?;
-    let dir = PathBuf::from(AGENT_STATE_DIR).join("download");
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let dir = &settings.downloads;
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let partial = dir.join(format!("model-{}-{}.basalt.partial", channel.name, channel.version));
     println!(
         "downloading model {} {} from {bundle_url} ({} bytes)",
@@ -303,4 +303,170 @@ async fn poll_once<M: Machine + Send + 'static>(
         reboot_soon();
     }
     Ok(Some(format!("installed {} into slot {} ({})", done.version, done.slot, done.entry)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::update::models::tests::{agent, model_bundle, save_state, serve, settings};
+    use basalt_bundle::channel::{Channel, FORMAT_VERSION};
+    use basalt_bundle::keys::SigningKey;
+    use basalt_bundle::model::{Failure, ModelState};
+    use basalt_bundle::signature::{sign, SignatureFile};
+    use sha2::{Digest, Sha256};
+    use std::sync::Mutex;
+
+    const NOW: i64 = 1_800_000_000;
+
+    /// Puts `bundle` on `repo`'s channel of model `name`, as `basalt
+    /// publish` does.
+    fn publish(repo: &Path, key: &SigningKey, name: &str, version: &str, bundle: &[u8]) {
+        let rel = format!("bundles/models/{name}-{version}.basalt");
+        std::fs::create_dir_all(repo.join("bundles/models")).unwrap();
+        std::fs::write(repo.join(&rel), bundle).unwrap();
+        let ch = Channel {
+            format: FORMAT_VERSION,
+            channel: "stable".into(),
+            name: name.into(),
+            version: version.parse().unwrap(),
+            bundle: rel,
+            sha256: hex::encode(Sha256::digest(bundle)),
+            size: bundle.len() as u64,
+            compatible: vec!["any".into()],
+            published: basalt_bundle::civil::unix_to_datetime(NOW - 10),
+            expires: basalt_bundle::civil::unix_to_datetime(NOW + 1000),
+            rollout: 100,
+        };
+        let path = model_channel_path(name, "stable").unwrap();
+        let text = ch.to_toml();
+        let mut sigs = SignatureFile::default();
+        sigs.add(sign(text.as_bytes(), key));
+        std::fs::create_dir_all(repo.join(&path).parent().unwrap()).unwrap();
+        std::fs::write(repo.join(&path), &text).unwrap();
+        std::fs::write(repo.join(signature_path_for(&path)), sigs.to_toml().unwrap()).unwrap();
+    }
+
+    fn config() -> UpdateConfig {
+        UpdateConfig {
+            threshold: 1,
+            listen: "127.0.0.1:0".into(),
+            token_file: None,
+            repository: None,
+            channel: "stable".into(),
+            poll_interval_ms: 1000,
+            poll_jitter_ms: 0,
+            reboot: false,
+            models: vec!["wq".into()],
+            runtime: String::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_model_channel_is_pulled_installed_and_loaded() {
+        let key = SigningKey::generate().unwrap();
+        let repo = tempfile::tempdir().unwrap();
+        let store = tempfile::tempdir().unwrap();
+        let agent_dir = tempfile::tempdir().unwrap();
+        let root = repo.path().to_path_buf();
+        let repo_seen = Arc::new(Mutex::new(Vec::new()));
+        let base = serve(
+            move |line| {
+                let path = line.split(' ').nth(1).unwrap_or("/").trim_start_matches('/');
+                match std::fs::read(root.join(path)) {
+                    Ok(bytes) => (200, bytes),
+                    Err(_) => (404, b"not found".to_vec()),
+                }
+            },
+            repo_seen.clone(),
+        )
+        .await;
+        let runtime_seen = Arc::new(Mutex::new(Vec::new()));
+        let answer = Arc::new(Mutex::new((
+            200u16,
+            r#"{"name":"wq","version":"1.1.0","state":"watching","watch_seconds":30}"#.to_string(),
+        )));
+        let runtime =
+            crate::update::models::tests::fake_runtime(answer.clone(), runtime_seen.clone()).await;
+        let shared = Arc::new(
+            Shared::new(agent(&key, agent_dir.path()), None, false)
+                .with_models(settings(store.path(), &runtime)),
+        );
+        let base = Url::parse(&base).unwrap();
+        let cfg = config();
+        let mut etags = HashMap::new();
+        let poll = |etags: &mut HashMap<String, String>| {
+            let (shared, base, cfg) = (shared.clone(), base.clone(), cfg.clone());
+            let mut e = std::mem::take(etags);
+            async move {
+                let r = poll_model(&shared, &base, &cfg, "wq", &mut e).await;
+                (r, e)
+            }
+        };
+        let bundles = |seen: &Mutex<Vec<String>>| {
+            seen.lock().unwrap().iter().filter(|l| l.contains("/bundles/")).count()
+        };
+
+        // Nothing published yet: the poll says why.
+        let (r, e) = poll(&mut etags).await;
+        etags = e;
+        assert!(r.unwrap_err().contains("404"));
+
+        publish(repo.path(), &key, "wq", "1.1.0", &model_bundle(&key, "wq", "1.1.0", "any"));
+        let (r, e) = poll(&mut etags).await;
+        etags = e;
+        let msg = r.unwrap().unwrap();
+        assert!(msg.contains("wq 1.1.0") && msg.contains("watching"), "{msg}");
+        assert!(store.path().join("wq/1.1.0/model.basalt").is_file());
+        assert_eq!(*runtime_seen.lock().unwrap(), ["POST /v2/repository/models/wq/load HTTP/1.1"]);
+        assert_eq!(bundles(&repo_seen), 1);
+
+        // The runtime now serves it: nothing more to do.
+        save_state(
+            store.path(),
+            &ModelState { serving: Some("1.1.0".parse().unwrap()), ..ModelState::default() },
+        );
+        let (r, e) = poll(&mut etags).await;
+        etags = e;
+        assert!(r.unwrap().unwrap().contains("not newer"));
+        assert_eq!(runtime_seen.lock().unwrap().len(), 1);
+
+        // A version that failed here is not downloaded again.
+        save_state(
+            store.path(),
+            &ModelState {
+                serving: Some("1.1.0".parse().unwrap()),
+                failures: vec![Failure {
+                    version: "1.2.0".parse().unwrap(),
+                    reason: "test vector: y[0] = 9, expected 2".into(),
+                    at: NOW,
+                }],
+                ..ModelState::default()
+            },
+        );
+        publish(repo.path(), &key, "wq", "1.2.0", &model_bundle(&key, "wq", "1.2.0", "any"));
+        let (r, e) = poll(&mut etags).await;
+        etags = e;
+        assert!(r.unwrap().unwrap().contains("failed on this device"));
+        assert_eq!(bundles(&repo_seen), 1);
+
+        // An OS bundle, or another model, on the model's channel: refused
+        // before anything is installed, and the runtime is not called.
+        let os = crate::update::testing::bundle(
+            &crate::update::testing::version("1.3.0", 1, 4096),
+            "qemu-x86_64",
+            &[&key],
+        );
+        let os_bundle = os.clone();
+        publish(repo.path(), &key, "wq", "1.3.0", &os_bundle);
+        let (r, e) = poll(&mut etags).await;
+        etags = e;
+        let err = r.unwrap_err();
+        assert!(err.contains("not a model"), "{err}");
+        publish(repo.path(), &key, "wq", "1.4.0", &model_bundle(&key, "pump", "1.4.0", "any"));
+        let (r, _) = poll(&mut etags).await;
+        let err = r.unwrap_err();
+        assert!(err.contains("the bundle is pump 1.4.0"), "{err}");
+        assert_eq!(runtime_seen.lock().unwrap().len(), 1);
+        assert_eq!(basalt_bundle::model::installed_versions(store.path(), "wq").len(), 1);
+    }
 }

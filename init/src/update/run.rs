@@ -111,6 +111,7 @@ pub fn run() -> Result<(), StartError> {
         runtime: update.runtime.clone(),
         names: update.models.clone(),
         board: image.board.clone(),
+        downloads: Path::new(AGENT_STATE_DIR).join("download"),
     };
     let shared = Arc::new(Shared::new(agent, token, update.reboot).with_models(models));
     let rt = tokio::runtime::Builder::new_current_thread()
