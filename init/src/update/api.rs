@@ -190,43 +190,12 @@ async fn update<M: Machine + Send + 'static>(
     }
     let reboot = shared.reboot
         && !req.uri().query().is_some_and(|q| q.split('&').any(|p| p == "reboot=false"));
-    let (tx, rx) = mpsc::channel::<Bytes>(16);
     let sh = shared.clone();
-    let job = tokio::task::spawn_blocking(move || {
-        let reader = BodyReader { rx, buf: Bytes::new() };
-        match sh.agent.lock() {
-            Ok(mut agent) => agent.install(reader),
-            Err(_) => Err(UpdateError::Machine("the agent's state is poisoned; restart it".into())),
-        }
-    });
-    let mut body = req.into_body();
-    let mut feeding = true;
-    let mut dropped = 0usize;
-    loop {
-        // A client that stops sending must not hold the install forever:
-        // the reader then sees the end of a truncated bundle.
-        let frame = match tokio::time::timeout(BODY_IDLE, body.frame()).await {
-            Ok(Some(Ok(frame))) => frame,
-            Ok(Some(Err(_)) | None) | Err(_) => break,
-        };
-        if let Ok(data) = frame.into_data() {
-            if feeding {
-                if tx.send(data).await.is_err() {
-                    feeding = false;
-                }
-            } else {
-                // The installer has stopped (a refused bundle): read a
-                // bounded rest of the body, so that the client, still
-                // sending, gets to read the answer; then close.
-                dropped += data.len();
-                if dropped > DRAIN_MAX {
-                    break;
-                }
-            }
-        }
-    }
-    drop(tx);
-    let result = job.await;
+    let result = feed(req, move |reader| match sh.agent.lock() {
+        Ok(mut agent) => agent.install(reader),
+        Err(_) => Err(UpdateError::Machine("the agent's state is poisoned; restart it".into())),
+    })
+    .await;
     shared.end();
     match result {
         Ok(Ok(done)) => {
@@ -249,8 +218,8 @@ async fn update<M: Machine + Send + 'static>(
     }
 }
 
-/// Streams the request body into a blocking job, with the same idle
-/// deadline and bounded drain as [`update`]; returns the job's result.
+/// Streams the request body into a blocking job that reads it; returns
+/// the job's result.
 async fn feed<T: Send + 'static>(
     req: Request<Incoming>,
     job: impl FnOnce(BodyReader) -> T + Send + 'static,
@@ -261,6 +230,8 @@ async fn feed<T: Send + 'static>(
     let mut feeding = true;
     let mut dropped = 0usize;
     loop {
+        // A client that stops sending must not hold the install forever:
+        // the reader then sees the end of a truncated bundle.
         let frame = match tokio::time::timeout(BODY_IDLE, body.frame()).await {
             Ok(Some(Ok(frame))) => frame,
             Ok(Some(Err(_)) | None) | Err(_) => break,
@@ -271,6 +242,9 @@ async fn feed<T: Send + 'static>(
                     feeding = false;
                 }
             } else {
+                // The job has stopped (a refused bundle): read a bounded
+                // rest of the body, so that the client, still sending,
+                // gets to read the answer; then close.
                 dropped += data.len();
                 if dropped > DRAIN_MAX {
                     break;
