@@ -447,3 +447,96 @@ fn blessed_slot(m: &mut Machine) -> String {
     assert_eq!(s["booted_slot"], slot.as_str(), "{s}");
     slot
 }
+
+const MODEL_RECIPE: &str = "ci/e2e/030-model-update/recipe.toml";
+
+/// The reference MLP's bundle at `version`, signed by test.key, with a
+/// short watch window so the scenario sees the version kept.
+fn mlp_bundle(version: &str, dir: &Path) -> PathBuf {
+    let models = root().join(".cache/models");
+    let config = std::fs::read_to_string(models.join("mlp.model.toml")).unwrap().replacen(
+        "version = \"1.0.0\"",
+        &format!("version = \"{version}\""),
+        1,
+    );
+    let config = format!("{config}\n[watch]\nwindow = 5\nmin_requests = 1\n");
+    let config_path = dir.join(format!("mlp-{version}.model.toml"));
+    std::fs::write(&config_path, config).unwrap();
+    let content = basalt::ota::ModelContent::from_files(&models.join("mlp.onnx"), &config_path)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let key = basalt::ota::read_signing_key(&keys().join("test.key")).unwrap();
+    let bytes = basalt::ota::model_bundle_bytes(&content, &[key], &[], 1_700_000_000).unwrap();
+    let out = dir.join(format!("mlp-{version}.basalt"));
+    std::fs::write(&out, bytes).unwrap();
+    out
+}
+
+/// The agent's view of model `mlp`, once it has one.
+fn mlp_status(m: &Machine) -> Value {
+    let s = status(m);
+    s["models"]
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["name"] == "mlp").cloned())
+        .unwrap_or(Value::Null)
+}
+
+#[test]
+#[ignore = "boots QEMU; run with --ignored (ci/test.sh does)"]
+fn e2e_030_a_model_published_on_its_channel_is_pulled_and_served_without_a_reboot() {
+    let v1 = build(MODEL_RECIPE, "1.0.0");
+    let dir = tempfile::tempdir().unwrap();
+    let repo = tempfile::tempdir().unwrap();
+    let nginx = Nginx::start(repo.path(), REPO_PORT);
+
+    let mut m = boot(&v1.disk, &v1.report, "030-model-update");
+    expect(&mut m, "boot blessed: slot a", 180);
+    let before = status(&m);
+    assert_eq!(before["version"], "1.0.0", "{before}");
+
+    let v2 = mlp_bundle("2.0.0", dir.path());
+    let key = basalt::ota::read_signing_key(&keys().join("test.key")).unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let ch = basalt::ota::publish(&basalt::ota::Publish {
+        bundle: &v2,
+        repo: repo.path(),
+        channel: "stable",
+        rollout: 100,
+        expires_in: 3600,
+        keys: &[key],
+        now,
+    })
+    .unwrap();
+    assert_eq!(ch.bundle, "bundles/models/mlp-2.0.0.basalt");
+    expect(&mut m, "[update-agent] downloading model mlp 2.0.0", 60);
+    expect(&mut m, "[update-agent] model mlp 2.0.0: runtime says", 120);
+
+    // Kept after its watch window, with the baked 1.0.0 as the fallback.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mlp = loop {
+        let mlp = mlp_status(&m);
+        if mlp["serving"] == "2.0.0" || Instant::now() > deadline {
+            break mlp;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    assert_eq!(mlp["serving"], "2.0.0", "{mlp}\nconsole:\n{}", m.console());
+    assert_eq!(mlp["last_update"]["version"], "2.0.0", "{mlp}");
+    let log = nginx.access_log();
+    assert!(log.contains("GET /channels/models/mlp/stable.toml"), "{log}");
+    assert_eq!(log.matches("GET /bundles/models/mlp-2.0.0.basalt").count(), 1, "{log}");
+
+    // A push of the next version through the agent's API answers with the
+    // runtime's own result.
+    let v3 = std::fs::read(mlp_bundle("3.0.0", dir.path())).unwrap();
+    let (code, body) = http("POST", "/v1/models", &v3).unwrap();
+    assert_eq!(code, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["installed"]["version"], "3.0.0", "{answer}");
+    assert_eq!(answer["runtime"]["body"]["version"], "3.0.0", "{answer}");
+
+    // No reboot: the same boot, still in slot a, never blessed twice.
+    let after = status(&m);
+    assert_eq!(after["booted_slot"], "a", "{after}");
+    assert_eq!(m.console().matches("boot blessed").count(), 1, "{}", m.console());
+    assert!(m.wait_exit(Duration::from_millis(100)).is_none(), "QEMU ended");
+}

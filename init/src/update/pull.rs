@@ -162,8 +162,9 @@ async fn poll_model<M: Machine + Send + 'static>(
         // Installed before but not taken by the runtime (it was down, say):
         // only the load is asked again.
         let answer = models::load(&settings.runtime, name, models::LOAD_TIMEOUT).await?;
+        let message = settled(name, &channel.version, &answer)?;
         remember(etags);
-        return Ok(Some(models::describe(name, &channel.version, &answer)));
+        return Ok(Some(message));
     }
     let bundle_url = base.join(&channel.bundle).map_err(|e| e.to_string())?;
     let dir = &settings.downloads;
@@ -211,7 +212,23 @@ async fn install_and_load<M: Machine + Send + 'static>(
     shared.end();
     let installed = installed??;
     let answer = models::load(&settings.runtime, &installed.name, models::LOAD_TIMEOUT).await?;
-    Ok(models::describe(&installed.name, &installed.version, &answer))
+    settled(&installed.name, &installed.version, &answer)
+}
+
+/// The message of a load answer that settles the version: 200 (taken) or
+/// 400 (failed, which the runtime records, so it is not offered again).
+/// Any other answer (busy, unknown model) is an error, so the channel is
+/// looked at again at the next poll.
+fn settled(
+    name: &str,
+    version: &semver::Version,
+    answer: &models::LoadAnswer,
+) -> Result<String, String> {
+    let message = models::describe(name, version, answer);
+    match answer.status {
+        200 | 400 => Ok(message),
+        _ => Err(message),
+    }
 }
 
 /// One poll; `Ok(Some(message))` for news worth a line on the console.
@@ -420,6 +437,20 @@ mod tests {
         assert_eq!(*runtime_seen.lock().unwrap(), ["POST /v2/repository/models/wq/load HTTP/1.1"]);
         assert_eq!(bundles(&repo_seen), 1);
 
+        // A busy runtime: the version is offered again at the next poll,
+        // from the disk.
+        *answer.lock().unwrap() = (409, r#"{"error":"busy"}"#.to_string());
+        let (r, e) = poll(&mut etags).await;
+        etags = e;
+        assert!(r.unwrap_err().contains("(409)"));
+        *answer.lock().unwrap() =
+            (200, r#"{"name":"wq","version":"1.1.0","state":"watching"}"#.to_string());
+        let (r, e) = poll(&mut etags).await;
+        etags = e;
+        assert!(r.unwrap().unwrap().contains("watching"));
+        assert_eq!(runtime_seen.lock().unwrap().len(), 3);
+        assert_eq!(bundles(&repo_seen), 1);
+
         // The runtime now serves it: nothing more to do.
         save_state(
             store.path(),
@@ -428,7 +459,7 @@ mod tests {
         let (r, e) = poll(&mut etags).await;
         etags = e;
         assert!(r.unwrap().unwrap().contains("not newer"));
-        assert_eq!(runtime_seen.lock().unwrap().len(), 1);
+        assert_eq!(runtime_seen.lock().unwrap().len(), 3);
 
         // A version that failed here is not downloaded again.
         save_state(
@@ -466,7 +497,7 @@ mod tests {
         let (r, _) = poll(&mut etags).await;
         let err = r.unwrap_err();
         assert!(err.contains("the bundle is pump 1.4.0"), "{err}");
-        assert_eq!(runtime_seen.lock().unwrap().len(), 1);
+        assert_eq!(runtime_seen.lock().unwrap().len(), 3);
         assert_eq!(basalt_bundle::model::installed_versions(store.path(), "wq").len(), 1);
     }
 }
