@@ -900,10 +900,13 @@ fn resolve_update(
         .into());
     }
     for m in &u.models {
-        if !basalt_bundle::model::valid_name(&m.value) {
+        // The name must make a model channel path on the device too.
+        let channel_ok = basalt_bundle::channel::model_channel_path(&m.value, "stable").is_ok();
+        if !basalt_bundle::model::valid_name(&m.value) || !channel_ok {
             return Err(with_help(
                 src.error(m.span.clone(), format!("model `{}` is not a model name", m.value)),
-                "use the `name` of the model's model.toml: letters, digits, `-`, `_` and `.`",
+                "use the `name` of the model's model.toml: letters, digits, `-`, `_` and `.`, \
+                 not starting with `.` or `-`",
             )
             .into());
         }

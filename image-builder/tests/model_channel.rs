@@ -90,3 +90,44 @@ fn a_model_is_published_on_its_own_channel() {
     assert!(repo.join("channels/models/pump-wear/beta.toml").exists());
     assert_eq!(std::fs::read(&path).unwrap(), bytes, "another model's channel changed");
 }
+
+/// The recipe of ci/e2e/030-model-update with `edit` applied, its paths
+/// made absolute, in `dir`.
+fn recipe_with(dir: &Path, edit: impl Fn(String) -> String) -> std::path::PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let text = std::fs::read_to_string(root.join("ci/e2e/030-model-update/recipe.toml"))
+        .unwrap()
+        .replace("../../../", &format!("{}/", root.display()))
+        .replace("../keys/", &format!("{}/ci/e2e/keys/", root.display()));
+    let path = dir.join("recipe.toml");
+    std::fs::write(&path, edit(text)).unwrap();
+    path
+}
+
+#[test]
+fn a_recipe_names_models_and_a_runtime_the_device_can_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = basalt::plan::PlanOptions {
+        cache_dir: basalt::plan::default_cache_dir(),
+        ..Default::default()
+    };
+    let plan = |edit: &dyn Fn(String) -> String| {
+        basalt::plan::resolve(&recipe_with(dir.path(), edit), &opts).map_err(|e| e.to_string())
+    };
+    let cases: [(&dyn Fn(String) -> String, &str); 3] = [
+        (&|t| t.replace("models = [\"mlp\"]", "models = [\"-mlp\"]"), "not a model name"),
+        (&|t| t.replace("models = [\"mlp\"]", "models = [\"a/b\"]"), "not a model name"),
+        (&|t| t.replace("runtime = \"http://127.0.0.1:8000\"", "runtime = \"ftp://x\""), "http://"),
+    ];
+    for (edit, says) in cases {
+        let err = plan(edit).unwrap_err();
+        assert!(err.contains(says), "{says}: {err}");
+    }
+    match plan(&|t| t) {
+        Ok(_) => {}
+        // A machine without the device programs built cannot plan an image
+        // with the agent; the checks above come before that.
+        Err(e) if e.contains("basalt-agent") || e.contains("basalt-runtime") => {}
+        Err(e) => panic!("{e}"),
+    }
+}
