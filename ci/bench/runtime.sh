@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# Benchmark: the model runtime beside onnxruntime, in one run.
+#
+#   ci/bench/runtime.sh            (after ci/setup.sh; BENCH_SECONDS=2 per model and side)
+#
+# 1. Latency per reference model (.cache/models), batch 1, at 1 and 2 threads:
+#    the engine in-process (the `reference_latency` test, rayon pool of N
+#    threads) and onnxruntime from .cache/venv (intra_op_num_threads = N), model
+#    by model, alternating, so a busy machine disturbs both sides alike. Medians.
+# 2. Idle RSS of the static musl basalt-runtime serving one model, beyond the
+#    model's bytes (the .onnx size), for each model.
+# 3. Throughput (wrk, 10 s each) at 1, 4 and 16 connections against the
+#    running server, per model, binary tensors as tritonclient sends them.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+root=$PWD
+models=$root/.cache/models
+python=$root/.cache/venv/bin/python
+seconds=${BENCH_SECONDS:-2}
+names=(${BENCH_MODELS:-mlp cnn mobilenetv3 resnet18 transformer})
+
+if [ ! -x "$python" ] || [ ! -f "$models/resnet18.onnx" ]; then
+    echo "runtime bench: no .cache/venv or reference models; run ci/setup.sh first" >&2
+    exit 1
+fi
+command -v wrk >/dev/null || apt-get install -y wrk >/dev/null
+
+work=$(mktemp -d /tmp/basalt-runtime-bench.XXXXXX)
+server=
+stop_server() {
+    if [ -n "$server" ]; then
+        kill "$server" 2>/dev/null || true
+        wait "$server" 2>/dev/null || true
+        server=
+    fi
+}
+trap 'stop_server; rm -rf "$work"' EXIT
+
+cargo test --release --locked -p basalt-runtime --test reference --no-run 2>/dev/null
+cargo build --release --locked --target x86_64-unknown-linux-musl -p basalt-runtime --bin basalt-runtime 2>/dev/null
+cargo build --release --locked -p basalt --bin basalt 2>/dev/null
+runtime=$root/target/x86_64-unknown-linux-musl/release/basalt-runtime
+
+# onnxruntime's side: the same batch-1 input, warm-up, then runs for BENCH_SECONDS.
+cat >"$work/ort.py" <<'EOF'
+import json, sys, time
+import numpy as np
+import onnxruntime as ort
+models, name, threads, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+ref = json.load(open(f"{models}/{name}.ref.json"))
+types = {"FP32": np.float32, "INT64": np.int64}
+feeds = {k: np.array(v["data"], dtype=types[v["datatype"]]).reshape(v["shape"])[:1]
+         for k, v in ref["inputs"].items()}
+opts = ort.SessionOptions()
+opts.intra_op_num_threads = threads
+opts.inter_op_num_threads = 1
+sess = ort.InferenceSession(f"{models}/{name}.onnx", opts, providers=["CPUExecutionProvider"])
+for _ in range(3):
+    sess.run(None, feeds)
+times, start = [], time.perf_counter()
+while len(times) < 10 or (time.perf_counter() - start < seconds and len(times) < 5000):
+    t = time.perf_counter()
+    sess.run(None, feeds)
+    times.append(time.perf_counter() - t)
+times.sort()
+print(f"{times[len(times) // 2] * 1e3:.4f}")
+EOF
+
+echo "== latency, batch 1 (median ms; ratio = basalt / onnxruntime)"
+printf '%-12s %7s %10s %12s %7s\n' model threads basalt onnxruntime ratio
+for threads in 1 2; do
+    for name in "${names[@]}"; do
+        ours=$(RAYON_NUM_THREADS=$threads BENCH_MODELS=$name BENCH_SECONDS=$seconds \
+            cargo test --release --locked -q -p basalt-runtime --test reference reference_latency \
+            -- --ignored --nocapture 2>/dev/null | awk '$1 == "latency" { print $3 }')
+        theirs=$("$python" "$work/ort.py" "$models" "$name" "$threads" "$seconds")
+        ratio=$(awk -v a="$ours" -v b="$theirs" 'BEGIN { printf "%.2f", a / b }')
+        printf '%-12s %7s %10s %12s %7s\n' "$name" "$threads" "$ours" "$theirs" "${ratio}x"
+    done
+done
+
+# A signed bundle per model, and a key the runtime trusts.
+mkdir -p "$work/keys"
+target/release/basalt keygen --out "$work/keys/bench" >/dev/null
+for name in "${names[@]}"; do
+    mkdir -p "$work/models-$name"
+    target/release/basalt model bundle "$models/$name.onnx" --config "$models/$name.model.toml" \
+        --key "$work/keys/bench.key" --out "$work/models-$name/$name.basalt" >/dev/null
+done
+
+# The request tritonclient sends: JSON header, then the input's little-endian bytes.
+cat >"$work/body.py" <<'EOF'
+import json, sys
+import numpy as np
+ref, out = json.load(open(sys.argv[1])), sys.argv[2]
+types = {"FP32": np.float32, "INT64": np.int64}
+inputs, blobs = [], []
+for k, v in ref["inputs"].items():
+    a = np.array(v["data"], dtype=types[v["datatype"]]).reshape(v["shape"])[:1]
+    blob = a.astype(a.dtype.newbyteorder("<")).tobytes()
+    inputs.append({"name": k, "shape": list(a.shape), "datatype": v["datatype"],
+                   "parameters": {"binary_data_size": len(blob)}})
+    blobs.append(blob)
+head = json.dumps({"inputs": inputs, "parameters": {"binary_data_output": True}}).encode()
+open(out + ".bin", "wb").write(head + b"".join(blobs))
+open(out + ".len", "w").write(str(len(head)))
+EOF
+
+# wrk posts the body and counts answers by status (each thread has its own Lua state).
+cat >"$work/post.lua" <<'EOF'
+local body_file, head_len = os.getenv("BODY"), os.getenv("HEAD_LEN")
+local f = assert(io.open(body_file, "rb"))
+wrk.method = "POST"
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Inference-Header-Content-Length"] = head_len
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init() statuses = {} end
+function response(status) statuses[status] = (statuses[status] or 0) + 1 end
+function done(summary)
+  local all = {}
+  for _, t in ipairs(threads) do
+    for s, n in pairs(t:get("statuses")) do all[s] = (all[s] or 0) + n end
+  end
+  local parts = {}
+  for s, n in pairs(all) do table.insert(parts, s .. ":" .. n) end
+  table.sort(parts)
+  io.write("statuses " .. table.concat(parts, " ") .. "\n")
+end
+EOF
+
+port=18500
+start_server() { # model
+    port=$((port + 1))
+    "$runtime" --listen "127.0.0.1:$port" --models "$work/models-$1" --store none --keys "$work/keys" \
+        >"$work/server.log" 2>&1 &
+    server=$!
+    for _ in $(seq 600); do
+        curl -sf "http://127.0.0.1:$port/v2/health/ready" >/dev/null && return 0
+        kill -0 "$server" 2>/dev/null || break
+        sleep 0.1
+    done
+    echo "runtime bench: the server did not become ready:" >&2
+    cat "$work/server.log" >&2
+    exit 1
+}
+rss_kib() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status"; }
+
+echo
+echo "== idle RSS of $runtime (static musl), after load and one inference"
+printf '%-12s %10s %10s %14s\n' model rss_mib model_mib beyond_model_mib
+for name in "${names[@]}"; do
+    "$python" "$work/body.py" "$models/$name.ref.json" "$work/body-$name"
+    start_server "$name"
+    curl -sf -o /dev/null -H "Inference-Header-Content-Length: $(cat "$work/body-$name.len")" \
+        --data-binary "@$work/body-$name.bin" "http://127.0.0.1:$port/v2/models/$name/infer"
+    sleep 1
+    rss=$(rss_kib "$server")
+    onnx=$(stat -c %s "$models/$name.onnx")
+    awk -v r="$rss" -v o="$onnx" -v n="$name" \
+        'BEGIN { printf "%-12s %10.1f %10.1f %14.1f\n", n, r / 1024, o / 1048576, r / 1024 - o / 1048576 }'
+    stop_server
+done
+
+echo
+echo "== throughput (wrk, 10 s, 1 thread per connection up to 2), requests/s"
+printf '%-12s %12s %12s %12s\n' model "1 conn" "4 conn" "16 conn"
+for name in "${names[@]}"; do
+    start_server "$name"
+    row=$(printf '%-12s' "$name")
+    for conns in 1 4 16; do
+        threads=$((conns < 2 ? conns : 2))
+        out=$(BODY="$work/body-$name.bin" HEAD_LEN=$(cat "$work/body-$name.len") \
+            wrk -t "$threads" -c "$conns" -d 10s -s "$work/post.lua" \
+            "http://127.0.0.1:$port/v2/models/$name/infer")
+        rps=$(awk '/^Requests\/sec/ { printf "%.0f", $2 }' <<<"$out")
+        statuses=$(awk '/^statuses/ { $1 = ""; print }' <<<"$out")
+        row+=$(printf ' %12s' "$rps")
+        echo "   $name $conns conn: $rps req/s, answers by status:$statuses" >&2
+    done
+    echo "$row"
+    stop_server
+done
