@@ -496,6 +496,7 @@ fn e2e_030_a_model_published_on_its_channel_is_pulled_and_served_without_a_reboo
     let v2 = mlp_bundle("2.0.0", dir.path());
     let key = basalt::ota::read_signing_key(&keys().join("test.key")).unwrap();
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let published = Instant::now();
     let ch = basalt::ota::publish(&basalt::ota::Publish {
         bundle: &v2,
         repo: repo.path(),
@@ -508,7 +509,15 @@ fn e2e_030_a_model_published_on_its_channel_is_pulled_and_served_without_a_reboo
     .unwrap();
     assert_eq!(ch.bundle, "bundles/models/mlp-2.0.0.basalt");
     expect(&mut m, "[update-agent] downloading model mlp 2.0.0", 60);
+    let downloading = published.elapsed();
     expect(&mut m, "[update-agent] model mlp 2.0.0: runtime says", 120);
+    // For the benchmark: the poll wait, then download, install, load,
+    // test vector and switch, as the host sees them.
+    eprintln!(
+        "publish -> download started {:.2} s, -> switched {:.2} s",
+        downloading.as_secs_f64(),
+        published.elapsed().as_secs_f64()
+    );
 
     // Kept after its watch window, with the baked 1.0.0 as the fallback.
     let deadline = Instant::now() + Duration::from_secs(90);
