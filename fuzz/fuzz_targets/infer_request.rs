@@ -7,7 +7,12 @@
 //! header, `0xffff` meaning no header; the rest is the body.
 #![no_main]
 
-use basalt_runtime::v2::parse_request;
+// The runtime's own source file, see fuzz/Cargo.toml.
+#[allow(dead_code)]
+#[path = "../../runtime/src/v2.rs"]
+mod v2;
+
+use v2::parse_request;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
