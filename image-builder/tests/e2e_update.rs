@@ -453,12 +453,23 @@ const MODEL_RECIPE: &str = "ci/e2e/030-model-update/recipe.toml";
 /// The reference MLP's bundle at `version`, signed by test.key, with a
 /// short watch window so the scenario sees the version kept.
 fn mlp_bundle(version: &str, dir: &Path) -> PathBuf {
+    mlp_bundle_with(version, dir, false)
+}
+
+/// [`mlp_bundle`], with a test vector whose expected output is wrong when
+/// `wrong_output`.
+fn mlp_bundle_with(version: &str, dir: &Path, wrong_output: bool) -> PathBuf {
     let models = root().join(".cache/models");
-    let config = std::fs::read_to_string(models.join("mlp.model.toml")).unwrap().replacen(
+    let mut config = std::fs::read_to_string(models.join("mlp.model.toml")).unwrap().replacen(
         "version = \"1.0.0\"",
         &format!("version = \"{version}\""),
         1,
     );
+    if wrong_output {
+        // The last `data = [` is the expected output's.
+        let at = config.rfind("data = [").unwrap() + "data = [".len();
+        config.insert_str(at, "1000");
+    }
     let config = format!("{config}\n[watch]\nwindow = 5\nmin_requests = 1\n");
     let config_path = dir.join(format!("mlp-{version}.model.toml"));
     std::fs::write(&config_path, config).unwrap();
@@ -542,6 +553,31 @@ fn e2e_030_a_model_published_on_its_channel_is_pulled_and_served_without_a_reboo
     let answer: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(answer["installed"]["version"], "3.0.0", "{answer}");
     assert_eq!(answer["runtime"]["body"]["version"], "3.0.0", "{answer}");
+
+    // A version whose test vector fails: refused by the runtime with the
+    // reason, 3.0.0 keeps serving, and the agent never fetches it again.
+    let v4 = mlp_bundle_with("4.0.0", dir.path(), true);
+    let key = basalt::ota::read_signing_key(&keys().join("test.key")).unwrap();
+    basalt::ota::publish(&basalt::ota::Publish {
+        bundle: &v4,
+        repo: repo.path(),
+        channel: "stable",
+        rollout: 100,
+        expires_in: 3600,
+        keys: &[key],
+        now,
+    })
+    .unwrap();
+    expect(&mut m, "[update-agent] model mlp 4.0.0: the runtime refused it (400)", 60);
+    std::thread::sleep(Duration::from_secs(6));
+    let mlp = mlp_status(&m);
+    assert_eq!(mlp["serving"], "3.0.0", "{mlp}");
+    let failed = mlp["failed"].as_array().unwrap();
+    assert_eq!(failed.len(), 1, "{mlp}");
+    assert_eq!(failed[0]["version"], "4.0.0", "{mlp}");
+    assert!(failed[0]["reason"].as_str().unwrap().contains("test vector"), "{mlp}");
+    let log = nginx.access_log();
+    assert_eq!(log.matches("GET /bundles/models/mlp-4.0.0.basalt").count(), 1, "{log}");
 
     // No reboot: the same boot, still in slot a, never blessed twice.
     let after = status(&m);
