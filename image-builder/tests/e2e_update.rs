@@ -3,7 +3,8 @@
 //! update agent's API is reached through QEMU's forwarding of
 //! 127.0.0.1:17400; the disk file persists across QEMU runs, so a reboot
 //! (which ends QEMU here) is followed by a new boot of the same disk.
-//! Inputs live in `ci/e2e/01x-*/` and `ci/e2e/keys/`.
+//! Inputs live in `ci/e2e/01x-*/`, `ci/e2e/030-model-update/` and
+//! `ci/e2e/keys/`; 030 also needs the reference models in `.cache/models`.
 
 mod common;
 
