@@ -287,11 +287,23 @@ pub struct BundleSummary {
 }
 
 /// Writes `bytes` to `path` through a temporary file beside it.
+///
+/// A file that replaces another gets a modification time at least one
+/// whole second later than the old one's: web servers such as nginx make a
+/// file's ETag from its size and its mtime in seconds, so a channel file
+/// republished within the same second at the same size (rollout 5 -> 6)
+/// would otherwise keep its ETag, and devices asking `If-None-Match` would
+/// be told 304 and never see it.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), OtaError> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(io_err("create", dir))?;
     let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io_err("create a file in", dir))?;
     tmp.write_all(bytes).map_err(io_err("write", path))?;
+    if let Some(later) =
+        fs::metadata(path).ok().and_then(|m| m.modified().ok()).and_then(later_than)
+    {
+        tmp.as_file().set_modified(later).map_err(io_err("set the time of", path))?;
+    }
     tmp.as_file().sync_all().map_err(io_err("sync", path))?;
     tmp.persist(path).map_err(|e| OtaError::Io {
         what: "write",
@@ -299,6 +311,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), OtaError> {
         source: e.error,
     })?;
     Ok(())
+}
+
+/// A time in a later whole second than `old`, if now is not one already.
+fn later_than(old: std::time::SystemTime) -> Option<std::time::SystemTime> {
+    let secs = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    };
+    let old = secs(old);
+    (secs(std::time::SystemTime::now()) <= old)
+        .then(|| std::time::UNIX_EPOCH + std::time::Duration::from_secs(old + 1))
 }
 
 fn sha256_file(path: &Path) -> Result<(u64, String), OtaError> {
@@ -571,4 +593,30 @@ pub fn model_bundle_bytes(
     let payloads: [(&str, &[u8]); 2] = [(MODEL_ONNX, &onnx), (MODEL_TOML, &content.config_bytes)];
     archive::write_bundle(Vec::new(), manifest.as_bytes(), sig_text.as_bytes(), &payloads, created)
         .map_err(|e| OtaError::Other(format!("cannot write the model bundle: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mtime_secs(path: &Path) -> u64 {
+        let t = fs::metadata(path).unwrap().modified().unwrap();
+        t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+    }
+
+    /// nginx's ETag is the size and the mtime in seconds: a republished
+    /// channel of the same size must not keep it.
+    #[test]
+    fn a_file_replaced_within_a_second_gets_a_later_mtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("channels/stable.toml");
+        write_atomic(&path, b"rollout = 5\n").unwrap();
+        let first = mtime_secs(&path);
+        write_atomic(&path, b"rollout = 6\n").unwrap();
+        let second = mtime_secs(&path);
+        write_atomic(&path, b"rollout = 7\n").unwrap();
+        let third = mtime_secs(&path);
+        assert!(first < second && second < third, "{first} {second} {third}");
+        assert_eq!(fs::read(&path).unwrap(), b"rollout = 7\n");
+    }
 }
