@@ -18,10 +18,19 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 root="$PWD/fuzz"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 for target in "${targets[@]}"; do
     echo "== fuzz $target for ${seconds}s"
     mkdir -p "$root/corpus/$target"
-    cargo fuzz run --fuzz-dir "$root" -s none "$target" \
+    # libFuzzer prints a line for every new input it finds: keep them out of
+    # the log unless the run fails, then show its end (the crash and input).
+    if ! cargo fuzz run --fuzz-dir "$root" -s none "$target" \
         "$root/corpus/$target" "$root/seeds/$target" \
-        -- -max_total_time="$seconds"
+        -- -max_total_time="$seconds" >"$log" 2>&1; then
+        tail -n 80 "$log"
+        echo "fuzz: $target failed; its input is in fuzz/artifacts/$target" >&2
+        exit 1
+    fi
+    grep -E '^Done [0-9]+ runs' "$log" || tail -n 3 "$log"
 done

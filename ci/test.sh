@@ -23,11 +23,12 @@ echo "== system tests (QEMU)"
 # Two files of scenarios, each run one scenario at a time, both at once: a
 # TCG guest keeps one core busy, and the machine has two. The files forward
 # disjoint host ports (ci/e2e/README.md lists them), so they never collide.
-cargo test --locked -p basalt --test e2e --test e2e_update --no-run
+# --workspace: the features of the test build above, so nothing is rebuilt.
+cargo test --locked --workspace --test e2e --test e2e_update --no-run
 logs=$(mktemp -d)
 pids=()
 for suite in e2e e2e_update; do
-  cargo test --locked -p basalt --test "$suite" -- --ignored --test-threads=1 \
+  cargo test --locked --workspace --test "$suite" -- --ignored --test-threads=1 \
     >"$logs/$suite.log" 2>&1 &
   pids+=($!)
 done
