@@ -72,6 +72,95 @@ pub struct KernelFiles {
     pub package: Option<(String, String)>,
     /// What the SBOM names as the origin of kernel files.
     pub origin: String,
+    /// The kernel's build configuration (`boot/config-<release>`), when
+    /// the input has one.
+    pub config: Option<String>,
+}
+
+/// The marker `scripts/sign-file` writes after a module's signature.
+const SIGNATURE_MAGIC: &[u8] = b"~Module signature appended~\n";
+/// `struct module_signature` before the marker: algorithm, hash, id type,
+/// signer and key id lengths, 3 bytes of padding, the signature's length
+/// (big-endian u32).
+const SIGNATURE_INFO_LEN: usize = 12;
+
+/// What the build does with the signatures appended to module files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModuleSignatures {
+    /// Store modules without their signature: the kernel then skips a
+    /// PKCS#7 check per module, which is most of `finit_module`'s time on
+    /// a slow CPU. The modules are no less trusted: stage 1's come from the
+    /// initramfs, as the init itself does, and stage 2's from the root
+    /// filesystem under dm-verity.
+    Strip,
+    /// Store modules as the kernel package has them.
+    Keep,
+}
+
+/// The module file `bytes` without the signature `sign-file` appended; a
+/// module without one is returned whole. A marker whose length field does
+/// not fit the file is an error.
+pub fn strip_signature(bytes: &[u8]) -> Result<&[u8], String> {
+    let Some(head) = bytes.strip_suffix(SIGNATURE_MAGIC) else {
+        return Ok(bytes);
+    };
+    let info_at = head
+        .len()
+        .checked_sub(SIGNATURE_INFO_LEN)
+        .ok_or("its signature marker has no signature information before it")?;
+    let info = &head[info_at..];
+    let len = u32::from_be_bytes([info[8], info[9], info[10], info[11]]) as usize;
+    info_at
+        .checked_sub(len)
+        .map(|end| &head[..end])
+        .ok_or_else(|| format!("its signature claims {len} bytes, more than the file holds"))
+}
+
+/// Why the kernel would refuse a module without its signature, judged
+/// from its build configuration and command line; `None` when it loads
+/// one (marking itself tainted, nothing else). An unknown configuration
+/// counts as refusing.
+pub fn signatures_required(config: Option<&str>, cmdline: &[String]) -> Option<String> {
+    let Some(config) = config else {
+        return Some("the kernel input has no build configuration (boot/config-*)".into());
+    };
+    let set = |key: &str| config.lines().any(|l| l.trim() == format!("{key}=y"));
+    for key in [
+        "CONFIG_MODULE_SIG_FORCE",
+        "CONFIG_LOCK_DOWN_KERNEL_FORCE_INTEGRITY",
+        "CONFIG_LOCK_DOWN_KERNEL_FORCE_CONFIDENTIALITY",
+    ] {
+        if set(key) {
+            return Some(format!("the kernel is built with {key}=y"));
+        }
+    }
+    let enforcing = |arg: &str| {
+        arg == "module.sig_enforce"
+            || arg == "module.sig_enforce=1"
+            || arg.starts_with("module.sig_enforce=y")
+            || arg == "lockdown=integrity"
+            || arg == "lockdown=confidentiality"
+    };
+    cmdline
+        .iter()
+        .flat_map(|a| a.split_whitespace())
+        .find(|a| enforcing(a))
+        .map(|a| format!("the kernel command line has `{a}`"))
+}
+
+impl KernelFiles {
+    /// A module file of this kernel (`rel` below its modules folder) as the
+    /// image stores it.
+    pub fn read_module(&self, rel: &Path, sigs: ModuleSignatures) -> Result<Vec<u8>, KernelError> {
+        let path = self.modules_root.join(rel);
+        let bytes = fs::read(&path).map_err(read_err(&path))?;
+        match sigs {
+            ModuleSignatures::Keep => Ok(bytes),
+            ModuleSignatures::Strip => strip_signature(&bytes)
+                .map(<[u8]>::to_vec)
+                .map_err(|why| KernelError::BadModule { path, why }),
+        }
+    }
 }
 
 fn read_err(path: &Path) -> impl FnOnce(io::Error) -> KernelError + '_ {
@@ -114,11 +203,12 @@ fn read_control(path: &Path, member: &str, data: &[u8]) -> Result<(String, Strin
     Err(not_kernel(path, "its control archive has no control file"))
 }
 
-/// Unpacks a kernel `.deb` into `cache_root/kernels/<sha256>/` (once) and
-/// returns its files.
+/// Unpacks a kernel `.deb` into `cache_root/kernels-v2/<sha256>/` (once)
+/// and returns its files. (`v2`: the unpacked layout holds the kernel's
+/// `config`; an older cache lacks it.)
 pub fn load_deb(deb: &Path, cache_root: &Path) -> Result<KernelFiles, KernelError> {
     let digest = crate::digest::sha256_file(deb).map_err(read_err(deb))?;
-    let dir = cache_root.join("kernels").join(&digest);
+    let dir = cache_root.join("kernels-v2").join(&digest);
     if !dir.join("complete").exists() {
         unpack_deb(deb, &dir)?;
     }
@@ -132,6 +222,7 @@ pub fn load_deb(deb: &Path, cache_root: &Path) -> Result<KernelFiles, KernelErro
         package: Some((name.to_string(), version.trim().to_string())),
         origin: format!("{name} {}", version.trim()),
         release,
+        config: fs::read_to_string(dir.join("config")).ok(),
     })
 }
 
@@ -194,7 +285,10 @@ fn unpack_data(deb: &Path, reader: impl Read, out: &Path) -> Result<Option<Strin
         let path = entry.path().map_err(read_err(deb))?.to_string_lossy().into_owned();
         let path = path.trim_start_matches("./");
         let path = path.strip_prefix("usr/").unwrap_or(path);
-        if let Some(rel) = path.strip_prefix("boot/vmlinuz-") {
+        if path.starts_with("boot/config-") {
+            let mut f = fs::File::create(out.join("config")).map_err(cache_err)?;
+            io::copy(&mut entry, &mut f).map_err(read_err(deb))?;
+        } else if let Some(rel) = path.strip_prefix("boot/vmlinuz-") {
             release = Some(rel.to_string());
             let mut f = fs::File::create(out.join("vmlinuz")).map_err(cache_err)?;
             io::copy(&mut entry, &mut f).map_err(read_err(deb))?;
@@ -214,18 +308,23 @@ fn unpack_data(deb: &Path, reader: impl Read, out: &Path) -> Result<Option<Strin
     Ok(release)
 }
 
-/// A kernel given as files: `vmlinuz` and its `lib/modules/<release>`.
+/// A kernel given as files: `vmlinuz` and its `lib/modules/<release>`;
+/// its build configuration is `config-<release>` (as in `/boot`) or
+/// `config` beside `vmlinuz`, if there.
 pub fn load_files(vmlinuz: &Path, modules_dir: &Path) -> Result<KernelFiles, KernelError> {
     fs::metadata(vmlinuz).map_err(read_err(vmlinuz))?;
     fs::metadata(modules_dir).map_err(read_err(modules_dir))?;
     let release =
         modules_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     Ok(KernelFiles {
-        release,
         vmlinuz: vmlinuz.to_path_buf(),
         modules_root: modules_dir.to_path_buf(),
         package: None,
         origin: format!("kernel files {}", vmlinuz.display()),
+        config: [format!("config-{release}"), "config".to_string()]
+            .iter()
+            .find_map(|n| fs::read_to_string(vmlinuz.with_file_name(n)).ok()),
+        release,
     })
 }
 
@@ -421,6 +520,50 @@ fn elf_section<'a>(elf: &'a [u8], want: &str) -> Result<&'a [u8], String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn signed(body: &[u8], sig: &[u8]) -> Vec<u8> {
+        let mut v = body.to_vec();
+        v.extend_from_slice(sig);
+        v.extend_from_slice(&[0, 0, 2, 0, 0, 0, 0, 0]);
+        v.extend_from_slice(&(sig.len() as u32).to_be_bytes());
+        v.extend_from_slice(SIGNATURE_MAGIC);
+        v
+    }
+
+    #[test]
+    fn a_signature_is_cut_off_exactly_and_an_unsigned_module_kept_whole() {
+        let body = b"\x7fELF module body";
+        assert_eq!(strip_signature(&signed(body, &[7; 300])).unwrap(), body);
+        assert_eq!(strip_signature(&signed(body, &[])).unwrap(), body);
+        assert_eq!(strip_signature(body).unwrap(), body);
+    }
+
+    #[test]
+    fn a_signature_longer_than_the_file_is_an_error() {
+        let mut bad = signed(b"abc", &[1; 10]);
+        let at = bad.len() - SIGNATURE_MAGIC.len() - 4;
+        bad[at..at + 4].copy_from_slice(&1000u32.to_be_bytes());
+        assert!(strip_signature(&bad).unwrap_err().contains("1000 bytes"));
+        assert!(strip_signature(SIGNATURE_MAGIC).is_err());
+    }
+
+    #[test]
+    fn signatures_are_required_by_a_forcing_config_or_command_line() {
+        let debian = "CONFIG_MODULE_SIG=y\n# CONFIG_MODULE_SIG_FORCE is not set\n\
+                      CONFIG_LOCK_DOWN_KERNEL_FORCE_NONE=y\nCONFIG_LOCK_DOWN_IN_EFI_SECURE_BOOT=y\n";
+        assert_eq!(signatures_required(Some(debian), &["quiet".into()]), None);
+        let forced = format!("{debian}CONFIG_MODULE_SIG_FORCE=y\n");
+        assert!(signatures_required(Some(&forced), &[]).unwrap().contains("SIG_FORCE"));
+        let locked = format!("{debian}CONFIG_LOCK_DOWN_KERNEL_FORCE_INTEGRITY=y\n");
+        assert!(signatures_required(Some(&locked), &[]).unwrap().contains("INTEGRITY"));
+        for arg in ["module.sig_enforce=1", "lockdown=integrity", "quiet lockdown=confidentiality"]
+        {
+            let why = signatures_required(Some(debian), &[arg.to_string()]).unwrap();
+            assert!(why.contains("command line"), "{arg}: {why}");
+        }
+        assert!(signatures_required(Some(debian), &["module.sig_enforce=0".into()]).is_none());
+        assert!(signatures_required(None, &[]).unwrap().contains("no build configuration"));
+    }
 
     #[test]
     fn rejects_what_is_not_elf() {

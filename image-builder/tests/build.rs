@@ -88,6 +88,12 @@ fn minimal_image_passes_every_judge_and_rebuilds_identically() {
     std::fs::write(&slot, bytes).unwrap();
     assert!(!verify(&slot).status.success(), "veritysetup accepted a flipped byte");
 
+    // Modules: stored without their signatures (the kernel loads them
+    // faster; dm-verity covers them), still modules to modinfo.
+    assert_eq!(r.module_signatures, "stripped");
+    let (name, signer) = module_info(&slot, &r.kernel_release, dir.path());
+    assert_eq!((name.as_str(), signer.as_str()), ("virtio_net", ""));
+
     // Data partition.
     let d = part(&r, "data");
     let data = dir.path().join("data.img");
@@ -222,6 +228,60 @@ fn assert_refused(text: &str, extra: &[(&str, &[u8])], wants: &[&str]) {
         .filter(|n| n.to_string_lossy().contains("tmp"))
         .collect();
     assert!(leftovers.is_empty(), "temporary output left: {leftovers:?}");
+}
+
+/// `modinfo`'s name and signer of the root filesystem's `virtio_net.ko`.
+fn module_info(rootfs: &Path, release: &str, tmp: &Path) -> (String, String) {
+    let ko = format!("lib/modules/{release}/kernel/drivers/net/virtio_net.ko");
+    let bytes = Command::new("unsquashfs").arg("-cat").arg(rootfs).arg(&ko).output().unwrap();
+    assert!(bytes.status.success() && !bytes.stdout.is_empty(), "{ko} not in the root filesystem");
+    let file = tmp.join("virtio_net.ko");
+    std::fs::write(&file, &bytes.stdout).unwrap();
+    let field = |f: &str| ok(Command::new("/sbin/modinfo").args(["-F", f]).arg(&file));
+    (field("name").trim().to_string(), field("signer").trim().to_string())
+}
+
+/// `minimal.toml` with `line` in its `[kernel]` table.
+fn with_kernel_key(line: &str) -> String {
+    let text = minimal_text();
+    if text.contains("[kernel]\n") {
+        text.replace("[kernel]\n", &format!("[kernel]\n{line}\n"))
+    } else {
+        format!("{text}\n[kernel]\n{line}\n")
+    }
+}
+
+#[test]
+fn module_signatures_are_kept_when_the_recipe_says_so() {
+    let (built, err, out, dir) = build_bad(&with_kernel_key("module_signatures = \"keep\""), &[]);
+    assert!(built, "{err}");
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(r["module_signatures"], "kept");
+    let a = r["partitions"].as_array().unwrap().iter().find(|p| p["label"] == "rootfs_a").unwrap();
+    let slot = dir.path().join("rootfs_a.img");
+    extract(
+        &out.join("disk.img"),
+        a["offset"].as_u64().unwrap(),
+        a["size"].as_u64().unwrap(),
+        &slot,
+    );
+    let (name, signer) = module_info(&slot, r["kernel_release"].as_str().unwrap(), dir.path());
+    assert_eq!(name, "virtio_net");
+    assert!(!signer.is_empty(), "a kept module lost its signature");
+}
+
+#[test]
+fn stripping_signatures_a_kernel_enforces_is_refused_at_its_line() {
+    let text =
+        with_kernel_key("module_signatures = \"strip\"\ncmdline = [\"module.sig_enforce=1\"]");
+    assert_refused(
+        &text,
+        &[],
+        &["bad.toml:", "module signatures cannot be stripped", "module.sig_enforce=1", "keep"],
+    );
+    let text = with_kernel_key("module_signatures = \"sometimes\"");
+    assert_refused(&text, &[], &["bad.toml:", "`sometimes`", "\"strip\" or \"keep\""]);
 }
 
 #[test]

@@ -233,7 +233,7 @@ fn boot(started: Instant) -> Result<Infallible, Stage1Error> {
 
     let t = Instant::now();
     let modules = load_modules(&cfg.modules, kmod::load, |path, e| {
-        say(&format!("module {path} failed to load: {e}"));
+        say(&format!("module {path} failed to load: {e}{}", kmod::refusal_hint(e)));
     });
     say(&format!(
         "loaded {} of {} modules in {} ms ({} already present)",

@@ -158,7 +158,7 @@ fn load_modules(cfg: &ImageConfig) {
     let t = std::time::Instant::now();
     for m in &cfg.modules {
         if let Err(e) = kmod::load(Path::new(m)) {
-            say(&format!("cannot load module {m}: {e}"));
+            say(&format!("cannot load module {m}: {e}{}", kmod::refusal_hint(&e)));
         }
     }
     say(&format!("loaded {} modules in {} ms", cfg.modules.len(), t.elapsed().as_millis()));

@@ -47,9 +47,31 @@ pub fn load(path: &Path) -> io::Result<Loaded> {
     }
 }
 
+/// What to do about a module the kernel refused, when the refusal is
+/// about its signature: `EKEYREJECTED` (`module.sig_enforce`) or `EPERM`
+/// (lockdown, e.g. under UEFI Secure Boot). Empty otherwise.
+pub fn refusal_hint(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EKEYREJECTED) | Some(libc::EPERM) => {
+            " (the kernel requires signed modules, as under Secure Boot: build the image \
+             with [kernel] module_signatures = \"keep\")"
+        }
+        _ => "",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_signature_refusal_says_how_to_build_instead() {
+        for errno in [libc::EKEYREJECTED, libc::EPERM] {
+            let hint = refusal_hint(&io::Error::from_raw_os_error(errno));
+            assert!(hint.contains("module_signatures = \"keep\""), "{errno}: {hint}");
+        }
+        assert_eq!(refusal_hint(&io::Error::from_raw_os_error(libc::ENOENT)), "");
+    }
 
     #[test]
     fn only_compressed_modules_ask_the_kernel_to_decompress() {
