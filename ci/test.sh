@@ -8,6 +8,8 @@ bash ci/setup.sh
 
 echo "== device programs (static, musl)"
 cargo build --release --locked --target x86_64-unknown-linux-musl -p basalt-init -p basalt-runtime --bins
+echo "== device programs for aarch64 (static, musl; scenario 040 boots them)"
+cargo build --release --locked --target aarch64-unknown-linux-musl -p basalt-init -p basalt-runtime --bins
 
 echo "== format and lints"
 cargo fmt --all -- --check
@@ -20,23 +22,27 @@ echo "== fuzzing (each target of fuzz/ for ${FUZZ_SECONDS:-20} s)"
 FUZZ_SECONDS=${FUZZ_SECONDS:-20} bash ci/fuzz.sh
 
 echo "== system tests (QEMU)"
-# Two files of scenarios, each run one scenario at a time, both at once: a
-# TCG guest keeps one core busy, and the machine has two. The files forward
-# disjoint host ports (ci/e2e/README.md lists them), so they never collide.
+# Three files of scenarios in two lanes, each file one scenario at a time:
+# a TCG guest keeps one core busy, and the machine has two. e2e.rs is the
+# shorter file, so the aarch64 scenario (e2e_aarch64.rs) follows it in its
+# lane. The files forward disjoint host ports (ci/e2e/README.md lists
+# them), so they never collide.
 # --workspace: the features of the test build above, so nothing is rebuilt.
-cargo test --locked --workspace --test e2e --test e2e_update --no-run
+cargo test --locked --workspace --test e2e --test e2e_update --test e2e_aarch64 --no-run
 logs=$(mktemp -d)
-pids=()
-for suite in e2e e2e_update; do
-  cargo test --locked --workspace --test "$suite" -- --ignored --test-threads=1 \
-    >"$logs/$suite.log" 2>&1 &
-  pids+=($!)
-done
+suite() {
+  cargo test --locked --workspace --test "$1" -- --ignored --test-threads=1 >"$logs/$1.log" 2>&1
+}
+(e2e=0; suite e2e || e2e=1; suite e2e_aarch64 || exit 1; exit "$e2e") &
+lane1=$!
+suite e2e_update &
+lane2=$!
 failed=0
-for i in 0 1; do wait "${pids[$i]}" || failed=1; done
-for suite in e2e e2e_update; do
-  echo "-- $suite"
-  cat "$logs/$suite.log"
+wait "$lane1" || failed=1
+wait "$lane2" || failed=1
+for s in e2e e2e_update e2e_aarch64; do
+  echo "-- $s"
+  cat "$logs/$s.log"
 done
 rm -rf "$logs"
 if [ "$failed" != 0 ]; then

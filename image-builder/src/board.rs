@@ -41,6 +41,12 @@ pub struct Board {
     /// How long stage 1 waits for the root partition to appear.
     #[serde(default = "default_root_wait")]
     pub root_wait: crate::duration::Duration,
+    /// The board's kernel: what an image for this board boots unless the
+    /// recipe's `[kernel]` names its own (`deb`, or `vmlinuz` with
+    /// `modules_dir`). The kernel is per architecture, so it belongs here
+    /// and a recipe stays the same across boards.
+    #[serde(default)]
+    pub kernel: Option<BoardKernelSection>,
     /// Firmware and bootloader files.
     #[serde(default)]
     pub firmware: FirmwareSection,
@@ -145,12 +151,33 @@ fn default_root_wait() -> crate::duration::Duration {
     crate::duration::Duration(10_000)
 }
 
+/// `[kernel]` of a board: the default kernel of its images. Paths are
+/// relative to the board file. Give either `deb`, or `vmlinuz` with
+/// `modules_dir`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BoardKernelSection {
+    /// A Debian kernel package (`linux-image-*.deb`) of the board's
+    /// architecture, e.g. `../.cache/kernel/linux-image-cloud-arm64.deb`
+    /// (ci/setup.sh fetches Debian's cloud kernels there).
+    #[serde(default)]
+    pub deb: Option<Located<PathBuf>>,
+    /// A kernel image file, instead of `deb`.
+    #[serde(default)]
+    pub vmlinuz: Option<Located<PathBuf>>,
+    /// The `lib/modules/<release>` folder that goes with `vmlinuz`.
+    #[serde(default)]
+    pub modules_dir: Option<Located<PathBuf>>,
+}
+
 /// `[firmware]`: files the bootloader needs.
 #[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FirmwareSection {
-    /// The systemd-boot EFI binary, installed as the removable-media boot
-    /// file (`EFI/BOOT/BOOTX64.EFI`); required with
+    /// The systemd-boot EFI binary of the board's architecture
+    /// (`systemd-bootx64.efi`, `systemd-bootaa64.efi`), installed as the
+    /// removable-media boot file (`EFI/BOOT/BOOTX64.EFI`,
+    /// `EFI/BOOT/BOOTAA64.EFI`); required with
     /// `bootloader = "systemd-boot"`.
     #[serde(default)]
     pub systemd_boot: Option<Located<PathBuf>>,
@@ -190,9 +217,11 @@ pub struct QemuSection {
     pub cpu: Option<String>,
     /// Guest memory in MiB.
     pub memory_mib: u32,
-    /// UEFI firmware code (read-only), e.g. OVMF_CODE.
+    /// UEFI firmware code (read-only), e.g. OVMF_CODE or AAVMF_CODE.
     pub firmware_code: PathBuf,
-    /// UEFI variable store template; each run gets a private copy.
+    /// UEFI variable store template; each run gets a private copy. On
+    /// `-machine virt` (arm) QEMU wants both flash images at 64 MiB:
+    /// smaller ones are padded in the private copies.
     pub firmware_vars: PathBuf,
 }
 
@@ -212,7 +241,16 @@ mod tests {
             let board: Board = src.parse().unwrap_or_else(|e| panic!("{e}"));
             let verdict = board.buildable_bootloader(&src);
             match board.bootloader.value.as_str() {
-                "systemd-boot" => assert!(verdict.is_ok(), "{}", path.display()),
+                "systemd-boot" => {
+                    let sd_boot = verdict.unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    // The EFI binary must be the board's architecture.
+                    let file = sd_boot.value.file_name().unwrap().to_string_lossy().into_owned();
+                    let want = match board.arch {
+                        Arch::X86_64 => "systemd-bootx64.efi",
+                        Arch::Aarch64 => "systemd-bootaa64.efi",
+                    };
+                    assert_eq!(file, want, "{}", path.display());
+                }
                 "u-boot" | "rpi-tryboot" => {
                     let e = verdict.unwrap_err().to_string();
                     assert!(e.contains("cannot lay out an image for"), "{e}");
@@ -222,7 +260,7 @@ mod tests {
             seen.push(board.name.value.clone());
         }
         seen.sort();
-        for name in ["qemu-x86_64", "rpi4", "rpi5", "uboot-arm64"] {
+        for name in ["qemu-aarch64", "qemu-x86_64", "rpi4", "rpi5", "uboot-arm64", "uefi-arm64"] {
             assert!(seen.iter().any(|s| s == name), "{name} missing from {seen:?}");
         }
     }

@@ -61,6 +61,9 @@ pub enum BuildError {
         /// The board file.
         board: String,
     },
+    /// A module file could not be read or is malformed.
+    #[error(transparent)]
+    Kernel(#[from] crate::kernel::KernelError),
     /// The initramfs tree is inconsistent.
     #[error("initramfs: {0}")]
     Tree(#[from] crate::tree::TreeError),
@@ -132,8 +135,7 @@ pub fn build_slot(plan: &Plan) -> Result<SlotArtifacts, BuildError> {
     }
     let mut modules = Vec::new();
     for m in &plan.stage1_modules {
-        let host = plan.kernel.modules_root.join(&m.rel_path);
-        let bytes = fs::read(&host).map_err(io("cannot read module", &host))?;
+        let bytes = plan.kernel.read_module(&m.rel_path, plan.module_signatures)?;
         let path = format!("/lib/modules/{}/{}", plan.kernel.release, m.rel_path.display());
         tree.add_file(
             &path,
@@ -164,6 +166,10 @@ pub fn build_slot(plan: &Plan) -> Result<SlotArtifacts, BuildError> {
         .map_err(io("cannot compress the initramfs", Path::new("initrd")))?;
     let vmlinuz =
         fs::read(&plan.kernel.vmlinuz).map_err(io("cannot read", &plan.kernel.vmlinuz))?;
+    // UEFI loads a PE image: a gzip-compressed arm64 kernel (as some
+    // distributions ship it for GRUB) is stored unpacked.
+    let vmlinuz = crate::kimage::unpack(vmlinuz)
+        .map_err(io("cannot unpack the kernel image", &plan.kernel.vmlinuz))?;
     Ok(SlotArtifacts {
         squashfs,
         hash_area: v.hash_area,
@@ -187,6 +193,8 @@ pub struct Report {
     pub arch: String,
     /// Kernel release.
     pub kernel_release: String,
+    /// `stripped` or `kept`: the signatures appended to module files.
+    pub module_signatures: String,
     /// Timestamp of every file in the image.
     pub source_date_epoch: u64,
     /// The disk image.
@@ -550,6 +558,10 @@ pub fn build(
             Arch::Aarch64 => "aarch64".into(),
         },
         kernel_release: plan.kernel.release.clone(),
+        module_signatures: match plan.module_signatures {
+            crate::kernel::ModuleSignatures::Strip => "stripped".into(),
+            crate::kernel::ModuleSignatures::Keep => "kept".into(),
+        },
         source_date_epoch: sde,
         disk: DiskReport {
             file: "disk.img".into(),

@@ -1,9 +1,10 @@
 //! `basalt inspect`: what a disk image holds, read back from the image
-//! itself (partition table, ESP, boot entries, each slot's initramfs).
+//! itself (partition table, ESP, boot entries, each slot's initramfs, and
+//! the model bundles baked into each slot's root filesystem).
 
 use std::fmt::Write as _;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use basalt_bundle::config::{SlotConfig, SLOT_CONFIG_PATH};
@@ -12,6 +13,7 @@ use basalt_bundle::layout::ESP_LABEL;
 use basalt_bundle::Slot;
 use serde::Serialize;
 
+use crate::plan::MODELS_DIR;
 use crate::{fat, gpt};
 
 /// Why an image could not be inspected.
@@ -94,6 +96,56 @@ pub struct SlotInfo {
     pub root_hash: Option<String>,
     /// Whether the root partition holds a squashfs.
     pub rootfs_present: bool,
+    /// The model bundles baked into the root filesystem
+    /// (`/usr/share/basalt/models`), by file name.
+    pub models: Vec<ModelInfo>,
+    /// Why the root filesystem could not be read for its models, if so.
+    pub models_problem: Option<String>,
+}
+
+/// A model bundle baked into a slot, as its manifest says (its signatures
+/// are listed, not checked: the device checks them against its keys).
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelInfo {
+    /// The bundle's path in the root filesystem.
+    pub path: String,
+    /// The model's name.
+    pub name: String,
+    /// Its version.
+    pub version: String,
+    /// The ids of the keys that signed it.
+    pub signed_by: Vec<String>,
+    /// The bundle's size in bytes.
+    pub size: u64,
+}
+
+/// The model bundles in the squashfs at `offset` of `disk`.
+fn baked_models(disk: &Path, offset: u64) -> Result<Vec<ModelInfo>, String> {
+    use backhand::{FilesystemReader, InnerNode};
+    let f = File::open(disk).map_err(|e| format!("cannot read {}: {e}", disk.display()))?;
+    let fs = FilesystemReader::from_reader_with_offset(BufReader::new(f), offset)
+        .map_err(|e| format!("the root filesystem: {e}"))?;
+    let dir = Path::new(MODELS_DIR).strip_prefix("/").unwrap_or(Path::new(MODELS_DIR));
+    let mut out = Vec::new();
+    for node in fs.files() {
+        let InnerNode::File(file) = &node.inner else { continue };
+        let path = node.fullpath.strip_prefix("/").unwrap_or(&node.fullpath);
+        if path.parent() != Some(dir) || path.extension().is_none_or(|x| x != "basalt") {
+            continue;
+        }
+        let shown = format!("/{}", path.display());
+        let (_, manifest, signatures) = basalt_bundle::archive::peek(fs.file(file).reader())
+            .map_err(|e| format!("{shown}: {e}"))?;
+        out.push(ModelInfo {
+            path: shown,
+            name: manifest.name,
+            version: manifest.version.to_string(),
+            signed_by: signatures.signatures.into_iter().map(|s| s.key_id).collect(),
+            size: file.file_len() as u64,
+        });
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(out)
 }
 
 /// Reads one file out of a newc cpio archive.
@@ -178,9 +230,17 @@ pub fn inspect(disk: &Path) -> Result<ImageInfo, InspectError> {
             .and_then(|z| zstd::stream::decode_all(&z[..]).ok())
             .and_then(|cpio| cpio_file(&cpio, SLOT_CONFIG_PATH))
             .and_then(|t| SlotConfig::from_toml(&String::from_utf8_lossy(&t)).ok());
-        let rootfs_present = match parts.iter().find(|p| p.label == slot.root_partlabel()) {
+        let root = parts.iter().find(|p| p.label == slot.root_partlabel());
+        let rootfs_present = match root {
             Some(p) => read_at(&mut f, disk, p.offset, 4)? == b"hsqs",
             None => false,
+        };
+        let (models, models_problem) = match root.filter(|_| rootfs_present) {
+            Some(p) => match baked_models(disk, p.offset) {
+                Ok(m) => (m, None),
+                Err(e) => (Vec::new(), Some(e)),
+            },
+            None => (Vec::new(), None),
         };
         slots.push(SlotInfo {
             slot,
@@ -188,6 +248,8 @@ pub fn inspect(disk: &Path) -> Result<ImageInfo, InspectError> {
             version: cfg.as_ref().map(|c| c.version.clone()),
             root_hash: cfg.as_ref().map(|c| c.verity.root_hash.clone()),
             rootfs_present,
+            models,
+            models_problem,
         });
     }
     Ok(ImageInfo {
@@ -253,6 +315,20 @@ impl ImageInfo {
                 _ => {
                     let _ = writeln!(s, "  {}: empty", sl.slot);
                 }
+            }
+            for m in &sl.models {
+                let _ = writeln!(
+                    s,
+                    "     model {} {} ({}, {} bytes, signed by {})",
+                    m.name,
+                    m.version,
+                    m.path,
+                    m.size,
+                    if m.signed_by.is_empty() { "nobody".into() } else { m.signed_by.join(", ") }
+                );
+            }
+            if let Some(p) = &sl.models_problem {
+                let _ = writeln!(s, "     models: cannot list them: {p}");
             }
         }
         s

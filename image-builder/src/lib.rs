@@ -21,6 +21,7 @@ pub mod fat;
 pub mod gpt;
 pub mod inspect;
 pub mod kernel;
+pub mod kimage;
 pub mod ota;
 pub mod plan;
 pub mod qemu;

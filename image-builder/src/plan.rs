@@ -16,7 +16,7 @@ use basalt_bundle::layout::Arch;
 
 use crate::board::Board;
 use crate::diag::{with_help, Diagnostic, Located, Source};
-use crate::kernel::{self, KernelFiles, ModuleFile, ModuleIndex};
+use crate::kernel::{self, KernelFiles, ModuleFile, ModuleIndex, ModuleSignatures};
 use crate::recipe::{Mode, Recipe, UpdateSection};
 use crate::tree::{Meta, Origin, Tree};
 
@@ -109,6 +109,8 @@ pub struct Plan {
     pub kernel: KernelFiles,
     /// Modules for the initramfs, in load order.
     pub stage1_modules: Vec<ModuleFile>,
+    /// Whether module files are stored with their signatures.
+    pub module_signatures: ModuleSignatures,
     /// Path of the static basalt-init.
     pub init_binary: PathBuf,
     /// The root filesystem.
@@ -239,6 +241,114 @@ fn tree_error(src: &Source, span: std::ops::Range<usize>, e: crate::tree::TreeEr
     src.error(span, e.to_string())
 }
 
+/// Loads a kernel named by a recipe's or a board's `[kernel]` (paths
+/// relative to `dir`, errors pointing into `src`).
+fn load_kernel(
+    src: &Source,
+    dir: &Path,
+    deb: &Option<Located<PathBuf>>,
+    vmlinuz: &Option<Located<PathBuf>>,
+    modules_dir: &Option<Located<PathBuf>>,
+    opts: &PlanOptions,
+) -> Result<KernelFiles, PlanError> {
+    match (deb, vmlinuz, modules_dir) {
+        (Some(deb), None, None) => {
+            let full = host_path(dir, deb);
+            std::fs::metadata(&full).map_err(|e| missing_input(src, deb, &full, e))?;
+            kernel::load_deb(&full, &opts.cache_dir).map_err(|e| match e {
+                kernel::KernelError::NotKernelPackage { .. } => {
+                    PlanError::from(src.error(deb.span.clone(), e.to_string()))
+                }
+                other => other.into(),
+            })
+        }
+        (None, Some(vm), Some(md)) => {
+            let vm_full = host_path(dir, vm);
+            let md_full = host_path(dir, md);
+            std::fs::metadata(&vm_full).map_err(|e| missing_input(src, vm, &vm_full, e))?;
+            std::fs::metadata(&md_full).map_err(|e| missing_input(src, md, &md_full, e))?;
+            Ok(kernel::load_files(&vm_full, &md_full)?)
+        }
+        _ => Err(PlanError::from(with_help(
+            src.error(
+                0..0,
+                "[kernel] needs either `deb`, or `vmlinuz` together with `modules_dir`",
+            ),
+            "e.g. deb = \"../.cache/kernel/linux-image-cloud-amd64.deb\" (ci/setup.sh fetches it)",
+        ))),
+    }
+}
+
+/// Whether the image stores module files with their signatures: the
+/// recipe's `[kernel] module_signatures`, else stripped unless the kernel
+/// would refuse unsigned modules.
+fn module_signature_policy(
+    src: &Source,
+    kernel: &KernelFiles,
+    board: &Board,
+    k: &crate::recipe::KernelSection,
+) -> Result<ModuleSignatures, PlanError> {
+    let cmdline: Vec<String> = board.cmdline.iter().chain(&k.cmdline).cloned().collect();
+    let required = kernel::signatures_required(kernel.config.as_deref(), &cmdline);
+    match k.module_signatures.as_ref().map(|l| (l.value.as_str(), l.span.clone())) {
+        None if required.is_none() => Ok(ModuleSignatures::Strip),
+        None | Some(("keep", _)) => Ok(ModuleSignatures::Keep),
+        Some(("strip", span)) => match required {
+            None => Ok(ModuleSignatures::Strip),
+            Some(why) => Err(with_help(
+                src.error(span, format!("module signatures cannot be stripped: {why}")),
+                "set module_signatures = \"keep\", or use a kernel that loads unsigned modules",
+            )
+            .into()),
+        },
+        Some((other, span)) => Err(with_help(
+            src.error(span, format!("module_signatures is `{other}`")),
+            "write \"strip\" or \"keep\"",
+        )
+        .into()),
+    }
+}
+
+/// Checks that the kernel image is one the board's UEFI firmware loads:
+/// a PE image (unpacked from gzip if need be) of the board's architecture.
+fn check_kernel_arch(
+    kernel: &KernelFiles,
+    board: &Board,
+    src: &Source,
+    span: std::ops::Range<usize>,
+) -> Result<(), PlanError> {
+    let path = &kernel.vmlinuz;
+    let mut head = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| std::io::Read::read_to_end(&mut std::io::Read::take(f, 1 << 16), &mut head))
+        .map_err(|source| PlanError::Read { path: path.clone(), source })?;
+    let head = crate::kimage::head(&head, crate::kimage::HEAD_LEN).unwrap_or_default();
+    let want = board.arch;
+    let found = crate::kimage::arch(&head);
+    if found == Some(want) {
+        return Ok(());
+    }
+    let what = match found {
+        Some(a) => format!("an {} kernel", a.name()),
+        None => "not a kernel image UEFI can load (no PE header)".to_string(),
+    };
+    Err(with_help(
+        src.error(
+            span,
+            format!(
+                "kernel {} ({}) is {what}, but board `{}` is {}",
+                kernel.release,
+                path.display(),
+                board.name.value,
+                want.name()
+            ),
+        ),
+        "use a kernel of the board's architecture: leave `deb` out of the recipe's [kernel] \
+         to take the board's kernel, or name a linux-image-*.deb of that architecture",
+    )
+    .into())
+}
+
 /// Resolves a recipe file into a plan.
 pub fn resolve(recipe_path: &Path, opts: &PlanOptions) -> Result<Plan, PlanError> {
     let src = read_source(recipe_path)?;
@@ -290,34 +400,32 @@ pub fn resolve(recipe_path: &Path, opts: &PlanOptions) -> Result<Plan, PlanError
         .into());
     }
 
-    // The kernel.
+    // The kernel: the recipe's, if it names one, else the board's.
     let k = &recipe.kernel;
-    let kernel = match (&k.deb, &k.vmlinuz, &k.modules_dir) {
-        (Some(deb), None, None) => {
-            let full = host_path(&recipe_dir, deb);
-            std::fs::metadata(&full).map_err(|e| missing_input(&src, deb, &full, e))?;
-            kernel::load_deb(&full, &opts.cache_dir).map_err(|e| match e {
-                kernel::KernelError::NotKernelPackage { .. } => {
-                    PlanError::from(src.error(deb.span.clone(), e.to_string()))
-                }
-                other => other.into(),
-            })?
-        }
-        (None, Some(vm), Some(md)) => {
-            let vm_full = host_path(&recipe_dir, vm);
-            let md_full = host_path(&recipe_dir, md);
-            std::fs::metadata(&vm_full).map_err(|e| missing_input(&src, vm, &vm_full, e))?;
-            std::fs::metadata(&md_full).map_err(|e| missing_input(&src, md, &md_full, e))?;
-            kernel::load_files(&vm_full, &md_full)?
-        }
-        _ => return Err(PlanError::from(with_help(
-            src.error(
-                0..0,
-                "[kernel] needs either `deb`, or `vmlinuz` together with `modules_dir`",
+    let board_dir = board_path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let (kernel, kernel_at) = if k.deb.is_some() || k.vmlinuz.is_some() || k.modules_dir.is_some() {
+        let kernel = load_kernel(&src, &recipe_dir, &k.deb, &k.vmlinuz, &k.modules_dir, opts)?;
+        (kernel, (&src, k.deb.as_ref().or(k.vmlinuz.as_ref()).map(|l| l.span.clone())))
+    } else if let Some(bk) = &board.kernel {
+        let kernel =
+            load_kernel(&board_src, &board_dir, &bk.deb, &bk.vmlinuz, &bk.modules_dir, opts)?;
+        (kernel, (&board_src, bk.deb.as_ref().or(bk.vmlinuz.as_ref()).map(|l| l.span.clone())))
+    } else {
+        return Err(with_help(
+            board_src.error(
+                board.name.span.clone(),
+                format!(
+                    "board `{}` names no kernel, and the recipe's [kernel] names none either",
+                    board.name.value
+                ),
             ),
-            "e.g. deb = \"../.cache/kernel/linux-image-cloud-amd64.deb\" (ci/setup.sh fetches it)",
-        ))),
+            "add [kernel] deb = \"../.cache/kernel/linux-image-cloud-<arch>.deb\" to the board \
+             file (ci/setup.sh fetches Debian's cloud kernels), or `deb` to the recipe's [kernel]",
+        )
+        .into());
     };
+    check_kernel_arch(&kernel, &board, kernel_at.0, kernel_at.1.unwrap_or(0..0))?;
+    let module_signatures = module_signature_policy(&src, &kernel, &board, k)?;
     let index = ModuleIndex::scan(&kernel)?;
     let module_err = |src: &Source, span: std::ops::Range<usize>, e: kernel::KernelError| match e {
         kernel::KernelError::UnknownModule { .. } => {
@@ -376,9 +484,7 @@ pub fn resolve(recipe_path: &Path, opts: &PlanOptions) -> Result<Plan, PlanError
     );
     add("/etc/os-release", r)?;
     for (m, path) in rootfs_modules.iter().zip(&stage2_modules) {
-        let host = index.root().join(&m.rel_path);
-        let bytes = std::fs::read(&host)
-            .map_err(|source| PlanError::Read { path: host.clone(), source })?;
+        let bytes = kernel.read_module(&m.rel_path, module_signatures)?;
         let r = tree.add_file(
             path,
             bytes,
@@ -773,6 +879,7 @@ pub fn resolve(recipe_path: &Path, opts: &PlanOptions) -> Result<Plan, PlanError
         source_date_epoch: sde,
         kernel,
         stage1_modules,
+        module_signatures,
         init_binary,
         rootfs: tree,
         image_config,

@@ -31,7 +31,8 @@ pub enum QemuError {
     NoMachine(String),
     /// QEMU could not be started.
     #[error(
-        "cannot start {binary}: {source}; install qemu-system-x86 and ovmf (ci/setup.sh does)"
+        "cannot start {binary}: {source}; install qemu-system-x86 and ovmf, or \
+         qemu-system-arm and qemu-efi-aarch64 (ci/setup.sh does)"
     )]
     Spawn {
         /// The QEMU program.
@@ -42,6 +43,25 @@ pub enum QemuError {
     /// The QEMU monitor did not answer.
     #[error("QEMU monitor: {0}")]
     Monitor(std::io::Error),
+}
+
+/// Size of each flash bank of QEMU's arm `virt` machine.
+const VIRT_FLASH_BYTES: u64 = 64 << 20;
+
+/// Pads a private flash image to [`VIRT_FLASH_BYTES`] (zero bytes at the
+/// end, which the firmware's variable store does not use).
+fn pad_flash(path: &Path) -> Result<(), QemuError> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|source| QemuError::Read { path: path.to_path_buf(), source })?;
+    let len =
+        f.metadata().map_err(|source| QemuError::Read { path: path.to_path_buf(), source })?;
+    if len.len() < VIRT_FLASH_BYTES {
+        f.set_len(VIRT_FLASH_BYTES)
+            .map_err(|source| QemuError::Read { path: path.to_path_buf(), source })?;
+    }
+    Ok(())
 }
 
 /// The emulated machine, as a board describes it and a build report
@@ -97,6 +117,22 @@ impl Machine {
         let vars = state.path().join("vars.fd");
         std::fs::copy(&opts.spec.firmware_vars, &vars)
             .map_err(|source| QemuError::Read { path: opts.spec.firmware_vars.clone(), source })?;
+        let mut code = opts.spec.firmware_code.clone();
+        if opts.spec.machine == "virt" || opts.spec.machine.starts_with("virt-") {
+            // The arm `virt` machine maps each flash bank at exactly 64 MiB
+            // and refuses smaller images: pad private copies.
+            pad_flash(&vars)?;
+            let len = std::fs::metadata(&code)
+                .map_err(|source| QemuError::Read { path: code.clone(), source })?
+                .len();
+            if len < VIRT_FLASH_BYTES {
+                let copy = state.path().join("code.fd");
+                std::fs::copy(&code, &copy)
+                    .map_err(|source| QemuError::Read { path: code.clone(), source })?;
+                pad_flash(&copy)?;
+                code = copy;
+            }
+        }
         let monitor = state.path().join("monitor.sock");
         let mut cmd = Command::new(&opts.spec.binary);
         cmd.args(["-accel", "tcg", "-machine", &opts.spec.machine, "-smp", "1"]);
@@ -105,10 +141,7 @@ impl Machine {
         }
         cmd.args(["-m", &opts.spec.memory_mib.to_string()])
             .arg("-drive")
-            .arg(format!(
-                "if=pflash,format=raw,unit=0,readonly=on,file={}",
-                opts.spec.firmware_code.display()
-            ))
+            .arg(format!("if=pflash,format=raw,unit=0,readonly=on,file={}", code.display()))
             .arg("-drive")
             .arg(format!("if=pflash,format=raw,unit=1,file={}", vars.display()))
             .arg("-drive")

@@ -22,7 +22,9 @@ use crate::duration::Duration;
 pub struct Recipe {
     /// The image's identity.
     pub image: ImageSection,
-    /// The kernel and the modules the image needs beyond the board's.
+    /// The modules and command line the image needs beyond the board's;
+    /// the kernel itself comes from the board unless this names one.
+    #[serde(default)]
     pub kernel: KernelSection,
     /// Directories to create, or to copy from the host.
     #[serde(default, rename = "dir")]
@@ -84,13 +86,16 @@ pub struct ImageSection {
     pub hostname: Option<Located<String>>,
 }
 
-/// `[kernel]`: where the kernel comes from. Give either `deb`, or
-/// `vmlinuz` with `modules_dir`.
-#[derive(Debug, Clone, Deserialize, JsonSchema)]
+/// `[kernel]`: the image's extra modules and command line, and, to
+/// override the board's kernel (its `[kernel]`), either `deb`, or
+/// `vmlinuz` with `modules_dir`. An override must be of the board's
+/// architecture, so a recipe with one builds for boards of that
+/// architecture only.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KernelSection {
     /// A Debian kernel package (`linux-image-*.deb`); the kernel image and
-    /// the modules are taken from it.
+    /// the modules are taken from it instead of the board's kernel.
     #[serde(default)]
     pub deb: Option<Located<PathBuf>>,
     /// A kernel image file, instead of `deb`.
@@ -108,6 +113,16 @@ pub struct KernelSection {
     /// Extra kernel command-line arguments, after the board's.
     #[serde(default)]
     pub cmdline: Vec<String>,
+    /// `"strip"` or `"keep"` the signatures appended to module files. By
+    /// default they are stripped, which saves the kernel a signature check
+    /// per module at boot (most of the module loading time on a slow
+    /// CPU), unless the kernel's configuration or command line makes it
+    /// refuse unsigned modules. Set `"keep"` when the device boots with
+    /// UEFI Secure Boot (the kernel's lockdown then requires signatures).
+    /// Integrity does not rest on them: stage 1's modules come from the
+    /// initramfs like basalt-init, stage 2's from the dm-verity root.
+    #[serde(default)]
+    pub module_signatures: Option<Located<String>>,
 }
 
 /// `[[dir]]`: a directory in the image.
