@@ -1,111 +1,24 @@
 //! System tests of OTA updates: push, pull, rollback, refusals and power
-//! cuts, each booting real images in QEMU (TCG, OVMF, systemd-boot). The
-//! update agent's API is reached through QEMU's forwarding of
-//! 127.0.0.1:17400; the disk file persists across QEMU runs, so a reboot
+//! cuts, each booting real images in QEMU (TCG, OVMF, systemd-boot), and
+//! of model updates (030, 031). The update agent's API is reached through
+//! QEMU's forwarding of 127.0.0.1:17400, the model runtime's through
+//! 127.0.0.1:17800; the disk file persists across QEMU runs, so a reboot
 //! (which ends QEMU here) is followed by a new boot of the same disk.
 //! Inputs live in `ci/e2e/01x-*/`, `ci/e2e/030-model-update/` and
-//! `ci/e2e/keys/`; 030 also needs the reference models in `.cache/models`.
+//! `ci/e2e/keys/`; 030 and 031 also need the reference models in
+//! `.cache/models` and the Python of `.cache/venv` (ci/setup.sh).
 
 mod common;
+mod device;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use basalt::build::Report;
 use basalt::qemu::Machine;
-use common::{boot, build_version, expect, root};
+use common::{boot, expect, root};
+use device::*;
 use serde_json::Value;
 
-const API: u16 = 17400;
 const RECIPE: &str = "ci/e2e/010-update/recipe.toml";
-
-fn keys() -> PathBuf {
-    root().join("ci/e2e/keys")
-}
-
-fn token() -> String {
-    std::fs::read_to_string(keys().join("agent.token")).unwrap().trim().to_string()
-}
-
-/// One HTTP/1.1 request to the forwarded API; returns status and body.
-fn http(method: &str, path: &str, body: &[u8]) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", API))?;
-    s.set_read_timeout(Some(Duration::from_secs(600)))?;
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: device\r\nAuthorization: Bearer {}\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
-        token(),
-        body.len()
-    );
-    s.write_all(head.as_bytes())?;
-    // A refused bundle may be answered before the whole body is sent; the
-    // answer is still there to read.
-    let _ = s.write_all(body);
-    let mut reply = Vec::new();
-    s.read_to_end(&mut reply)?;
-    let text = String::from_utf8_lossy(&reply).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("no HTTP status in {text:?}")))?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Ok((status, body))
-}
-
-/// `GET /v1/status`, retried until the agent answers (it starts after the
-/// network).
-fn status(m: &Machine) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match http("GET", "/v1/status", b"") {
-            Ok((200, body)) => return serde_json::from_str(&body).unwrap(),
-            r if Instant::now() > deadline => {
-                panic!("no status from the agent: {r:?}; console:\n{}", m.console())
-            }
-            _ => std::thread::sleep(Duration::from_millis(500)),
-        }
-    }
-}
-
-/// Pushes a bundle; returns the status and the answer.
-fn push(m: &Machine, bundle: &[u8], query: &str) -> (u16, Value) {
-    status(m);
-    let (code, body) = http("POST", &format!("/v1/update{query}"), bundle)
-        .unwrap_or_else(|e| panic!("push failed: {e}; console:\n{}", m.console()));
-    let v = serde_json::from_str(&body).unwrap_or(Value::String(body));
-    (code, v)
-}
-
-struct Built {
-    _dir: tempfile::TempDir,
-    disk: PathBuf,
-    report: Report,
-}
-
-fn build(recipe: &str, version: &str) -> Built {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out");
-    let report = build_version(&root().join(recipe), version, Some(&keys().join("test.key")), &out);
-    Built { disk: out.join("disk.img"), report, _dir: dir }
-}
-
-fn bundle_of(b: &Built) -> Vec<u8> {
-    std::fs::read(b.disk.with_file_name("update.basalt")).unwrap()
-}
-
-/// Waits for QEMU to end after the agent's reboot.
-fn rebooted(m: &mut Machine) {
-    expect(m, "shutdown complete, rebooting", 120);
-    assert!(m.wait_exit(Duration::from_secs(60)).is_some(), "QEMU did not end:\n{}", m.console());
-}
-
-fn entries(disk: &Path) -> Vec<(String, String)> {
-    let info = basalt::inspect::inspect(disk).unwrap();
-    info.entries.into_iter().map(|e| (e.file, e.version)).collect()
-}
 
 /// v1 trusts test.key; v2 (signed by test.key) trusts only other.key: a
 /// key rotation. v3 then needs other.key's signature.
@@ -196,82 +109,6 @@ fn e2e_011_a_version_that_never_gets_healthy_is_rolled_back_and_refused_again() 
 }
 
 const PULL_RECIPE: &str = "ci/e2e/013-pull/recipe.toml";
-const REPO_PORT: u16 = 17480;
-
-/// nginx serving `root` on 127.0.0.1:`port`, as a fleet's web server
-/// would; stopped on drop.
-struct Nginx {
-    child: std::process::Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Nginx {
-    fn start(root: &Path, port: u16) -> Nginx {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().display();
-        let conf = format!(
-            "daemon off; master_process off; worker_processes 1;\n\
-             pid {d}/nginx.pid; error_log {d}/error.log;\n\
-             events {{ worker_connections 64; }}\n\
-             http {{\n\
-               access_log {d}/access.log;\n\
-               client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
-               fastcgi_temp_path {d}/fastcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
-               types {{ text/plain toml sig; application/octet-stream basalt; }}\n\
-               server {{ listen 127.0.0.1:{port}; root {}; }}\n\
-             }}\n",
-            root.display()
-        );
-        let conf_path = dir.path().join("nginx.conf");
-        std::fs::write(&conf_path, conf).unwrap();
-        let child = std::process::Command::new("nginx")
-            .arg("-c")
-            .arg(&conf_path)
-            .arg("-p")
-            .arg(dir.path())
-            .arg("-e")
-            .arg(dir.path().join("error.log"))
-            .spawn()
-            .expect("nginx (ci/setup.sh installs nginx-light)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "nginx did not listen on {port}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Nginx { child, _dir: dir }
-    }
-
-    fn access_log(&self) -> String {
-        std::fs::read_to_string(self._dir.path().join("access.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn publish(
-    bundle: &Path,
-    repo: &Path,
-    rollout: u8,
-    expires_in: u64,
-) -> basalt_bundle::channel::Channel {
-    let key = basalt::ota::read_signing_key(&keys().join("test.key")).unwrap();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-    basalt::ota::publish(&basalt::ota::Publish {
-        bundle,
-        repo,
-        channel: "stable",
-        rollout,
-        expires_in,
-        keys: &[key],
-        now,
-    })
-    .unwrap()
-}
 
 /// The offset and length of a tar member's data in a bundle.
 fn member(bundle: &[u8], name: &str) -> (usize, usize) {
@@ -449,140 +286,154 @@ fn blessed_slot(m: &mut Machine) -> String {
     slot
 }
 
-const MODEL_RECIPE: &str = "ci/e2e/030-model-update/recipe.toml";
-
-/// The reference MLP's bundle at `version`, signed by test.key, with a
-/// short watch window so the scenario sees the version kept.
-fn mlp_bundle(version: &str, dir: &Path) -> PathBuf {
-    mlp_bundle_with(version, dir, false)
-}
-
-/// [`mlp_bundle`], with a test vector whose expected output is wrong when
-/// `wrong_output`.
-fn mlp_bundle_with(version: &str, dir: &Path, wrong_output: bool) -> PathBuf {
-    let models = root().join(".cache/models");
-    let mut config = std::fs::read_to_string(models.join("mlp.model.toml")).unwrap().replacen(
-        "version = \"1.0.0\"",
-        &format!("version = \"{version}\""),
-        1,
-    );
-    if wrong_output {
-        // The last `data = [` is the expected output's.
-        let at = config.rfind("data = [").unwrap() + "data = [".len();
-        config.insert_str(at, "1000");
-    }
-    let config = format!("{config}\n[watch]\nwindow = 5\nmin_requests = 1\n");
-    let config_path = dir.join(format!("mlp-{version}.model.toml"));
-    std::fs::write(&config_path, config).unwrap();
-    let content = basalt::ota::ModelContent::from_files(&models.join("mlp.onnx"), &config_path)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let key = basalt::ota::read_signing_key(&keys().join("test.key")).unwrap();
-    let bytes = basalt::ota::model_bundle_bytes(&content, &[key], &[], 1_700_000_000).unwrap();
-    let out = dir.join(format!("mlp-{version}.basalt"));
-    std::fs::write(&out, bytes).unwrap();
-    out
-}
-
-/// The agent's view of model `mlp`, once it has one.
-fn mlp_status(m: &Machine) -> Value {
-    let s = status(m);
-    s["models"]
-        .as_array()
-        .and_then(|a| a.iter().find(|x| x["name"] == "mlp").cloned())
-        .unwrap_or(Value::Null)
-}
-
 #[test]
 #[ignore = "boots QEMU; run with --ignored (ci/test.sh does)"]
 fn e2e_030_a_model_published_on_its_channel_is_pulled_and_served_without_a_reboot() {
     let v1 = build(MODEL_RECIPE, "1.0.0");
-    let dir = tempfile::tempdir().unwrap();
+    let versions = Versions::make();
     let repo = tempfile::tempdir().unwrap();
     let nginx = Nginx::start(repo.path(), REPO_PORT);
 
     let mut m = boot(&v1.disk, &v1.report, "030-model-update");
     expect(&mut m, "boot blessed: slot a", 180);
-    let before = status(&m);
-    assert_eq!(before["version"], "1.0.0", "{before}");
+    assert_eq!(status(&m)["version"], "1.0.0");
+    tritonclient(&m, &root().join(".cache/models/mlp.ref.json"));
 
-    let v2 = mlp_bundle("2.0.0", dir.path());
-    let key = basalt::ota::read_signing_key(&keys().join("test.key")).unwrap();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-    let published = Instant::now();
-    let ch = basalt::ota::publish(&basalt::ota::Publish {
-        bundle: &v2,
-        repo: repo.path(),
-        channel: "stable",
-        rollout: 100,
-        expires_in: 3600,
-        keys: &[key],
-        now,
-    })
-    .unwrap();
+    // 2.0.0 (other weights, other outputs) on the model's channel. The
+    // watch window is short so that the scenario sees it kept; it gets no
+    // request in it, so no rule can judge it on a cold first request.
+    let v2 = versions.bundle("2.0.0", "2.0.0", "[watch]\nwindow = 3\nmin_requests = 1\n");
+    let published = unix_now();
+    let ch = publish_model(&v2, repo.path());
     assert_eq!(ch.bundle, "bundles/models/mlp-2.0.0.basalt");
-    expect(&mut m, "[update-agent] downloading model mlp 2.0.0", 60);
-    let downloading = published.elapsed();
-    expect(&mut m, "[update-agent] model mlp 2.0.0: runtime says", 120);
-    // For the benchmark: the poll wait, then download, install, load,
-    // test vector and switch, as the host sees them.
-    eprintln!(
-        "publish -> download started {:.2} s, -> switched {:.2} s",
-        downloading.as_secs_f64(),
-        published.elapsed().as_secs_f64()
-    );
+    expect_line(&mut m, "[update-agent] model mlp 2.0.0: runtime says watching", 120);
+    let split = Split::of(&m.console(), &nginx.access_log(), "2.0.0", published);
+    eprintln!("publish -> serving 2.0.0: {}", split.line());
 
-    // Kept after its watch window, with the baked 1.0.0 as the fallback.
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let mlp = loop {
-        let mlp = mlp_status(&m);
-        if mlp["serving"] == "2.0.0" || Instant::now() > deadline {
-            break mlp;
-        }
-        std::thread::sleep(Duration::from_secs(1));
-    };
-    assert_eq!(mlp["serving"], "2.0.0", "{mlp}\nconsole:\n{}", m.console());
+    // Kept after its watch window, with the baked 1.0.0 as the fallback;
+    // tritonclient sees 2.0.0's outputs.
+    let mlp = wait_serving(&m, "2.0.0", 60);
+    assert_eq!(mlp["fallback"], "1.0.0", "{mlp}");
     assert_eq!(mlp["last_update"]["version"], "2.0.0", "{mlp}");
+    assert_eq!(mlp["last_update"]["result"], "serving", "{mlp}");
+    tritonclient(&m, &versions.reference("2.0.0"));
+    answers_as(&versions.reference("2.0.0"), "2.0.0");
     let log = nginx.access_log();
     assert!(log.contains("GET /channels/models/mlp/stable.toml"), "{log}");
     assert_eq!(log.matches("GET /bundles/models/mlp-2.0.0.basalt").count(), 1, "{log}");
 
-    // A push of the next version through the agent's API answers with the
-    // runtime's own result.
-    let v3 = std::fs::read(mlp_bundle("3.0.0", dir.path())).unwrap();
-    let (code, body) = http("POST", "/v1/models", &v3).unwrap();
+    // No reboot, and the runtime was not restarted either.
+    same_boot(&mut m);
+}
+
+/// 031: from 2.0.0 (pushed to the agent's `POST /v1/models`), a 3.0.0
+/// whose test vector fails and a 4.0.0 that passes it but fails live
+/// requests, both pulled from the model's channel: each ends with 2.0.0
+/// serving, its reason in the agent's status and the runtime's index,
+/// and neither is fetched or loaded again when the channel offers it
+/// anew.
+#[test]
+#[ignore = "boots QEMU; run with --ignored (ci/test.sh does)"]
+fn e2e_031_failing_model_versions_roll_back_and_are_not_retried() {
+    let v1 = build(MODEL_RECIPE, "1.0.0");
+    let versions = Versions::make();
+    let repo = tempfile::tempdir().unwrap();
+    let nginx = Nginx::start(repo.path(), REPO_PORT);
+    let v2 = versions.bundle("2.0.0", "2.0.0", "[watch]\nwindow = 0\n");
+    let v3 = versions.bundle("3.0.0", "3.0.0", "");
+    let v4 = versions.bundle(
+        "4.0.0",
+        "4.0.0",
+        "[watch]\nwindow = 120\nmin_requests = 5\nmax_error_rate = 0.1\n",
+    );
+
+    let mut m = boot(&v1.disk, &v1.report, "031-model-rollback");
+    expect(&mut m, "boot blessed: slot a", 180);
+    status(&m);
+    let (code, body) = http("POST", "/v1/models", &std::fs::read(&v2).unwrap()).unwrap();
     assert_eq!(code, 200, "{body}");
     let answer: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(answer["installed"]["version"], "3.0.0", "{answer}");
-    assert_eq!(answer["runtime"]["body"]["version"], "3.0.0", "{answer}");
+    assert_eq!(answer["installed"]["version"], "2.0.0", "{answer}");
+    assert_eq!(answer["runtime"]["body"]["state"], "serving", "{answer}");
+    answers_as(&versions.reference("2.0.0"), "2.0.0");
 
-    // A version whose test vector fails: refused by the runtime with the
-    // reason, 3.0.0 keeps serving, and the agent never fetches it again.
-    let v4 = mlp_bundle_with("4.0.0", dir.path(), true);
-    let key = basalt::ota::read_signing_key(&keys().join("test.key")).unwrap();
-    basalt::ota::publish(&basalt::ota::Publish {
-        bundle: &v4,
-        repo: repo.path(),
-        channel: "stable",
-        rollout: 100,
-        expires_in: 3600,
-        keys: &[key],
-        now,
-    })
-    .unwrap();
-    expect(&mut m, "[update-agent] model mlp 4.0.0: the runtime refused it (400)", 60);
-    std::thread::sleep(Duration::from_secs(6));
+    // 3.0.0: the runtime runs its test vector beside 2.0.0 and refuses it.
+    publish_model(&v3, repo.path());
+    expect(&mut m, "[update-agent] model mlp 3.0.0: the runtime refused it (400)", 60);
     let mlp = mlp_status(&m);
-    assert_eq!(mlp["serving"], "3.0.0", "{mlp}");
-    let failed = mlp["failed"].as_array().unwrap();
-    assert_eq!(failed.len(), 1, "{mlp}");
-    assert_eq!(failed[0]["version"], "4.0.0", "{mlp}");
-    assert!(failed[0]["reason"].as_str().unwrap().contains("test vector"), "{mlp}");
-    let log = nginx.access_log();
-    assert_eq!(log.matches("GET /bundles/models/mlp-4.0.0.basalt").count(), 1, "{log}");
+    assert_eq!(mlp["serving"], "2.0.0", "{mlp}");
+    assert_eq!(mlp["last_update"]["result"], "failed", "{mlp}");
+    answers_as(&versions.reference("2.0.0"), "2.0.0");
 
-    // No reboot: the same boot, still in slot a, never blessed twice.
-    let after = status(&m);
-    assert_eq!(after["booted_slot"], "a", "{after}");
-    assert_eq!(m.console().matches("boot blessed").count(), 1, "{}", m.console());
-    assert!(m.wait_exit(Duration::from_millis(100)).is_none(), "QEMU ended");
+    // 4.0.0: passes its test vector, is switched to and watched; live
+    // requests whose features leave [-4, 4) fail on it; past 10 % errors
+    // over 5 requests the runtime switches back to 2.0.0.
+    publish_model(&v4, repo.path());
+    expect(&mut m, "[update-agent] model mlp 4.0.0: runtime says watching", 60);
+    answers_as(&versions.reference("2.0.0"), "4.0.0");
+    let field_data = vec![6.5f32; 32];
+    let mut codes = Vec::new();
+    for _ in 0..5 {
+        let (code, answer) = infer(&field_data);
+        codes.push(code);
+        if code == 200 {
+            assert_eq!(answer["model_version"], "2.0.0", "{answer}");
+        }
+    }
+    assert!(codes.contains(&500), "{codes:?}");
+    expect(&mut m, "[runtime] model mlp 4.0.0: rolled back to 2.0.0: error rate", 30);
+    answers_as(&versions.reference("2.0.0"), "2.0.0");
+    let (code, answer) = infer(&field_data);
+    assert_eq!((code, &answer["model_version"]), (200, &Value::from("2.0.0")), "{answer}");
+
+    // Each failure with its reason: in the agent's status...
+    let mlp = mlp_status(&m);
+    assert_eq!(mlp["serving"], "2.0.0", "{mlp}");
+    assert_eq!(mlp["last_update"]["result"], "rolled-back", "{mlp}");
+    let failed: Vec<(String, String)> = mlp["failed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["version"].as_str().unwrap().into(), f["reason"].as_str().unwrap().into()))
+        .collect();
+    assert_eq!(failed.len(), 2, "{mlp}");
+    assert_eq!(failed[0].0, "3.0.0");
+    assert!(failed[0].1.contains("test vector"), "{failed:?}");
+    assert_eq!(failed[1].0, "4.0.0");
+    assert!(failed[1].1.contains("rolled back to 2.0.0: error rate"), "{failed:?}");
+    // ...and in the runtime's repository index.
+    let (code, index) = http_at(RUNTIME, "GET", "/v2/repository/index", b"").unwrap();
+    assert_eq!(code, 200, "{index}");
+    let index: Value = serde_json::from_str(&index).unwrap();
+    let entry = |v: &str| {
+        index
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["version"] == v)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {v} in the runtime's index {index}"))
+    };
+    assert_eq!(entry("2.0.0")["role"], "serving", "{index}");
+    assert_eq!(entry("3.0.0")["role"], "failed", "{index}");
+    assert!(entry("3.0.0")["reason"].as_str().unwrap().contains("test vector"), "{index}");
+    assert_eq!(entry("4.0.0")["role"], "failed", "{index}");
+    assert!(entry("4.0.0")["reason"].as_str().unwrap().contains("error rate"), "{index}");
+
+    // Neither is retried: offered again on the channel (a new channel
+    // file each time), the agent refuses each from what it remembers and
+    // fetches no bundle; the runtime, asked to load, has nothing newer.
+    for (bundle, version) in [(&v3, "3.0.0"), (&v4, "4.0.0")] {
+        publish_model(bundle, repo.path());
+        expect(&mut m, &format!("[update-agent] mlp {version} failed on this device"), 30);
+    }
+    let (code, body) = http_at(RUNTIME, "POST", "/v2/repository/models/mlp/load", b"").unwrap();
+    assert_eq!(code, 200, "{body}");
+    let load: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((&load["state"], &load["version"]), (&"unchanged".into(), &"2.0.0".into()));
+    let log = nginx.access_log();
+    assert_eq!(log.matches("GET /bundles/models/mlp-3.0.0.basalt").count(), 1, "{log}");
+    assert_eq!(log.matches("GET /bundles/models/mlp-4.0.0.basalt").count(), 1, "{log}");
+    assert_eq!(mlp_status(&m)["failed"].as_array().unwrap().len(), 2);
+    same_boot(&mut m);
 }

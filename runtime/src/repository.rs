@@ -34,7 +34,7 @@ use serde_json::{json, Value};
 
 use crate::metrics::{Metrics, VersionSnapshot};
 use crate::server::Served;
-use crate::store::{self, Loader};
+use crate::store::{self, Loader, Steps};
 
 /// Where the versions are and whom to trust.
 pub struct Settings {
@@ -77,6 +77,45 @@ pub struct LoadReport {
     pub state: &'static str,
     /// Seconds of watch window ahead.
     pub watch_seconds: f64,
+    /// How long each step took, when a version was loaded.
+    pub timings: Option<Timings>,
+}
+
+/// How long a load took, step by step (the runtime's side of the time
+/// from `basalt publish` to a device serving the new version).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Timings {
+    /// Reading and verifying the bundle, loading it and running its test
+    /// vector.
+    pub steps: Steps,
+    /// From the test vector's end to the new version serving: the state
+    /// recorded on disk (synced) and the swap.
+    pub switch: Duration,
+}
+
+impl Timings {
+    /// `{"verify_ms", "load_ms", "test_vector_ms", "switch_ms"}`.
+    pub fn to_json(&self) -> Value {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        json!({
+            "verify_ms": ms(self.steps.verify),
+            "load_ms": ms(self.steps.load),
+            "test_vector_ms": ms(self.steps.test_vector),
+            "switch_ms": ms(self.switch),
+        })
+    }
+
+    /// One line for the log.
+    pub fn describe(&self) -> String {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        format!(
+            "verified in {:.1} ms, loaded in {:.1} ms, test vector in {:.1} ms, switched in {:.1} ms",
+            ms(self.steps.verify),
+            ms(self.steps.load),
+            ms(self.steps.test_vector),
+            ms(self.switch)
+        )
+    }
 }
 
 impl LoadReport {
@@ -88,6 +127,7 @@ impl LoadReport {
             "previous": self.previous,
             "state": self.state,
             "watch_seconds": self.watch_seconds,
+            "timings": self.timings.as_ref().map(Timings::to_json),
         })
     }
 }
@@ -144,7 +184,7 @@ impl Slot {
 type Models = Arc<RwLock<BTreeMap<String, Arc<Slot>>>>;
 
 enum Attempt {
-    Loaded(Arc<Served>),
+    Loaded(Arc<Served>, Steps),
     /// The bundle does not verify or cannot be read: not the version's
     /// fault on this device, so not refused for good.
     Damaged(String),
@@ -285,7 +325,7 @@ impl Catalog {
         let ready = served.ready();
         self.metrics.model_loaded(name, &served.version, start.elapsed().as_secs_f64(), ready);
         if ready {
-            Attempt::Loaded(Arc::new(served))
+            Attempt::Loaded(Arc::new(served), loaded.steps)
         } else {
             served.backend = None;
             served.monitor = None;
@@ -337,7 +377,7 @@ impl Catalog {
         let mut serving = None;
         for (v, path) in order {
             match self.attempt(name, v, path) {
-                Attempt::Loaded(s) => {
+                Attempt::Loaded(s, _) => {
                     serving = Some((v.clone(), s));
                     break;
                 }
@@ -365,7 +405,7 @@ impl Catalog {
         let mut fallback = None;
         if let Some(f) = state.fallback.clone().filter(|f| Some(f) != serving_version.as_ref()) {
             match avail.get(&f).map(|p| self.attempt(name, &f, p)) {
-                Some(Attempt::Loaded(s)) => fallback = Some(s),
+                Some(Attempt::Loaded(s, _)) => fallback = Some(s),
                 _ => {
                     println!("model {name}: fallback {f} is not available");
                     state.fallback = None;
@@ -475,6 +515,7 @@ impl Catalog {
             previous: None,
             state: "unchanged",
             watch_seconds: 0.0,
+            timings: None,
         };
         let Some((version, path)) = avail
             .iter()
@@ -494,8 +535,8 @@ impl Catalog {
             state.last = Some(outcome(version, result, &message));
             self.metrics.update(name, result);
         };
-        let new = match self.attempt(name, version, path) {
-            Attempt::Loaded(s) => s,
+        let (new, steps) = match self.attempt(name, version, path) {
+            Attempt::Loaded(s, steps) => (s, steps),
             Attempt::Damaged(why) => {
                 record(&mut state, "damaged", why.clone());
                 self.save(name, &state);
@@ -524,6 +565,8 @@ impl Catalog {
                 )));
             }
         };
+        let switching = Instant::now();
+        let timings = |switch| Timings { steps, switch };
         let window = new.watch.window;
         let previous = current.as_ref().map(|c| c.version.clone());
         self.metrics.serving(name, &new.version, true);
@@ -537,12 +580,15 @@ impl Catalog {
                 i.serving = Some(new.clone());
             });
             self.keep(&slot, &mut state, version, previous.clone(), "kept at once".into());
+            let timings = timings(switching.elapsed());
+            println!("model {name} {version}: {}", timings.describe());
             return Ok(LoadReport {
                 name: name.to_string(),
                 serving: Some(new.version.clone()),
                 previous,
                 state: "serving",
                 watch_seconds: 0.0,
+                timings: Some(timings),
             });
         }
         let baseline_p99 = current
@@ -568,13 +614,16 @@ impl Catalog {
             });
             i.state = state;
         });
+        let timings = timings(switching.elapsed());
         println!("model {name}: switched to {version}, watching it for {window} s");
+        println!("model {name} {version}: {}", timings.describe());
         Ok(LoadReport {
             name: name.to_string(),
             serving: Some(new.version.clone()),
             previous,
             state: "watching",
             watch_seconds: window,
+            timings: Some(timings),
         })
     }
 

@@ -119,12 +119,26 @@ pub fn check(backend: &dyn Backend, test: &TestVector) -> Result<f64, String> {
 /// Loads an ONNX file into something the server runs.
 pub type Loader = dyn Fn(&[u8]) -> Result<Arc<dyn Backend>, String> + Send + Sync;
 
+/// How long each step of reading a model bundle took.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Steps {
+    /// Reading the bundle: its signatures, and each payload against its
+    /// sha256.
+    pub verify: Duration,
+    /// Building the engine's plan from the ONNX file (and the monitors).
+    pub load: Duration,
+    /// Running the test vector.
+    pub test_vector: Duration,
+}
+
 /// A model version read from a bundle, served or not.
 pub struct Loaded {
     /// What the server serves.
     pub served: Served,
     /// How long loading and the test vector took.
     pub took: Duration,
+    /// The same, step by step.
+    pub steps: Steps,
     /// One line for the log.
     pub message: String,
 }
@@ -161,20 +175,27 @@ pub fn load_bundle(input: impl Read, trust: &Trust, loader: &Loader) -> Result<L
     let onnx = onnx.ok_or("the bundle has no model.onnx")?;
     let text = toml_bytes.ok_or("the bundle has no model.toml")?;
     let config = ModelConfig::parse(&text).map_err(|e| e.to_string())?;
+    let mut steps = Steps { verify: start.elapsed(), ..Steps::default() };
     let mut served = Served::failed(&config.name, &config.version.to_string(), String::new());
     served.problem = None;
     served.watch = config.watch.clone();
-    let message = match loader(&onnx) {
+    let loading = Instant::now();
+    let loaded = loader(&onnx);
+    let message = match loaded {
         Err(e) => {
+            steps.load = loading.elapsed();
             served.problem = Some(format!("it does not load: {e}"));
             format!("model {} {}: does not load: {e}", config.name, config.version)
         }
         Ok(backend) => {
             let monitor = Monitor::new(&config.monitors, &backend.inputs(), &backend.outputs());
+            steps.load = loading.elapsed();
+            let testing = Instant::now();
             let verdict = monitor.and_then(|m| {
                 served.monitor = Some(m);
                 check(backend.as_ref(), &config.test)
             });
+            steps.test_vector = testing.elapsed();
             served.backend = Some(backend);
             match verdict {
                 Ok(worst) => format!(
@@ -190,7 +211,7 @@ pub fn load_bundle(input: impl Read, trust: &Trust, loader: &Loader) -> Result<L
             }
         }
     };
-    Ok(Loaded { served, took: start.elapsed(), message })
+    Ok(Loaded { served, took: start.elapsed(), steps, message })
 }
 
 /// Every `*.basalt` in `dirs` (missing folders are skipped), sorted.

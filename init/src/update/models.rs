@@ -207,6 +207,9 @@ pub struct LoadAnswer {
     pub status: u16,
     /// Its JSON body (or the text, as a string, if it was not JSON).
     pub body: serde_json::Value,
+    /// Milliseconds from the request to the whole answer: the runtime's
+    /// verify, load, test vector and switch, and the call itself.
+    pub took_ms: f64,
 }
 
 /// Asks the runtime at `runtime` to load the newest installed version of
@@ -217,6 +220,7 @@ pub async fn load(runtime: &str, name: &str, timeout: Duration) -> Result<LoadAn
     }
     let base = Url::parse(runtime).map_err(|e| e.to_string())?;
     let url = base.join(&format!("v2/repository/models/{name}/load")).map_err(|e| e.to_string())?;
+    let start = std::time::Instant::now();
     let exchange = async {
         let stream = tokio::net::TcpStream::connect((url.host(), url.port()))
             .await
@@ -249,7 +253,7 @@ pub async fn load(runtime: &str, name: &str, timeout: Duration) -> Result<LoadAn
         let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
             serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
         });
-        Ok(LoadAnswer { status, body })
+        Ok(LoadAnswer { status, body, took_ms: start.elapsed().as_secs_f64() * 1e3 })
     };
     tokio::time::timeout(timeout, exchange)
         .await
@@ -272,9 +276,11 @@ pub fn describe(name: &str, version: &semver::Version, answer: &LoadAnswer) -> S
     let field = |k: &str| answer.body.get(k).and_then(|v| v.as_str()).unwrap_or("");
     match answer.status {
         200 => format!(
-            "model {name} {version}: runtime says {} (version {})",
+            "model {name} {version}: runtime says {} (version {}) after {:.0} ms{}",
             field("state"),
-            field("version")
+            field("version"),
+            answer.took_ms,
+            steps(&answer.body).map(|s| format!(" ({s})")).unwrap_or_default()
         ),
         s => {
             let why = match &answer.body {
@@ -291,6 +297,24 @@ pub fn describe(name: &str, version: &semver::Version, answer: &LoadAnswer) -> S
             format!("model {name} {version}: the runtime refused it ({s}): {why}")
         }
     }
+}
+
+/// The runtime's own timings in a load answer, in words.
+fn steps(body: &serde_json::Value) -> Option<String> {
+    let t = body.get("timings")?;
+    let ms = |k: &str| t.get(k).and_then(serde_json::Value::as_f64);
+    Some(format!(
+        "verify {:.1} ms, load {:.1} ms, test vector {:.1} ms, switch {:.1} ms",
+        ms("verify_ms")?,
+        ms("load_ms")?,
+        ms("test_vector_ms")?,
+        ms("switch_ms")?
+    ))
+}
+
+/// Milliseconds since `start`, for the log lines that time an update.
+pub fn ms_since(start: std::time::Instant) -> f64 {
+    start.elapsed().as_secs_f64() * 1e3
 }
 
 #[cfg(test)]

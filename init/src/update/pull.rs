@@ -174,9 +174,16 @@ async fn poll_model<M: Machine + Send + 'static>(
         "downloading model {} {} from {bundle_url} ({} bytes)",
         channel.name, channel.version, channel.size
     );
+    let downloading = std::time::Instant::now();
     fetch::download(&bundle_url, &partial, channel.size, &channel.sha256, 20, &mut |_| {})
         .await
         .map_err(|e| format!("download {bundle_url}: {e}"))?;
+    println!(
+        "model {} {}: downloaded in {:.0} ms",
+        channel.name,
+        channel.version,
+        models::ms_since(downloading)
+    );
     if let Err(e) = models::check_bundle_file(&partial, &channel, &settings) {
         let _ = std::fs::remove_file(&partial);
         remember(etags);
@@ -202,6 +209,7 @@ async fn install_and_load<M: Machine + Send + 'static>(
     }
     let s = settings.clone();
     let t = trust.clone();
+    let installing = std::time::Instant::now();
     let installed = tokio::task::spawn_blocking(move || {
         let input = std::fs::File::open(&file).map_err(|e| format!("{}: {e}", file.display()))?;
         models::install(&s, std::io::BufReader::with_capacity(1 << 20, input), &t)
@@ -211,6 +219,12 @@ async fn install_and_load<M: Machine + Send + 'static>(
     .map_err(|e| e.to_string());
     shared.end();
     let installed = installed??;
+    println!(
+        "model {} {}: installed (signatures and sha256 checked, synced) in {:.0} ms",
+        installed.name,
+        installed.version,
+        models::ms_since(installing)
+    );
     let answer = models::load(&settings.runtime, &installed.name, models::LOAD_TIMEOUT).await?;
     settled(&installed.name, &installed.version, &answer)
 }
