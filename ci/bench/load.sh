@@ -29,7 +29,8 @@ command -v wrk >/dev/null || apt-get install -y wrk >/dev/null
 
 work=$(mktemp -d /tmp/basalt-load.XXXXXX)
 server=
-trap '[ -n "$server" ] && kill "$server" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
+. ci/bench/lib.sh
+trap 'bench_stop_runtime; rm -rf "$work"' EXIT
 
 cargo build --release --locked --target x86_64-unknown-linux-musl -p basalt-runtime --bin basalt-runtime 2>/dev/null
 cargo build --release --locked -p basalt --bin basalt 2>/dev/null
@@ -40,62 +41,11 @@ target/release/basalt keygen --out "$work/keys/load" >/dev/null
 target/release/basalt model bundle "$models/$model.onnx" --config "$models/$model.model.toml" \
     --key "$work/keys/load.key" --out "$work/models/$model.basalt" >/dev/null
 
-# The request: JSON header, then the batch-1 input's little-endian bytes.
-"$python" - "$models/$model.ref.json" "$work/body" <<'EOF'
-import json, sys
-import numpy as np
-ref, out = json.load(open(sys.argv[1])), sys.argv[2]
-types = {"FP32": np.float32, "INT64": np.int64}
-inputs, blobs = [], []
-for k, v in ref["inputs"].items():
-    a = np.array(v["data"], dtype=types[v["datatype"]]).reshape(v["shape"])[:1]
-    blob = a.astype(a.dtype.newbyteorder("<")).tobytes()
-    inputs.append({"name": k, "shape": list(a.shape), "datatype": v["datatype"],
-                   "parameters": {"binary_data_size": len(blob)}})
-    blobs.append(blob)
-head = json.dumps({"inputs": inputs, "parameters": {"binary_data_output": True}}).encode()
-open(out + ".bin", "wb").write(head + b"".join(blobs))
-open(out + ".len", "w").write(str(len(head)))
-EOF
-
-cat >"$work/post.lua" <<'EOF'
-local f = assert(io.open(os.getenv("BODY"), "rb"))
-wrk.method = "POST"
-wrk.body = f:read("*a")
-f:close()
-wrk.headers["Inference-Header-Content-Length"] = os.getenv("HEAD_LEN")
-local threads = {}
-function setup(thread) table.insert(threads, thread) end
-function init() statuses = {} end
-function response(status) statuses[status] = (statuses[status] or 0) + 1 end
-function done(summary)
-  local all = {}
-  for _, t in ipairs(threads) do
-    for s, n in pairs(t:get("statuses")) do all[s] = (all[s] or 0) + n end
-  end
-  local parts = {}
-  for s, n in pairs(all) do table.insert(parts, s .. ":" .. n) end
-  table.sort(parts)
-  io.write("statuses " .. table.concat(parts, " ") .. "\n")
-  io.write("socket_errors " .. summary.errors.connect + summary.errors.read
-    + summary.errors.write + summary.errors.timeout .. "\n")
-end
-EOF
-
+bench_body "$models/$model.ref.json" "$work/body"
+bench_post_lua "$work/post.lua"
 port=18600
-"$runtime" --listen "127.0.0.1:$port" --models "$work/models" --store none --keys "$work/keys" \
-    >"$work/server.log" 2>&1 &
-server=$!
-for _ in $(seq 600); do
-    curl -sf "http://127.0.0.1:$port/v2/health/ready" >/dev/null && break
-    sleep 0.1
-done
-curl -sf "http://127.0.0.1:$port/v2/health/ready" >/dev/null || {
-    echo "load: the runtime did not become ready:" >&2
-    cat "$work/server.log" >&2
-    exit 1
-}
-rss_kib() { awk '/^VmRSS/ { print $2 }' "/proc/$server/status" 2>/dev/null || echo 0; }
+bench_start_runtime "$runtime" "$port" "$work/models" "$work/keys" "$work/server.log"
+rss_kib() { bench_rss_kib "$server"; }
 idle=$(rss_kib)
 
 BODY="$work/body.bin" HEAD_LEN=$(cat "$work/body.len") \

@@ -27,14 +27,8 @@ command -v wrk >/dev/null || apt-get install -y wrk >/dev/null
 
 work=$(mktemp -d /tmp/basalt-runtime-bench.XXXXXX)
 server=
-stop_server() {
-    if [ -n "$server" ]; then
-        kill "$server" 2>/dev/null || true
-        wait "$server" 2>/dev/null || true
-        server=
-    fi
-}
-trap 'stop_server; rm -rf "$work"' EXIT
+. ci/bench/lib.sh
+trap 'bench_stop_runtime; rm -rf "$work"' EXIT
 
 cargo test --release --locked -p basalt-runtime --test reference --no-run 2>/dev/null
 cargo build --release --locked --target x86_64-unknown-linux-musl -p basalt-runtime --bin basalt-runtime 2>/dev/null
@@ -88,79 +82,27 @@ for name in "${names[@]}"; do
         --key "$work/keys/bench.key" --out "$work/models-$name/$name.basalt" >/dev/null
 done
 
-# The request tritonclient sends: JSON header, then the input's little-endian bytes.
-cat >"$work/body.py" <<'EOF'
-import json, sys
-import numpy as np
-ref, out = json.load(open(sys.argv[1])), sys.argv[2]
-types = {"FP32": np.float32, "INT64": np.int64}
-inputs, blobs = [], []
-for k, v in ref["inputs"].items():
-    a = np.array(v["data"], dtype=types[v["datatype"]]).reshape(v["shape"])[:1]
-    blob = a.astype(a.dtype.newbyteorder("<")).tobytes()
-    inputs.append({"name": k, "shape": list(a.shape), "datatype": v["datatype"],
-                   "parameters": {"binary_data_size": len(blob)}})
-    blobs.append(blob)
-head = json.dumps({"inputs": inputs, "parameters": {"binary_data_output": True}}).encode()
-open(out + ".bin", "wb").write(head + b"".join(blobs))
-open(out + ".len", "w").write(str(len(head)))
-EOF
-
-# wrk posts the body and counts answers by status (each thread has its own Lua state).
-cat >"$work/post.lua" <<'EOF'
-local body_file, head_len = os.getenv("BODY"), os.getenv("HEAD_LEN")
-local f = assert(io.open(body_file, "rb"))
-wrk.method = "POST"
-wrk.body = f:read("*a")
-f:close()
-wrk.headers["Inference-Header-Content-Length"] = head_len
-local threads = {}
-function setup(thread) table.insert(threads, thread) end
-function init() statuses = {} end
-function response(status) statuses[status] = (statuses[status] or 0) + 1 end
-function done(summary)
-  local all = {}
-  for _, t in ipairs(threads) do
-    for s, n in pairs(t:get("statuses")) do all[s] = (all[s] or 0) + n end
-  end
-  local parts = {}
-  for s, n in pairs(all) do table.insert(parts, s .. ":" .. n) end
-  table.sort(parts)
-  io.write("statuses " .. table.concat(parts, " ") .. "\n")
-end
-EOF
-
+bench_post_lua "$work/post.lua"
 port=18500
 start_server() { # model
     port=$((port + 1))
-    "$runtime" --listen "127.0.0.1:$port" --models "$work/models-$1" --store none --keys "$work/keys" \
-        >"$work/server.log" 2>&1 &
-    server=$!
-    for _ in $(seq 600); do
-        curl -sf "http://127.0.0.1:$port/v2/health/ready" >/dev/null && return 0
-        kill -0 "$server" 2>/dev/null || break
-        sleep 0.1
-    done
-    echo "runtime bench: the server did not become ready:" >&2
-    cat "$work/server.log" >&2
-    exit 1
+    bench_start_runtime "$runtime" "$port" "$work/models-$1" "$work/keys" "$work/server.log"
 }
-rss_kib() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status"; }
 
 echo
 echo "== idle RSS of $runtime (static musl), after load and one inference"
 printf '%-12s %10s %10s %14s\n' model rss_mib model_mib beyond_model_mib
 for name in "${names[@]}"; do
-    "$python" "$work/body.py" "$models/$name.ref.json" "$work/body-$name"
+    bench_body "$models/$name.ref.json" "$work/body-$name"
     start_server "$name"
     curl -sf -o /dev/null -H "Inference-Header-Content-Length: $(cat "$work/body-$name.len")" \
         --data-binary "@$work/body-$name.bin" "http://127.0.0.1:$port/v2/models/$name/infer"
     sleep 1
-    rss=$(rss_kib "$server")
+    rss=$(bench_rss_kib "$server")
     onnx=$(stat -c %s "$models/$name.onnx")
     awk -v r="$rss" -v o="$onnx" -v n="$name" \
         'BEGIN { printf "%-12s %10.1f %10.1f %14.1f\n", n, r / 1024, o / 1048576, r / 1024 - o / 1048576 }'
-    stop_server
+    bench_stop_runtime
 done
 
 echo
@@ -180,5 +122,5 @@ for name in "${names[@]}"; do
         echo "   $name $conns conn: $rps req/s, answers by status:$statuses" >&2
     done
     echo "$row"
-    stop_server
+    bench_stop_runtime
 done
