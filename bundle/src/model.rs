@@ -309,6 +309,65 @@ impl ModelConfig {
 // Every change goes through a [`Disk`], one call per write, flush, rename
 // or removal, so that tests can cut the power after any of them.
 
+/// What a model bundle holds and who signs it: the input of
+/// [`bundle_bytes`].
+pub struct NewBundle<'a> {
+    /// The model's name (the manifest's `name`).
+    pub name: &'a str,
+    /// Its version.
+    pub version: &'a semver::Version,
+    /// Boards it is for; empty means `["any"]`.
+    pub compatible: &'a [String],
+    /// Creation time, Unix seconds (the manifest's `created`, the archive's
+    /// mtimes).
+    pub created: u64,
+    /// The ONNX file.
+    pub onnx: &'a [u8],
+    /// The `model.toml` file, as it will be stored.
+    pub model_toml: &'a [u8],
+    /// zstd level of `model.onnx`.
+    pub level: i32,
+}
+
+/// Writes a signed model bundle: [`MODEL_ONNX`] (zstd) and [`MODEL_TOML`],
+/// the manifest signed by every key of `keys`. The one place that builds
+/// a model bundle, for `basalt model bundle` and for tests.
+pub fn bundle_bytes(b: &NewBundle<'_>, keys: &[crate::keys::SigningKey]) -> io::Result<Vec<u8>> {
+    use crate::manifest::{BundleKind, Compression, Manifest, PayloadInfo, FORMAT_VERSION};
+    let manifest = Manifest {
+        format: FORMAT_VERSION,
+        kind: BundleKind::Model,
+        name: b.name.to_string(),
+        version: b.version.clone(),
+        compatible: if b.compatible.is_empty() {
+            vec!["any".into()]
+        } else {
+            b.compatible.to_vec()
+        },
+        created: crate::civil::unix_to_datetime(b.created as i64),
+        os: None,
+        payloads: vec![
+            PayloadInfo::describe(MODEL_ONNX, b.onnx, Compression::Zstd, None),
+            PayloadInfo::describe(MODEL_TOML, b.model_toml, Compression::None, None),
+        ],
+    }
+    .to_toml();
+    let mut sigs = crate::signature::SignatureFile::default();
+    for k in keys {
+        sigs.add(crate::signature::sign(manifest.as_bytes(), k));
+    }
+    let sig_text = sigs.to_toml().map_err(io::Error::other)?;
+    let onnx = crate::archive::compress(b.onnx, b.level)?;
+    let payloads: [(&str, &[u8]); 2] = [(MODEL_ONNX, &onnx), (MODEL_TOML, b.model_toml)];
+    crate::archive::write_bundle(
+        Vec::new(),
+        manifest.as_bytes(),
+        sig_text.as_bytes(),
+        &payloads,
+        b.created,
+    )
+}
+
 /// The signed bundle in a version folder.
 pub const BUNDLE_FILE: &str = "model.basalt";
 /// The runtime's record of one model, in its folder.
@@ -995,10 +1054,9 @@ data = [3.0]
 #[cfg(test)]
 mod store_tests {
     use super::*;
-    use crate::archive::{compress, write_bundle, BundleReader};
+    use crate::archive::BundleReader;
     use crate::keys::SigningKey;
-    use crate::manifest::{BundleKind, Compression, Manifest, PayloadInfo};
-    use crate::signature::{sign, SignatureFile, Trust};
+    use crate::signature::Trust;
 
     fn config(version: &str) -> String {
         format!(
@@ -1011,32 +1069,16 @@ mod store_tests {
     fn bundle(key: &SigningKey, version: &str, onnx_len: usize) -> Vec<u8> {
         let onnx: Vec<u8> = (0..onnx_len).map(|i| (i * 7 % 251) as u8).collect();
         let toml = config(version);
-        let manifest = Manifest {
-            format: 1,
-            kind: BundleKind::Model,
-            name: "wq".into(),
-            version: version.parse().unwrap(),
-            compatible: vec!["any".into()],
-            created: crate::civil::unix_to_datetime(1_700_000_000),
-            os: None,
-            payloads: vec![
-                PayloadInfo::describe(MODEL_ONNX, &onnx, Compression::Zstd, None),
-                PayloadInfo::describe(MODEL_TOML, toml.as_bytes(), Compression::None, None),
-            ],
-        }
-        .to_toml();
-        let mut sigs = SignatureFile::default();
-        sigs.add(sign(manifest.as_bytes(), key));
-        let z = compress(&onnx, 3).unwrap();
-        let payloads: [(&str, &[u8]); 2] = [(MODEL_ONNX, &z), (MODEL_TOML, toml.as_bytes())];
-        write_bundle(
-            Vec::new(),
-            manifest.as_bytes(),
-            sigs.to_toml().unwrap().as_bytes(),
-            &payloads,
-            1,
-        )
-        .unwrap()
+        let b = NewBundle {
+            name: "wq",
+            version: &version.parse().unwrap(),
+            compatible: &[],
+            created: 1_700_000_000,
+            onnx: &onnx,
+            model_toml: toml.as_bytes(),
+            level: 3,
+        };
+        bundle_bytes(&b, std::slice::from_ref(key)).unwrap()
     }
 
     fn v(s: &str) -> semver::Version {

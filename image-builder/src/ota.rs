@@ -565,33 +565,19 @@ pub fn model_bundle_bytes(
     compatible: &[String],
     created: u64,
 ) -> Result<Vec<u8>, OtaError> {
-    use basalt_bundle::model::{MODEL_ONNX, MODEL_TOML};
     if keys.is_empty() {
         return Err(OtaError::Other("a model bundle needs at least one signing key".into()));
     }
-    let manifest = Manifest {
-        format: FORMAT_VERSION,
-        kind: BundleKind::Model,
-        name: content.config.name.clone(),
-        version: content.config.version.clone(),
-        compatible: if compatible.is_empty() { vec!["any".into()] } else { compatible.to_vec() },
-        created: civil::unix_to_datetime(created as i64),
-        os: None,
-        payloads: vec![
-            PayloadInfo::describe(MODEL_ONNX, &content.onnx, Compression::Zstd, None),
-            PayloadInfo::describe(MODEL_TOML, &content.config_bytes, Compression::None, None),
-        ],
-    }
-    .to_toml();
-    let mut sigs = SignatureFile::default();
-    for k in keys {
-        sigs.add(signature::sign(manifest.as_bytes(), k));
-    }
-    let sig_text = sigs.to_toml().map_err(|e| OtaError::Other(e.to_string()))?;
-    let onnx = archive::compress(&content.onnx, LEVEL)
-        .map_err(|e| OtaError::Other(format!("cannot compress the model: {e}")))?;
-    let payloads: [(&str, &[u8]); 2] = [(MODEL_ONNX, &onnx), (MODEL_TOML, &content.config_bytes)];
-    archive::write_bundle(Vec::new(), manifest.as_bytes(), sig_text.as_bytes(), &payloads, created)
+    let b = basalt_bundle::model::NewBundle {
+        name: &content.config.name,
+        version: &content.config.version,
+        compatible,
+        created,
+        onnx: &content.onnx,
+        model_toml: &content.config_bytes,
+        level: LEVEL,
+    };
+    basalt_bundle::model::bundle_bytes(&b, keys)
         .map_err(|e| OtaError::Other(format!("cannot write the model bundle: {e}")))
 }
 

@@ -117,7 +117,10 @@ fn a_recipe_names_models_and_a_runtime_the_device_can_use() {
     let cases: [(&dyn Fn(String) -> String, &str); 3] = [
         (&|t| t.replace("models = [\"mlp\"]", "models = [\"-mlp\"]"), "not a model name"),
         (&|t| t.replace("models = [\"mlp\"]", "models = [\"a/b\"]"), "not a model name"),
-        (&|t| t.replace("runtime = \"http://127.0.0.1:17800\"", "runtime = \"ftp://x\""), "http://"),
+        (
+            &|t| t.replace("runtime = \"http://127.0.0.1:17800\"", "runtime = \"ftp://x\""),
+            "http://",
+        ),
     ];
     for (edit, says) in cases {
         let err = plan(edit).unwrap_err();

@@ -8,11 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use basalt_bundle::archive::{compress, write_bundle, Trust};
+use basalt_bundle::archive::Trust;
 use basalt_bundle::keys::SigningKey;
-use basalt_bundle::manifest::{BundleKind, Compression, Manifest, PayloadInfo};
-use basalt_bundle::model::StdDisk;
-use basalt_bundle::signature::{sign, SignatureFile};
+use basalt_bundle::model::{bundle_bytes, NewBundle, StdDisk};
 use basalt_runtime::repository::{Catalog, Settings};
 use basalt_runtime::server::{serve, Limits, Server};
 use serde_json::Value;
@@ -39,26 +37,16 @@ fn bundle(name: &str, key: &SigningKey, toml: Option<&str>) -> Vec<u8> {
         Some(t) => t.as_bytes().to_vec(),
         None => std::fs::read(models().join(format!("{name}.model.toml"))).unwrap(),
     };
-    let manifest = Manifest {
-        format: 1,
-        kind: BundleKind::Model,
-        name: name.into(),
-        version: "1.0.0".parse().unwrap(),
-        compatible: vec!["any".into()],
-        created: basalt_bundle::civil::unix_to_datetime(1_700_000_000),
-        os: None,
-        payloads: vec![
-            PayloadInfo::describe("model.onnx", &onnx, Compression::Zstd, None),
-            PayloadInfo::describe("model.toml", &config, Compression::None, None),
-        ],
-    }
-    .to_toml();
-    let mut sigs = SignatureFile::default();
-    sigs.add(sign(manifest.as_bytes(), key));
-    let z = compress(&onnx, 3).unwrap();
-    let payloads: [(&str, &[u8]); 2] = [("model.onnx", &z), ("model.toml", &config)];
-    write_bundle(Vec::new(), manifest.as_bytes(), sigs.to_toml().unwrap().as_bytes(), &payloads, 1)
-        .unwrap()
+    let b = NewBundle {
+        name,
+        version: &"1.0.0".parse().unwrap(),
+        compatible: &[],
+        created: 1_700_000_000,
+        onnx: &onnx,
+        model_toml: &config,
+        level: 3,
+    };
+    bundle_bytes(&b, std::slice::from_ref(key)).unwrap()
 }
 
 /// Starts a server over the bundles in a temp dir; returns its address.

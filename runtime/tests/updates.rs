@@ -12,10 +12,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use basalt_bundle::archive::{compress, write_bundle, Trust};
+use basalt_bundle::archive::{write_bundle, Trust};
 use basalt_bundle::keys::SigningKey;
 use basalt_bundle::manifest::{BundleKind, Compression, Manifest, PayloadInfo};
-use basalt_bundle::model::{install, CutDisk, Disk, ModelState, StdDisk, Trial};
+use basalt_bundle::model::{
+    bundle_bytes, install, CutDisk, Disk, ModelState, NewBundle, StdDisk, Trial,
+};
 use basalt_bundle::signature::{sign, SignatureFile};
 use basalt_runtime::repository::{Catalog, RepoError, Settings};
 use basalt_runtime::server::{serve, Limits, Server};
@@ -60,26 +62,16 @@ fn bundle(key: &SigningKey, v: &str, extra: &str) -> Vec<u8> {
     let onnx = std::fs::read(versions().join(format!("{v}.onnx"))).unwrap();
     let mut config = std::fs::read_to_string(versions().join(format!("{v}.model.toml"))).unwrap();
     config.push_str(extra);
-    let manifest = Manifest {
-        format: 1,
-        kind: BundleKind::Model,
-        name: "demo".into(),
-        version: v.parse().unwrap(),
-        compatible: vec!["any".into()],
-        created: basalt_bundle::civil::unix_to_datetime(1_700_000_000),
-        os: None,
-        payloads: vec![
-            PayloadInfo::describe("model.onnx", &onnx, Compression::Zstd, None),
-            PayloadInfo::describe("model.toml", config.as_bytes(), Compression::None, None),
-        ],
-    }
-    .to_toml();
-    let mut sigs = SignatureFile::default();
-    sigs.add(sign(manifest.as_bytes(), key));
-    let z = compress(&onnx, 3).unwrap();
-    let payloads: [(&str, &[u8]); 2] = [("model.onnx", &z), ("model.toml", config.as_bytes())];
-    write_bundle(Vec::new(), manifest.as_bytes(), sigs.to_toml().unwrap().as_bytes(), &payloads, 1)
-        .unwrap()
+    let b = NewBundle {
+        name: "demo",
+        version: &v.parse().unwrap(),
+        compatible: &[],
+        created: 1_700_000_000,
+        onnx: &onnx,
+        model_toml: config.as_bytes(),
+        level: 3,
+    };
+    bundle_bytes(&b, std::slice::from_ref(key)).unwrap()
 }
 
 struct Device {

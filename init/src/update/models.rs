@@ -325,12 +325,9 @@ pub(crate) mod tests {
     use crate::update::api::{self, Shared};
     use crate::update::state::StateFile;
     use crate::update::testing;
-    use basalt_bundle::archive::{compress, write_bundle};
     use basalt_bundle::config::{BootConfig, ImageConfig, NetworkConfig};
     use basalt_bundle::keys::SigningKey;
-    use basalt_bundle::manifest::{Compression, Manifest, PayloadInfo};
-    use basalt_bundle::model::{MODEL_ONNX, MODEL_TOML};
-    use basalt_bundle::signature::{sign, SignatureFile};
+    use basalt_bundle::model::{bundle_bytes, NewBundle};
     use std::sync::{Arc, Mutex};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -348,26 +345,16 @@ pub(crate) mod tests {
              [[test.input]]\nname = \"x\"\ndatatype = \"FP32\"\nshape = [1]\ndata = [1.0]\n\
              [[test.output]]\nname = \"y\"\ndatatype = \"FP32\"\nshape = [1]\ndata = [2.0]\n"
         );
-        let manifest = Manifest {
-            format: 1,
-            kind: BundleKind::Model,
-            name: name.into(),
-            version: version.parse().unwrap(),
-            compatible: vec![compatible.into()],
-            created: basalt_bundle::civil::unix_to_datetime(1_700_000_000),
-            os: None,
-            payloads: vec![
-                PayloadInfo::describe(MODEL_ONNX, &onnx, Compression::Zstd, None),
-                PayloadInfo::describe(MODEL_TOML, toml.as_bytes(), Compression::None, None),
-            ],
-        }
-        .to_toml();
-        let mut sigs = SignatureFile::default();
-        sigs.add(sign(manifest.as_bytes(), key));
-        let z = compress(&onnx, 3).unwrap();
-        let payloads: [(&str, &[u8]); 2] = [(MODEL_ONNX, &z), (MODEL_TOML, toml.as_bytes())];
-        let sig = sigs.to_toml().unwrap();
-        write_bundle(Vec::new(), manifest.as_bytes(), sig.as_bytes(), &payloads, 1).unwrap()
+        let b = NewBundle {
+            name,
+            version: &version.parse().unwrap(),
+            compatible: &[compatible.to_string()],
+            created: 1_700_000_000,
+            onnx: &onnx,
+            model_toml: toml.as_bytes(),
+            level: 3,
+        };
+        bundle_bytes(&b, std::slice::from_ref(key)).unwrap()
     }
 
     pub(crate) fn settings(store: &Path, runtime: &str) -> ModelSettings {

@@ -109,6 +109,37 @@ pub async fn poller<M: Machine + Send + 'static>(shared: Arc<Shared<M>>, cfg: Up
     }
 }
 
+/// A channel file and its signatures, as fetched (not yet verified).
+struct ChannelFile {
+    url: Url,
+    bytes: Vec<u8>,
+    sig: Vec<u8>,
+    etag: Option<String>,
+}
+
+/// Fetches the channel file at `path` of the repository with
+/// `If-None-Match: etag`, then its `.sig`; `None` when it has not changed.
+async fn fetch_channel(
+    base: &Url,
+    path: &str,
+    etag: Option<&str>,
+) -> Result<Option<ChannelFile>, String> {
+    let url = base.join(path).map_err(|e| e.to_string())?;
+    let sig_url = base.join(&signature_path_for(path)).map_err(|e| e.to_string())?;
+    let timeout = Duration::from_secs(30);
+    let (bytes, etag) = match fetch::get_small(&url, etag, MAX_CHANNEL_BYTES, timeout).await {
+        Ok(Fetched::NotModified) => return Ok(None),
+        Ok(Fetched::Body { bytes, etag }) => (bytes, etag),
+        Err(e) => return Err(format!("poll {url}: {e}")),
+    };
+    let sig = match fetch::get_small(&sig_url, None, MAX_CHANNEL_BYTES, timeout).await {
+        Ok(Fetched::Body { bytes, .. }) => bytes,
+        Ok(Fetched::NotModified) => return Err(format!("{sig_url}: unexpected 304")),
+        Err(e) => return Err(format!("poll {sig_url}: {e}")),
+    };
+    Ok(Some(ChannelFile { url, bytes, sig, etag }))
+}
+
 /// One poll of a model's channel; `Ok(Some(message))` for news worth a
 /// line. The ETag is remembered once the channel file was dealt with.
 async fn poll_model<M: Machine + Send + 'static>(
@@ -120,24 +151,14 @@ async fn poll_model<M: Machine + Send + 'static>(
 ) -> Result<Option<String>, String> {
     let Some(settings) = shared.models.clone() else { return Ok(None) };
     let path = model_channel_path(name, &cfg.channel).map_err(|e| e.to_string())?;
-    let url = base.join(&path).map_err(|e| e.to_string())?;
-    let sig_url = base.join(&signature_path_for(&path)).map_err(|e| e.to_string())?;
     let (trust, machine_id, now) = {
         let agent = shared.agent.lock().map_err(|_| "agent state poisoned".to_string())?;
         (agent.trust().clone(), agent.machine_id().to_string(), agent.machine().now())
     };
-    let timeout = Duration::from_secs(30);
-    let etag = etags.get(name).cloned();
-    let (bytes, new_etag) =
-        match fetch::get_small(&url, etag.as_deref(), MAX_CHANNEL_BYTES, timeout).await {
-            Ok(Fetched::NotModified) => return Ok(None),
-            Ok(Fetched::Body { bytes, etag }) => (bytes, etag),
-            Err(e) => return Err(format!("poll {url}: {e}")),
-        };
-    let sig = match fetch::get_small(&sig_url, None, MAX_CHANNEL_BYTES, timeout).await {
-        Ok(Fetched::Body { bytes, .. }) => bytes,
-        Ok(Fetched::NotModified) => return Err(format!("{sig_url}: unexpected 304")),
-        Err(e) => return Err(format!("poll {sig_url}: {e}")),
+    let Some(ChannelFile { url, bytes, sig, etag: new_etag }) =
+        fetch_channel(base, &path, etags.get(name).map(String::as_str)).await?
+    else {
+        return Ok(None);
     };
     let remember = |etags: &mut HashMap<String, String>| {
         if let Some(e) = &new_etag {
@@ -252,23 +273,14 @@ async fn poll_once<M: Machine + Send + 'static>(
     cfg: &UpdateConfig,
 ) -> Result<Option<String>, String> {
     let path = channel_path(&cfg.channel).map_err(|e| e.to_string())?;
-    let url = base.join(&path).map_err(|e| e.to_string())?;
-    let sig_url = base.join(&signature_path_for(&path)).map_err(|e| e.to_string())?;
     let (etag, trust, machine_id) = {
         let agent = shared.agent.lock().map_err(|_| "agent state poisoned".to_string())?;
         (agent.state().channel_etag.clone(), agent.trust().clone(), agent.machine_id().to_string())
     };
-    let timeout = Duration::from_secs(30);
-    let (bytes, new_etag) =
-        match fetch::get_small(&url, etag.as_deref(), MAX_CHANNEL_BYTES, timeout).await {
-            Ok(Fetched::NotModified) => return Ok(None),
-            Ok(Fetched::Body { bytes, etag }) => (bytes, etag),
-            Err(e) => return Err(format!("poll {url}: {e}")),
-        };
-    let sig = match fetch::get_small(&sig_url, None, MAX_CHANNEL_BYTES, timeout).await {
-        Ok(Fetched::Body { bytes, .. }) => bytes,
-        Ok(Fetched::NotModified) => return Err(format!("{sig_url}: unexpected 304")),
-        Err(e) => return Err(format!("poll {sig_url}: {e}")),
+    let Some(ChannelFile { url, bytes, sig, etag: new_etag }) =
+        fetch_channel(base, &path, etag.as_deref()).await?
+    else {
+        return Ok(None);
     };
     let sh = shared.clone();
     let seen_etag = new_etag.clone();
