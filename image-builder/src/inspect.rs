@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 use std::fs::File;
-use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use basalt_bundle::config::{SlotConfig, SLOT_CONFIG_PATH};
@@ -96,6 +96,11 @@ pub struct SlotInfo {
     pub root_hash: Option<String>,
     /// Whether the root partition holds a squashfs.
     pub rootfs_present: bool,
+    /// Whether the root filesystem matches the root hash of the slot's
+    /// initramfs (its dm-verity tree recomputed here); `None` when either
+    /// is missing. A slot whose install was cut, or whose partition was
+    /// modified, does not match.
+    pub root_verified: Option<bool>,
     /// The model bundles baked into the root filesystem
     /// (`/usr/share/basalt/models`), by file name.
     pub models: Vec<ModelInfo>,
@@ -119,11 +124,29 @@ pub struct ModelInfo {
     pub size: u64,
 }
 
-/// The model bundles in the squashfs at `offset` of `disk`.
-fn baked_models(disk: &Path, offset: u64) -> Result<Vec<ModelInfo>, String> {
+/// The filesystem data of a root partition at `offset` of `disk`, if it
+/// matches `verity` (the dm-verity tree over it recomputed, its root hash
+/// compared); `Ok(None)` when it does not match.
+fn verified_root(
+    f: &mut File,
+    disk: &Path,
+    offset: u64,
+    size: u64,
+    verity: &basalt_bundle::config::VerityParams,
+) -> Result<Option<Vec<u8>>, InspectError> {
+    let len = verity.data_blocks.saturating_mul(u64::from(verity.data_block_size));
+    let salt: Option<[u8; 32]> = hex::decode(&verity.salt).ok().and_then(|s| s.try_into().ok());
+    let (Some(salt), true) = (salt, len > 0 && len <= size) else { return Ok(None) };
+    let data = read_at(f, disk, offset, len as usize)?;
+    let matches = crate::verity::build_verity(&data, &salt, [0; 16])
+        .is_ok_and(|v| v.params.root_hash == verity.root_hash);
+    Ok(matches.then_some(data))
+}
+
+/// The model bundles in `squashfs`, a verified root filesystem.
+fn baked_models(squashfs: Vec<u8>) -> Result<Vec<ModelInfo>, String> {
     use backhand::{FilesystemReader, InnerNode};
-    let f = File::open(disk).map_err(|e| format!("cannot read {}: {e}", disk.display()))?;
-    let fs = FilesystemReader::from_reader_with_offset(BufReader::new(f), offset)
+    let fs = FilesystemReader::from_reader(std::io::Cursor::new(squashfs))
         .map_err(|e| format!("the root filesystem: {e}"))?;
     let dir = Path::new(MODELS_DIR).strip_prefix("/").unwrap_or(Path::new(MODELS_DIR));
     let mut out = Vec::new();
@@ -235,12 +258,19 @@ pub fn inspect(disk: &Path) -> Result<ImageInfo, InspectError> {
             Some(p) => read_at(&mut f, disk, p.offset, 4)? == b"hsqs",
             None => false,
         };
-        let (models, models_problem) = match root.filter(|_| rootfs_present) {
-            Some(p) => match baked_models(disk, p.offset) {
+        // The models are read only from a root that matches its root
+        // hash: a cut install leaves a squashfs header over garbage.
+        let root_data = match (root.filter(|_| rootfs_present), &cfg) {
+            (Some(p), Some(c)) => Some(verified_root(&mut f, disk, p.offset, p.size, &c.verity)?),
+            _ => None,
+        };
+        let root_verified = root_data.as_ref().map(Option::is_some);
+        let (models, models_problem) = match root_data {
+            Some(Some(data)) => match baked_models(data) {
                 Ok(m) => (m, None),
                 Err(e) => (Vec::new(), Some(e)),
             },
-            None => (Vec::new(), None),
+            _ => (Vec::new(), None),
         };
         slots.push(SlotInfo {
             slot,
@@ -248,6 +278,7 @@ pub fn inspect(disk: &Path) -> Result<ImageInfo, InspectError> {
             version: cfg.as_ref().map(|c| c.version.clone()),
             root_hash: cfg.as_ref().map(|c| c.verity.root_hash.clone()),
             rootfs_present,
+            root_verified,
             models,
             models_problem,
         });
@@ -305,12 +336,15 @@ impl ImageInfo {
         for sl in &self.slots {
             match (&sl.image, &sl.version, &sl.root_hash) {
                 (Some(i), Some(v), Some(h)) => {
-                    let _ = writeln!(
-                        s,
-                        "  {}: {i} {v}, root hash {h}{}",
-                        sl.slot,
-                        if sl.rootfs_present { "" } else { " (root partition EMPTY)" }
-                    );
+                    let root = match (sl.rootfs_present, sl.root_verified) {
+                        (false, _) => " (root partition EMPTY)",
+                        (true, Some(false)) => {
+                            " (root partition DOES NOT MATCH it: an install was cut, or the \
+                             partition was modified; the device will not boot this slot)"
+                        }
+                        (true, _) => ", root verified",
+                    };
+                    let _ = writeln!(s, "  {}: {i} {v}, root hash {h}{root}", sl.slot);
                 }
                 _ => {
                     let _ = writeln!(s, "  {}: empty", sl.slot);

@@ -71,4 +71,29 @@ fn inspect_lists_the_models_baked_into_each_slot() {
             .unwrap();
     assert_eq!(json["slots"][0]["models"][1]["name"], "mlp", "{json}");
     assert_eq!(json["slots"][0]["models"][1]["version"], "1.0.0", "{json}");
+    assert!(text.contains("root verified"), "{text}");
+    assert_eq!(info.slots[0].root_verified, Some(true));
+
+    // A root that does not match its root hash, as a cut install or a
+    // modified partition leaves it: said so, and no models read from it.
+    // One byte flipped in the middle of the filesystem, then everything
+    // after the squashfs superblock zeroed (an install cut early).
+    let part = info.partitions.iter().find(|p| p.label == "rootfs_a").unwrap();
+    let mut bytes = std::fs::read(&disk).unwrap();
+    let at = part.offset as usize;
+    // The superblock's bytes_used (offset 40).
+    let used = u64::from_le_bytes(bytes[at + 40..at + 48].try_into().unwrap()) as usize;
+    bytes[at + used / 2] ^= 0x01;
+    let flipped = dir.path().join("flipped.img");
+    std::fs::write(&flipped, &bytes).unwrap();
+    bytes[at + 96..at + used].fill(0);
+    let cut = dir.path().join("cut.img");
+    std::fs::write(&cut, &bytes).unwrap();
+    for disk in [flipped, cut] {
+        let info = basalt::inspect::inspect(&disk).unwrap();
+        assert_eq!(info.slots[0].root_verified, Some(false), "{}", disk.display());
+        assert!(info.slots[0].models.is_empty(), "{}", disk.display());
+        let text = ok(Command::new(bin).arg("inspect").arg(&disk));
+        assert!(text.contains("DOES NOT MATCH"), "{text}");
+    }
 }

@@ -91,10 +91,17 @@ pub fn expect(m: &mut Machine, marker: &str, secs: u64) {
     }
 }
 
-/// Resolves and builds `recipe` at `version`, signing its bundle with
-/// `key` if given.
-pub fn build_version(recipe: &Path, version: &str, key: Option<&Path>, out: &Path) -> Report {
+/// Resolves and builds `recipe` at `version` for `board` (the recipe's
+/// own when `None`), signing its bundle with `key` if given.
+pub fn build_version(
+    recipe: &Path,
+    version: &str,
+    board: Option<&Path>,
+    key: Option<&Path>,
+    out: &Path,
+) -> Report {
     let opts = PlanOptions {
+        board: board.map(|b| b.display().to_string()),
         source_date_epoch: SDE,
         cache_dir: plan::default_cache_dir(),
         version: Some(version.parse().unwrap()),

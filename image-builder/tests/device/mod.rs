@@ -61,9 +61,14 @@ pub fn http_at(port: u16, method: &str, path: &str, body: &[u8]) -> std::io::Res
 /// `GET /v1/status`, retried until the agent answers (it starts after the
 /// network).
 pub fn status(m: &Machine) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    status_at(API, m, 60)
+}
+
+/// `GET /v1/status` of the agent forwarded on `port`, retried for `secs`.
+pub fn status_at(port: u16, m: &Machine, secs: u64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
-        match http("GET", "/v1/status", b"") {
+        match http_at(port, "GET", "/v1/status", b"") {
             Ok((200, body)) => return serde_json::from_str(&body).unwrap(),
             r if Instant::now() > deadline => {
                 panic!("no status from the agent: {r:?}; console:\n{}", m.console())
@@ -75,8 +80,14 @@ pub fn status(m: &Machine) -> Value {
 
 /// Pushes a bundle; returns the status and the answer.
 pub fn push(m: &Machine, bundle: &[u8], query: &str) -> (u16, Value) {
-    status(m);
-    let (code, body) = http("POST", &format!("/v1/update{query}"), bundle)
+    push_at(API, m, bundle, query)
+}
+
+/// Pushes a bundle to the agent forwarded on `port`; returns the status and
+/// the answer.
+pub fn push_at(port: u16, m: &Machine, bundle: &[u8], query: &str) -> (u16, Value) {
+    status_at(port, m, 120);
+    let (code, body) = http_at(port, "POST", &format!("/v1/update{query}"), bundle)
         .unwrap_or_else(|e| panic!("push failed: {e}; console:\n{}", m.console()));
     let v = serde_json::from_str(&body).unwrap_or(Value::String(body));
     (code, v)
@@ -89,9 +100,18 @@ pub struct Built {
 }
 
 pub fn build(recipe: &str, version: &str) -> Built {
+    build_on(recipe, version, None)
+}
+
+/// Builds `recipe` (relative to the project) at `version` for `board` (a
+/// board file; the recipe's own when `None`), signed with the test key.
+pub fn build_on(recipe: &str, version: &str, board: Option<&Path>) -> Built {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let report = build_version(&root().join(recipe), version, Some(&keys().join("test.key")), &out);
+    let t = Instant::now();
+    let key = keys().join("test.key");
+    let report = build_version(&root().join(recipe), version, board, Some(&key), &out);
+    eprintln!("built {version} for {}: {:.1} s", report.board, t.elapsed().as_secs_f64());
     Built { disk: out.join("disk.img"), report, _dir: dir }
 }
 
@@ -270,10 +290,16 @@ pub fn wait_serving(m: &Machine, version: &str, secs: u64) -> Value {
 /// live, ready, metadata, and the outputs of `reference` from binary and
 /// JSON tensors.
 pub fn tritonclient(m: &Machine, reference: &Path) {
+    tritonclient_at(RUNTIME, m, reference)
+}
+
+/// [`tritonclient`] against the runtime forwarded on `port`.
+pub fn tritonclient_at(port: u16, m: &Machine, reference: &Path) {
     let python = root().join(".cache/venv/bin/python");
+    assert!(python.is_file(), "no {}; run ci/setup.sh", python.display());
     let out = std::process::Command::new(&python)
         .arg(root().join("ci/models/interop.py"))
-        .arg(format!("http://127.0.0.1:{RUNTIME}"))
+        .arg(format!("http://127.0.0.1:{port}"))
         .arg("mlp")
         .arg(reference)
         .output()
