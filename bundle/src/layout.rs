@@ -13,9 +13,20 @@ pub const ROOTFS_A_LABEL: &str = "rootfs_a";
 pub const ROOTFS_B_LABEL: &str = "rootfs_b";
 /// PARTLABEL of the persistent data partition, mounted at `/data`.
 pub const DATA_LABEL: &str = "data";
+/// PARTLABEL of a Raspberry Pi image's first partition, the small FAT
+/// partition that holds `autoboot.txt`.
+pub const RPI_AUTOBOOT_LABEL: &str = "autoboot";
+/// PARTLABEL of slot `a`'s FAT boot partition on a Raspberry Pi image.
+pub const RPI_BOOT_A_LABEL: &str = "boot_a";
+/// PARTLABEL of slot `b`'s FAT boot partition on a Raspberry Pi image.
+pub const RPI_BOOT_B_LABEL: &str = "boot_b";
 
 /// Type GUID of an EFI system partition.
 pub const ESP_TYPE: Guid = Guid::from_str_const("c12a7328-f81f-11d2-ba4b-00a0c93ec93b");
+/// Type GUID of a Microsoft basic data partition: the Raspberry Pi
+/// bootloader looks for its FAT partitions on a GPT disk among basic data
+/// and EFI system partitions only.
+pub const BASIC_DATA_TYPE: Guid = Guid::from_str_const("ebd0a0a2-b9e5-4433-87c0-68b6b72699c7");
 /// Type GUID of a generic Linux filesystem (used for `data`).
 pub const LINUX_DATA_TYPE: Guid = Guid::from_str_const("0fc63daf-8483-4772-8e79-3d69d8477de4");
 /// Type GUID of an x86-64 root partition.

@@ -13,7 +13,8 @@
 //! streaming, verifying reader) and [`channel`] (the signed metadata of an
 //! update repository, with expiry and staged rollout). [`model`] is the
 //! `model.toml` of model bundles, with its test vector. [`civil`] converts
-//! the dates these formats carry.
+//! the dates these formats carry. [`tryboot`] is the Raspberry Pi's
+//! `autoboot.txt` and the files basalt keeps in each slot's boot partition.
 //!
 //! It does no I/O beyond reading and writing the streams it is given (no
 //! network; files only in [`model::install`], the installed-model layout
@@ -34,6 +35,7 @@ pub mod manifest;
 pub mod model;
 pub mod signature;
 pub mod slot;
+pub mod tryboot;
 
 pub use archive::{BundleError, BundleReader, Payload};
 pub use channel::{Channel, ChannelError};

@@ -43,6 +43,15 @@ impl Slot {
         }
     }
 
+    /// The GPT partition label of this slot's FAT boot partition on a
+    /// Raspberry Pi image.
+    pub fn rpi_boot_partlabel(self) -> &'static str {
+        match self {
+            Slot::A => crate::layout::RPI_BOOT_A_LABEL,
+            Slot::B => crate::layout::RPI_BOOT_B_LABEL,
+        }
+    }
+
     /// The folder on the ESP that holds this slot's kernel and initrd.
     pub fn esp_dir(self) -> &'static str {
         self.name()

@@ -23,8 +23,8 @@ pub struct Board {
     /// redundant environment; needs `[uboot]`) or `rpi-tryboot` (the
     /// Raspberry Pi 4/5 firmware's `autoboot.txt` and tryboot; needs
     /// `[tryboot]`). basalt-init runs all three; `basalt build` lays out
-    /// systemd-boot images only so far and refuses the others with an
-    /// error (docs/boards.md).
+    /// systemd-boot and rpi-tryboot images so far and refuses u-boot with
+    /// an error (docs/boards.md).
     pub bootloader: Located<String>,
     /// Kernel command line every image on this board gets (console,
     /// panic behaviour); `basalt.slot=` is added per slot.
@@ -69,12 +69,33 @@ pub struct Board {
 /// The bootloader back-ends a board may name.
 pub const BOOTLOADERS: [&str; 3] = ["systemd-boot", "u-boot", "rpi-tryboot"];
 
+/// What a buildable board boots with, as [`Board::buildable_bootloader`]
+/// found it.
+#[derive(Debug, Clone, Copy)]
+pub enum BootFirmware<'a> {
+    /// systemd-boot: its EFI binary (`[firmware] systemd_boot`).
+    SystemdBoot(&'a Located<PathBuf>),
+    /// The Raspberry Pi firmware: the firmware files and `config.txt`
+    /// lines of `[tryboot]`.
+    Tryboot(&'a TrybootSection),
+}
+
+/// The partition numbers of slot a's and slot b's boot partitions in the
+/// image `basalt build` lays out for `rpi-tryboot` (partition 1 holds
+/// `autoboot.txt`).
+pub const TRYBOOT_PARTITIONS: [u32; 2] = [2, 3];
+
 impl Board {
+    /// Whether the board boots with the Raspberry Pi firmware's tryboot.
+    pub fn is_rpi_tryboot(&self) -> bool {
+        self.bootloader.value == "rpi-tryboot"
+    }
+
     /// Checks that the board's bootloader is one basalt knows, with the
     /// section it needs, and that `basalt build` can lay out its image;
-    /// returns the systemd-boot binary it installs. `src` is the board
-    /// file, for the error's place.
-    pub fn buildable_bootloader(&self, src: &Source) -> Result<&Located<PathBuf>, Diagnostic> {
+    /// returns what it boots with. `src` is the board file, for the
+    /// error's place.
+    pub fn buildable_bootloader(&self, src: &Source) -> Result<BootFirmware<'_>, Diagnostic> {
         let bl = &self.bootloader;
         let needs = |what: &str| {
             with_help(
@@ -86,19 +107,45 @@ impl Board {
             )
         };
         match bl.value.as_str() {
-            "systemd-boot" => self.firmware.systemd_boot.as_ref().ok_or_else(|| {
-                with_help(
-                    src.error(bl.span.clone(), "systemd-boot needs [firmware] systemd_boot"),
-                    "name the EFI binary, e.g. /usr/lib/systemd/boot/efi/systemd-bootx64.efi \
-                     (Debian's systemd-boot-efi)",
-                )
-            }),
-            "u-boot" | "rpi-tryboot" => {
-                if bl.value == "u-boot" && self.uboot.is_none() {
-                    return Err(needs("[uboot]"));
+            "systemd-boot" => self
+                .firmware
+                .systemd_boot
+                .as_ref()
+                .map(BootFirmware::SystemdBoot)
+                .ok_or_else(|| {
+                    with_help(
+                        src.error(bl.span.clone(), "systemd-boot needs [firmware] systemd_boot"),
+                        "name the EFI binary, e.g. \
+                             /usr/lib/systemd/boot/efi/systemd-bootx64.efi (Debian's \
+                             systemd-boot-efi)",
+                    )
+                }),
+            "rpi-tryboot" => {
+                let t = self.tryboot.as_ref().ok_or_else(|| needs("[tryboot]"))?;
+                if t.boot_partitions.value != TRYBOOT_PARTITIONS {
+                    return Err(with_help(
+                        src.error(
+                            t.boot_partitions.span.clone(),
+                            format!(
+                                "`basalt build` puts slot a's boot partition at {} and slot \
+                                 b's at {}",
+                                TRYBOOT_PARTITIONS[0], TRYBOOT_PARTITIONS[1]
+                            ),
+                        ),
+                        format!("write boot_partitions = {TRYBOOT_PARTITIONS:?}"),
+                    ));
                 }
-                if bl.value == "rpi-tryboot" && self.tryboot.is_none() {
-                    return Err(needs("[tryboot]"));
+                if self.arch != Arch::Aarch64 {
+                    return Err(with_help(
+                        src.error(bl.span.clone(), "rpi-tryboot boots 64-bit ARM kernels only"),
+                        "write arch = \"aarch64\"",
+                    ));
+                }
+                Ok(BootFirmware::Tryboot(t))
+            }
+            "u-boot" => {
+                if self.uboot.is_none() {
+                    return Err(needs("[uboot]"));
                 }
                 Err(with_help(
                     src.error(
@@ -136,15 +183,31 @@ pub struct UbootSection {
     pub env_size: Located<u64>,
 }
 
-/// `[tryboot]`: the Raspberry Pi's partitions. Partition 1 is a small FAT
-/// partition holding `autoboot.txt`; each slot has its own FAT boot
-/// partition.
+/// `[tryboot]`: the Raspberry Pi's partitions and firmware. Partition 1
+/// is a small FAT partition holding `autoboot.txt`; each slot has its own
+/// FAT boot partition with the firmware files, `config.txt`, the kernel,
+/// the initramfs and `cmdline.txt`.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TrybootSection {
     /// The partition numbers of slot a's and slot b's boot partitions, as
-    /// `boot_partition` in `autoboot.txt` counts them (from 1).
+    /// `boot_partition` in `autoboot.txt` counts them (from 1). The image
+    /// `basalt build` writes has them at `[2, 3]`.
     pub boot_partitions: Located<[u32; 2]>,
+    /// The firmware files every slot's boot partition holds, relative to
+    /// the board file: on a Pi 4 `start4.elf`, `fixup4.dat`, the board's
+    /// device tree (`bcm2711-rpi-4-b.dtb`) and the `overlays` folder; on a
+    /// Pi 5 (its EEPROM holds the firmware) the device tree
+    /// (`bcm2712-rpi-5-b.dtb`) and `overlays`. They come from the `boot/`
+    /// folder of Raspberry Pi's firmware repository, which the user
+    /// supplies. A file goes to the partition's top level under its own
+    /// name; a folder goes there with everything in it.
+    pub firmware: Vec<Located<PathBuf>>,
+    /// Lines added to each slot's `config.txt` after basalt's own
+    /// (`arm_64bit=1`, `kernel=vmlinuz`, `initramfs initrd followkernel`),
+    /// e.g. `enable_uart=1` for a serial console.
+    #[serde(default)]
+    pub config: Vec<String>,
 }
 
 fn default_root_wait() -> crate::duration::Duration {
@@ -242,7 +305,10 @@ mod tests {
             let verdict = board.buildable_bootloader(&src);
             match board.bootloader.value.as_str() {
                 "systemd-boot" => {
-                    let sd_boot = verdict.unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    let verdict = verdict.unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    let BootFirmware::SystemdBoot(sd_boot) = verdict else {
+                        panic!("{}: {verdict:?}", path.display())
+                    };
                     // The EFI binary must be the board's architecture.
                     let file = sd_boot.value.file_name().unwrap().to_string_lossy().into_owned();
                     let want = match board.arch {
@@ -251,7 +317,23 @@ mod tests {
                     };
                     assert_eq!(file, want, "{}", path.display());
                 }
-                "u-boot" | "rpi-tryboot" => {
+                "rpi-tryboot" => {
+                    let verdict = verdict.unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    let BootFirmware::Tryboot(t) = verdict else {
+                        panic!("{}: {verdict:?}", path.display())
+                    };
+                    // A device tree in every Pi's list; start4.elf only on a Pi 4 (a Pi 5
+                    // starts from its EEPROM).
+                    let names: Vec<_> = t
+                        .firmware
+                        .iter()
+                        .map(|f| f.value.file_name().unwrap().to_string_lossy().into_owned())
+                        .collect();
+                    assert!(names.iter().any(|n| n.ends_with(".dtb")), "{names:?}");
+                    let pi4 = names.iter().any(|n| n == "bcm2711-rpi-4-b.dtb");
+                    assert_eq!(names.iter().any(|n| n == "start4.elf"), pi4, "{names:?}");
+                }
+                "u-boot" => {
                     let e = verdict.unwrap_err().to_string();
                     assert!(e.contains("cannot lay out an image for"), "{e}");
                 }
@@ -282,5 +364,26 @@ mod tests {
         let board: Board = src.parse().unwrap();
         let e = board.buildable_bootloader(&src).unwrap_err().to_string();
         assert!(e.contains("needs [firmware] systemd_boot"), "{e}");
+        let pi = text.replace("u-boot", "rpi-tryboot");
+        let src = Source { text: pi.clone(), ..src };
+        let board: Board = src.parse().unwrap();
+        let e = board.buildable_bootloader(&src).unwrap_err().to_string();
+        assert!(e.contains("needs a [tryboot] section"), "{e}");
+        // The firmware list is required, and the layout fixes the partitions.
+        let src = Source { text: format!("{pi}[tryboot]\nboot_partitions = [2, 3]\n"), ..src };
+        let e = src.parse::<Board>().unwrap_err().to_string();
+        assert!(e.contains("firmware"), "{e}");
+        let t = "[tryboot]\nboot_partitions = [3, 4]\nfirmware = [\"x.dtb\"]\n";
+        let src = Source { text: format!("{pi}{t}"), ..src };
+        let board: Board = src.parse().unwrap();
+        let e = board.buildable_bootloader(&src).unwrap_err().to_string();
+        assert!(e.contains("slot a's boot partition at 2"), "{e}");
+        let src = Source { text: format!("{pi}{t}").replace("[3, 4]", "[2, 3]"), ..src };
+        let board: Board = src.parse().unwrap();
+        assert!(matches!(board.buildable_bootloader(&src), Ok(BootFirmware::Tryboot(_))));
+        let src = Source { text: src.text.replace("aarch64", "x86_64"), ..src };
+        let board: Board = src.parse().unwrap();
+        let e = board.buildable_bootloader(&src).unwrap_err().to_string();
+        assert!(e.contains("64-bit ARM kernels only"), "{e}");
     }
 }

@@ -39,6 +39,17 @@ pub enum BuildError {
     /// The ESP could not be written.
     #[error("the ESP: {0}")]
     Fat(#[from] fat::FatError),
+    /// A FAT partition other than the ESP could not be written.
+    #[error("the {label} partition: {source}")]
+    FatPartition {
+        /// Its PARTLABEL.
+        label: String,
+        /// Why.
+        source: fat::FatError,
+    },
+    /// A Raspberry Pi boot partition could not be filled.
+    #[error(transparent)]
+    Rpi(#[from] crate::rpi::RpiError),
     /// The partition table could not be written.
     #[error(transparent)]
     Gpt(#[from] gpt::GptError),
@@ -374,6 +385,61 @@ fn slot_report(f: &FilledSlot<'_>) -> SlotReport {
     }
 }
 
+/// A FAT partition of the disk and its files.
+struct FatPart {
+    label: String,
+    type_guid: Guid,
+    size: u64,
+    volume_label: &'static str,
+    files: Vec<(String, Vec<u8>)>,
+}
+
+/// The FAT partitions that come first on the disk: the ESP with
+/// systemd-boot, or the Raspberry Pi's `autoboot.txt` partition and its
+/// two slot boot partitions. The Pi's slots report their `basalt.txt` as
+/// their entry.
+fn fat_partitions(plan: &Plan, slots: &mut [FilledSlot<'_>]) -> Result<Vec<FatPart>, BuildError> {
+    let esp_size = plan.board.disk.esp_mib.value << 20;
+    if let (true, Some(t)) = (plan.board.is_rpi_tryboot(), &plan.board.tryboot) {
+        let firmware = crate::rpi::firmware_files(t, &plan.board_path)?;
+        let mut parts = vec![FatPart {
+            label: layout::RPI_AUTOBOOT_LABEL.into(),
+            type_guid: layout::BASIC_DATA_TYPE,
+            size: crate::rpi::AUTOBOOT_MIB << 20,
+            volume_label: "AUTOBOOT",
+            files: crate::rpi::autoboot_files()?,
+        }];
+        for slot in Slot::ALL {
+            let filled = slots.iter_mut().find(|f| f.slot == slot);
+            let files = crate::rpi::boot_partition_files(&firmware, &t.config, filled.as_deref());
+            if let Some(f) = filled {
+                f.entry =
+                    format!("{}:/{}", slot.rpi_boot_partlabel(), basalt_bundle::tryboot::SLOT_TXT);
+            }
+            parts.push(FatPart {
+                label: slot.rpi_boot_partlabel().into(),
+                type_guid: layout::BASIC_DATA_TYPE,
+                size: esp_size,
+                volume_label: if slot == Slot::A { "BOOT_A" } else { "BOOT_B" },
+                files,
+            });
+        }
+        return Ok(parts);
+    }
+    // plan() refuses a board without it.
+    let sd_boot_rel = plan.board.firmware.systemd_boot.as_ref().map(|l| l.value.clone());
+    let sd_boot_path =
+        plan.board_path.parent().unwrap_or(Path::new(".")).join(sd_boot_rel.unwrap_or_default());
+    let sd_boot = fs::read(&sd_boot_path).map_err(io("cannot read", &sd_boot_path))?;
+    Ok(vec![FatPart {
+        label: layout::ESP_LABEL.into(),
+        type_guid: layout::ESP_TYPE,
+        size: esp_size,
+        volume_label: "ESP",
+        files: esp_files(plan.board.arch, &sd_boot, slots, LOADER_CONF.as_bytes()),
+    }])
+}
+
 /// Builds the image described by `plan` into `out`; slot `b` stays empty
 /// unless `slot_b` gives the plan of a second image to put there (for
 /// tests of fallback, and for factory images that ship a known-good
@@ -406,30 +472,8 @@ pub fn build(
     step("rootfs+verity+initrd", t);
 
     let t = Instant::now();
-    // plan() refuses a board without it.
-    let sd_boot_rel = plan.board.firmware.systemd_boot.as_ref().map(|l| l.value.clone());
-    let sd_boot_path =
-        plan.board_path.parent().unwrap_or(Path::new(".")).join(sd_boot_rel.unwrap_or_default());
-    let sd_boot = fs::read(&sd_boot_path).map_err(io("cannot read", &sd_boot_path))?;
-    let files = esp_files(plan.board.arch, &sd_boot, &slots, LOADER_CONF.as_bytes());
-    let fat_files: Vec<fat::FatFile<'_>> =
-        files.iter().map(|(p, d)| fat::FatFile::new(p.clone(), d)).collect();
-    let esp_guid = Guid::derived("esp-volume", &identity);
-    let vol = esp_guid.as_bytes();
-    let esp = fat::write_fat32(
-        &fat_files,
-        &fat::FatOptions {
-            size_bytes: plan.board.disk.esp_mib.value << 20,
-            volume_id: u32::from_le_bytes([vol[0], vol[1], vol[2], vol[3]]),
-            label: "ESP".into(),
-            mtime: sde,
-            // The ESP is the first partition, at 1 MiB.
-            hidden_sectors: 2048,
-        },
-    )?;
-    step("esp", t);
-    log(&format!("esp: {} files", files.len()));
-
+    let fat_parts = fat_partitions(plan, &mut slots)?;
+    step("boot files", t);
     // The output goes to a temporary folder beside `out`.
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(parent).map_err(io("cannot create", parent))?;
@@ -450,17 +494,40 @@ pub fn build(
         guid: Guid::derived("partition", &format!("{identity}\0{label}")),
         size_bytes,
     };
+    let mut partitions: Vec<PartitionSpec> =
+        fat_parts.iter().map(|f| part(&f.label, f.type_guid, f.size)).collect();
+    partitions.extend([
+        part(layout::ROOTFS_A_LABEL, root_type, root_size),
+        part(layout::ROOTFS_B_LABEL, root_type, root_size),
+        part(layout::DATA_LABEL, layout::LINUX_DATA_TYPE, data_size),
+    ]);
     let layout = DiskLayout {
         disk_guid: Guid::derived("disk", &identity),
-        partitions: vec![
-            part(layout::ESP_LABEL, layout::ESP_TYPE, plan.board.disk.esp_mib.value << 20),
-            part(layout::ROOTFS_A_LABEL, root_type, root_size),
-            part(layout::ROOTFS_B_LABEL, root_type, root_size),
-            part(layout::DATA_LABEL, layout::LINUX_DATA_TYPE, data_size),
-        ],
+        partitions,
         disk_size: plan.board.disk.total_mib.as_ref().map(|t| t.value << 20),
     };
     let (placed, disk_size) = gpt::plan(&layout)?;
+    let mut fat_images = Vec::new();
+    for f in &fat_parts {
+        let offset = placed.iter().find(|p| p.label == f.label).map_or(0, |p| p.offset);
+        let files: Vec<fat::FatFile<'_>> =
+            f.files.iter().map(|(p, d)| fat::FatFile::new(p.clone(), d)).collect();
+        let vol = Guid::derived(&format!("{}-volume", f.label), &identity);
+        let vol = vol.as_bytes();
+        let image = fat::write_fat32(
+            &files,
+            &fat::FatOptions {
+                size_bytes: f.size,
+                volume_id: u32::from_le_bytes([vol[0], vol[1], vol[2], vol[3]]),
+                label: f.volume_label.into(),
+                mtime: sde,
+                hidden_sectors: u32::try_from(offset / gpt::SECTOR_SIZE).unwrap_or(0),
+            },
+        )
+        .map_err(|source| BuildError::FatPartition { label: f.label.clone(), source })?;
+        log(&format!("{}: {} files", f.label, files.len()));
+        fat_images.push((f.label.as_str(), image));
+    }
     let disk_path = tmp.path().join("disk.img");
     let mut disk = fs::File::create(&disk_path).map_err(io("cannot create", &disk_path))?;
     disk.set_len(disk_size).map_err(io("cannot size", &disk_path))?;
@@ -470,7 +537,11 @@ pub fn build(
             write_part(disk, off, bytes).map_err(io("cannot write", &disk_path))
         };
         match p.label.as_str() {
-            layout::ESP_LABEL => w(&mut disk, p.offset, &esp)?,
+            label if fat_images.iter().any(|(l, _)| *l == label) => {
+                if let Some((_, image)) = fat_images.iter().find(|(l, _)| *l == label) {
+                    w(&mut disk, p.offset, image)?;
+                }
+            }
             label => {
                 if let Some(f) = slots.iter().find(|f| f.slot.root_partlabel() == label) {
                     w(&mut disk, p.offset, &f.art.squashfs)?;
@@ -493,11 +564,12 @@ pub fn build(
     fs::write(tmp.path().join("disk.img.bmap"), block_map.xml)
         .map_err(io("cannot write", tmp.path()))?;
 
-    let extra: Vec<sbom::ExtraFile<'_>> = files
+    let extra: Vec<sbom::ExtraFile<'_>> = fat_parts
         .iter()
-        .filter(|(p, _)| !p.ends_with("/initrd"))
-        .map(|(p, d)| sbom::ExtraFile {
-            name: format!("esp:/{p}"),
+        .flat_map(|f| f.files.iter().map(move |(p, d)| (&f.label, p, d)))
+        .filter(|(_, p, _)| *p != "initrd" && !p.ends_with("/initrd"))
+        .map(|(label, p, d)| sbom::ExtraFile {
+            name: format!("{label}:/{p}"),
             data: d,
             origin: if p.ends_with("vmlinuz") {
                 Origin::Kernel(plan.kernel.origin.clone())

@@ -73,6 +73,14 @@ pub fn arch(image: &[u8]) -> Option<Arch> {
     }
 }
 
+/// Whether an unpacked kernel image carries the arm64 `Image` header's
+/// magic (`ARM\x64` at byte 56, Documentation/arch/arm64/booting.rst):
+/// what the Raspberry Pi firmware loads, with or without the EFI stub's PE
+/// header that UEFI needs.
+pub fn is_arm64_image(image: &[u8]) -> bool {
+    image.get(56..60) == Some(b"ARM\x64".as_slice())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,6 +117,15 @@ mod tests {
         assert_eq!(unpack(pe(PE_AMD64)).unwrap(), pe(PE_AMD64));
     }
 
+    #[test]
+    fn the_arm64_image_magic_is_at_byte_56() {
+        let mut image = vec![0u8; 64];
+        assert!(!is_arm64_image(&image));
+        image[56..60].copy_from_slice(b"ARM\x64");
+        assert!(is_arm64_image(&image));
+        assert!(!is_arm64_image(&image[..58]));
+    }
+
     /// The kernels ci/setup.sh fetches, when they are there.
     #[test]
     fn debian_cloud_kernels_are_of_their_arch() {
@@ -126,7 +143,9 @@ mod tests {
             let k = crate::kernel::load_deb(&deb, &cache).unwrap();
             let bytes = std::fs::read(&k.vmlinuz).unwrap();
             assert_eq!(arch(&head(&bytes, HEAD_LEN).unwrap()), Some(want), "{}", deb.display());
-            assert_eq!(arch(&unpack(bytes).unwrap()), Some(want), "{}", deb.display());
+            let image = unpack(bytes).unwrap();
+            assert_eq!(arch(&image), Some(want), "{}", deb.display());
+            assert_eq!(is_arm64_image(&image), want == Arch::Aarch64, "{}", deb.display());
         }
     }
 }

@@ -27,6 +27,7 @@ pub mod plan;
 pub mod qemu;
 pub mod recipe;
 pub mod reference;
+pub mod rpi;
 pub mod sbom;
 pub mod serve;
 pub mod squashfs;

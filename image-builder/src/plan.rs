@@ -14,7 +14,7 @@ use basalt_bundle::config::{
 use basalt_bundle::keys::PublicKey;
 use basalt_bundle::layout::Arch;
 
-use crate::board::Board;
+use crate::board::{Board, BootFirmware};
 use crate::diag::{with_help, Diagnostic, Located, Source};
 use crate::kernel::{self, KernelFiles, ModuleFile, ModuleIndex, ModuleSignatures};
 use crate::recipe::{Mode, Recipe, UpdateSection};
@@ -309,8 +309,9 @@ fn module_signature_policy(
     }
 }
 
-/// Checks that the kernel image is one the board's UEFI firmware loads:
-/// a PE image (unpacked from gzip if need be) of the board's architecture.
+/// Checks that the kernel image is one the board's firmware loads: a PE
+/// image (unpacked from gzip if need be) of the board's architecture for
+/// UEFI, an arm64 `Image` for the Raspberry Pi firmware.
 fn check_kernel_arch(
     kernel: &KernelFiles,
     board: &Board,
@@ -328,8 +329,15 @@ fn check_kernel_arch(
     if found == Some(want) {
         return Ok(());
     }
+    // The Raspberry Pi firmware loads an arm64 `Image` by its own header;
+    // the PE header of the EFI stub is not needed.
+    let pi = board.is_rpi_tryboot();
+    if pi && crate::kimage::is_arm64_image(&head) {
+        return Ok(());
+    }
     let what = match found {
         Some(a) => format!("an {} kernel", a.name()),
+        None if pi => "not an arm64 kernel Image (no ARM\\x64 magic at byte 56)".to_string(),
         None => "not a kernel image UEFI can load (no PE header)".to_string(),
     };
     Err(with_help(
@@ -389,15 +397,39 @@ pub fn resolve(recipe_path: &Path, opts: &PlanOptions) -> Result<Plan, PlanError
     })?;
     let board_src = read_source(&board_path)?;
     let board: Board = board_src.parse()?;
-    let sd_boot_key = board.buildable_bootloader(&board_src)?;
-    let sd_boot = host_path(board_path.parent().unwrap_or(Path::new(".")), sd_boot_key);
-    if !sd_boot.is_file() {
-        return Err(with_help(
-            board_src
-                .error(sd_boot_key.span.clone(), format!("`{}` does not exist", sd_boot.display())),
-            "install Debian's systemd-boot-efi (ci/setup.sh does) or point at the EFI binary",
-        )
-        .into());
+    let board_parent = board_path.parent().unwrap_or(Path::new("."));
+    match board.buildable_bootloader(&board_src)? {
+        BootFirmware::SystemdBoot(sd_boot_key) => {
+            let sd_boot = host_path(board_parent, sd_boot_key);
+            if !sd_boot.is_file() {
+                return Err(with_help(
+                    board_src.error(
+                        sd_boot_key.span.clone(),
+                        format!("`{}` does not exist", sd_boot.display()),
+                    ),
+                    "install Debian's systemd-boot-efi (ci/setup.sh does) or point at the EFI \
+                     binary",
+                )
+                .into());
+            }
+        }
+        BootFirmware::Tryboot(t) => {
+            for f in &t.firmware {
+                let full = host_path(board_parent, f);
+                if !full.exists() {
+                    return Err(with_help(
+                        board_src.error(
+                            f.span.clone(),
+                            format!("firmware file `{}` does not exist", full.display()),
+                        ),
+                        "copy it from the boot/ folder of Raspberry Pi's firmware repository \
+                         (github.com/raspberrypi/firmware), or fix the path in [tryboot] \
+                         firmware (relative to the board file)",
+                    )
+                    .into());
+                }
+            }
+        }
     }
 
     // The kernel: the recipe's, if it names one, else the board's.

@@ -52,15 +52,8 @@ use crate::assess::{
 };
 use crate::update::install::InstallError;
 
-/// The file on the first FAT partition that selects the boot partition.
-pub const AUTOBOOT: &str = "autoboot.txt";
-/// The firmware reads at most this many bytes of `autoboot.txt`.
-pub const AUTOBOOT_MAX: usize = 512;
-/// The kernel command line in each slot's partition (the firmware's
-/// default `cmdline=`).
-pub const CMDLINE_TXT: &str = "cmdline.txt";
-/// What basalt records about a slot in its partition.
-pub const SLOT_TXT: &str = "basalt.txt";
+use basalt_bundle::tryboot::{cmdline_txt, SlotTxt};
+pub use basalt_bundle::tryboot::{Autoboot, AUTOBOOT, AUTOBOOT_MAX, CMDLINE_TXT, SLOT_TXT};
 /// The argument of the reboot that starts a try.
 pub const TRYBOOT_ARG: &str = "0 tryboot";
 
@@ -77,92 +70,6 @@ pub struct TrybootLocation {
     /// The firmware's device-tree node,
     /// `/proc/device-tree/chosen/bootloader`.
     pub firmware: PathBuf,
-}
-
-/// What `autoboot.txt` selects.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Autoboot {
-    /// `[all] boot_partition`: the committed partition.
-    pub all: u32,
-    /// `[tryboot] boot_partition`: the one a tryboot runs.
-    pub tryboot: u32,
-}
-
-impl Autoboot {
-    /// The file's text.
-    pub fn to_text(self) -> String {
-        format!(
-            "[all]\ntryboot_a_b=1\nboot_partition={}\n[tryboot]\nboot_partition={}\n",
-            self.all, self.tryboot
-        )
-    }
-
-    /// Reads the two `boot_partition`s; `tryboot_a_b=1` must be set under
-    /// `[all]`, or the firmware would look for `tryboot.txt` instead.
-    pub fn parse(text: &str) -> Result<Autoboot, String> {
-        if text.len() > AUTOBOOT_MAX {
-            return Err(format!(
-                "{} bytes, but the firmware reads only {AUTOBOOT_MAX}",
-                text.len()
-            ));
-        }
-        let (mut section, mut all, mut tryboot, mut ab) = ("all", None, None, false);
-        for line in text.lines().map(str::trim) {
-            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-                section = if name == "all" || name == "tryboot" { name } else { "other" };
-                continue;
-            }
-            let Some((key, value)) = line.split_once('=') else { continue };
-            match (section, key.trim()) {
-                ("all", "tryboot_a_b") => ab = value.trim() == "1",
-                (s, "boot_partition") => {
-                    let n = value
-                        .trim()
-                        .parse::<u32>()
-                        .map_err(|_| format!("boot_partition={value} is not a number"))?;
-                    match s {
-                        "all" => all = Some(n),
-                        "tryboot" => tryboot = Some(n),
-                        _ => {}
-                    }
-                }
-                _ => {}
-            }
-        }
-        if !ab {
-            return Err("no tryboot_a_b=1 under [all]".into());
-        }
-        let all = all.ok_or("no boot_partition under [all]")?;
-        Ok(Autoboot { all, tryboot: tryboot.unwrap_or(all) })
-    }
-}
-
-/// What was recorded about one slot in its partition.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct SlotTxt {
-    image: String,
-    version: String,
-    bad: bool,
-}
-
-impl SlotTxt {
-    fn to_text(&self) -> String {
-        let bad = if self.bad { "state=bad\n" } else { "" };
-        format!("image={}\nversion={}\n{bad}", self.image, self.version)
-    }
-
-    fn parse(text: &str) -> Option<SlotTxt> {
-        let mut s = SlotTxt { image: String::new(), version: String::new(), bad: false };
-        for line in text.lines() {
-            match line.split_once('=') {
-                Some(("image", v)) => s.image = v.to_string(),
-                Some(("version", v)) => s.version = v.to_string(),
-                Some(("state", v)) => s.bad = v == "bad",
-                _ => {}
-            }
-        }
-        (!s.version.is_empty()).then_some(s)
-    }
 }
 
 /// Reads a 32-bit big-endian device-tree value.
@@ -415,7 +322,7 @@ impl Bootloader for Tryboot {
         _tries: u32,
     ) -> Result<SlotMark, InstallError> {
         let dir = &self.loc.boot[index(slot)];
-        let cmdline = format!("{}\n", boot.cmdline_for(slot));
+        let cmdline = cmdline_txt(&boot.cmdline, slot);
         replace_file(dir, "cmdline.txt.tmp", CMDLINE_TXT, cmdline.as_bytes())?;
         let txt = SlotTxt { image: boot.image.clone(), version: boot.version.clone(), bad: false };
         self.write_slot_txt(slot, &txt)?;

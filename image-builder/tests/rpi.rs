@@ -1,0 +1,336 @@
+//! Raspberry Pi 4/5 images (`bootloader = "rpi-tryboot"`), which cannot
+//! boot here: the layout is checked byte by byte against the firmware's
+//! documented rules (GPT with FAT partitions of the basic data type,
+//! `autoboot.txt` on partition 1 and at most 512 bytes, a whole boot set
+//! in each slot's partition), each FAT by `fsck.fat -n` and mtools, and the
+//! device's own tryboot back-end (basalt-init) runs against the
+//! partitions' files.
+//!
+//! The Pi's firmware files cannot be fetched here: the tests make
+//! stand-ins, and boot Debian's arm64 cloud kernel (ci/setup.sh fetches
+//! it), a real arm64 `Image`.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use basalt::build::Report;
+use basalt::plan::{self, PlanOptions};
+use basalt_bundle::entry::EntryState;
+use basalt_bundle::Slot;
+use basalt_init::assess::Bootloader;
+use basalt_init::tryboot::{Tryboot, TrybootLocation};
+use common::{ok, root, run, SDE};
+
+/// Stand-in firmware: what the firmware files would be, with the device
+/// tree's magic, and an overlays folder.
+fn firmware(dir: &Path) -> PathBuf {
+    let fw = dir.join("rpi-firmware");
+    fs::create_dir_all(fw.join("overlays")).unwrap();
+    fs::write(fw.join("start4.elf"), b"stand-in start4.elf\x00\x01\x02".repeat(300)).unwrap();
+    fs::write(fw.join("fixup4.dat"), b"stand-in fixup4.dat").unwrap();
+    let mut dtb = vec![0xd0, 0x0d, 0xfe, 0xed];
+    dtb.extend_from_slice(b"stand-in bcm2711-rpi-4-b.dtb");
+    fs::write(fw.join("bcm2711-rpi-4-b.dtb"), dtb).unwrap();
+    fs::write(fw.join("overlays/disable-bt.dtbo"), b"stand-in overlay").unwrap();
+    fs::write(fw.join("overlays/README"), b"overlays").unwrap();
+    fw
+}
+
+/// boards/rpi4.toml with the stand-in firmware, Debian's arm64 cloud
+/// kernel and the modules that kernel has (it has no Pi drivers), written
+/// to `dir/rpi4.toml`.
+fn board(dir: &Path, fw: &Path) -> PathBuf {
+    let text = fs::read_to_string(root().join("boards/rpi4.toml")).unwrap();
+    let mut t: toml::Table = text.parse().unwrap();
+    let deb = root().join(".cache/kernel/linux-image-cloud-arm64.deb");
+    assert!(deb.exists(), "{} missing: run ci/setup.sh", deb.display());
+    let mut kernel = toml::Table::new();
+    kernel.insert("deb".into(), deb.display().to_string().into());
+    t.insert("kernel".into(), kernel.into());
+    let mods = |m: &[&str]| toml::Value::Array(m.iter().map(|s| (*s).into()).collect());
+    t.insert("stage1_modules".into(), mods(&["dm-verity", "squashfs", "vfat", "nls_cp437"]));
+    t.insert("modules".into(), mods(&[]));
+    let tb = t["tryboot"].as_table_mut().unwrap();
+    let names = ["start4.elf", "fixup4.dat", "bcm2711-rpi-4-b.dtb", "overlays"];
+    // The real board names the same files.
+    let listed: Vec<String> = tb["firmware"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| Path::new(v.as_str().unwrap()).file_name().unwrap().to_string_lossy().into())
+        .collect();
+    assert_eq!(listed, names);
+    let files = names.iter().map(|n| fw.join(n).display().to_string().into()).collect();
+    tb.insert("firmware".into(), toml::Value::Array(files));
+    let path = dir.join("rpi4.toml");
+    fs::write(&path, toml::to_string(&t).unwrap()).unwrap();
+    path
+}
+
+/// A small recipe without a kernel of its own (it takes the board's).
+fn recipe(dir: &Path, board: &Path) -> PathBuf {
+    let text = fs::read_to_string(root().join("recipes/minimal.toml")).unwrap();
+    let mut t: toml::Table = text.parse().unwrap();
+    t.remove("kernel");
+    let image = t["image"].as_table_mut().unwrap();
+    image.insert("name".into(), "pi-test".into());
+    image.insert("board".into(), board.display().to_string().into());
+    let path = dir.join("pi.toml");
+    fs::write(&path, toml::to_string(&t).unwrap()).unwrap();
+    path
+}
+
+struct Built {
+    dir: tempfile::TempDir,
+    report: Report,
+    plan: basalt::plan::Plan,
+    fw: PathBuf,
+}
+
+impl Built {
+    fn disk(&self) -> PathBuf {
+        self.dir.path().join("out/disk.img")
+    }
+
+    fn offset(&self, index: u32) -> u64 {
+        self.report.partitions.iter().find(|p| p.index == index).unwrap().offset
+    }
+
+    /// A file of FAT partition `index`, read by mtools straight from the
+    /// disk image.
+    fn mread(&self, index: u32, file: &str) -> Vec<u8> {
+        let img = format!("{}@@{}", self.disk().display(), self.offset(index));
+        let out = run(Command::new("mcopy").env("MTOOLS_SKIP_CHECK", "1").args([
+            "-n",
+            "-i",
+            &img,
+            &format!("::{file}"),
+            "-",
+        ]));
+        assert!(out.status.success(), "mcopy {file}: {}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    }
+
+    /// Whether partition `index` has `file`, as mtools lists it.
+    fn has(&self, index: u32, file: &str) -> bool {
+        let img = format!("{}@@{}", self.disk().display(), self.offset(index));
+        run(Command::new("mdir").env("MTOOLS_SKIP_CHECK", "1").args([
+            "-i",
+            &img,
+            &format!("::{file}"),
+        ]))
+        .status
+        .success()
+    }
+
+    /// Copies FAT partition `index`'s files into a new folder, with mtools.
+    fn unpack(&self, index: u32, name: &str) -> PathBuf {
+        let to = self.dir.path().join(name);
+        fs::create_dir_all(&to).unwrap();
+        let img = format!("{}@@{}", self.disk().display(), self.offset(index));
+        ok(Command::new("mcopy")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .args(["-s", "-n", "-i", &img, "::*"])
+            .arg(&to));
+        to
+    }
+}
+
+fn build_pi(version: &str, key: Option<&Path>) -> Built {
+    let dir = tempfile::tempdir().unwrap();
+    let fw = firmware(dir.path());
+    let board = board(dir.path(), &fw);
+    let recipe = recipe(dir.path(), &board);
+    let opts = PlanOptions {
+        source_date_epoch: SDE,
+        cache_dir: plan::default_cache_dir(),
+        version: Some(version.parse().unwrap()),
+        signing_key: key.map(Path::to_path_buf),
+        ..Default::default()
+    };
+    let plan = plan::resolve(&recipe, &opts).unwrap_or_else(|e| panic!("{e}"));
+    let out = dir.path().join("out");
+    let report =
+        basalt::build::build(&plan, None, &out, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));
+    Built { dir, report, plan, fw }
+}
+
+#[test]
+fn the_layout_follows_the_firmware_rules() {
+    let b = build_pi("1.0.0", None);
+    let disk = b.disk();
+
+    // GPT, checked by sgdisk; partitions numbered from 1 as boot_partition
+    // counts them, the FAT ones typed basic data (the bootloader looks at
+    // basic data and EFI system partitions of a GPT disk).
+    let v = ok(Command::new("sgdisk").arg("-v").arg(&disk));
+    assert!(v.contains("No problems found"), "{v}");
+    let want = [
+        ("autoboot", "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"),
+        ("boot_a", "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"),
+        ("boot_b", "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"),
+        ("rootfs_a", "B921B045-1DF0-41C3-AF44-4C6F280D3FAE"),
+        ("rootfs_b", "B921B045-1DF0-41C3-AF44-4C6F280D3FAE"),
+        ("data", "0FC63DAF-8483-4772-8E79-3D69D8477DE4"),
+    ];
+    for (i, (name, ty)) in want.iter().enumerate() {
+        let n = i + 1;
+        let info = ok(Command::new("sgdisk").args(["-i", &n.to_string()]).arg(&disk));
+        assert!(info.contains(&format!("Partition GUID code: {ty}")), "p{n}: {info}");
+        assert!(info.contains(&format!("Partition name: '{name}'")), "p{n}: {info}");
+    }
+    let p = ok(Command::new("sgdisk").arg("-p").arg(&disk));
+    assert!(!p.contains("\n   7 "), "{p}");
+    // The protective MBR: one 0xEE entry covering the disk, the signature.
+    let mbr = fs::read(&disk).unwrap()[..512].to_vec();
+    assert_eq!(mbr[450], 0xee);
+    assert_eq!(&mbr[510..], &[0x55, 0xaa]);
+
+    // Each FAT partition passes fsck.fat -n.
+    for p in b.report.partitions.iter().filter(|p| p.index <= 3) {
+        let img = b.dir.path().join(format!("p{}.img", p.index));
+        common::extract(&disk, p.offset, p.size, &img);
+        let fsck = run(Command::new("fsck.fat").arg("-n").arg(&img));
+        assert!(fsck.status.success(), "p{}: {}", p.index, String::from_utf8_lossy(&fsck.stdout));
+    }
+
+    // Partition 1: autoboot.txt only, in the documented form, committing
+    // partition 2.
+    let autoboot = b.mread(1, "autoboot.txt");
+    assert_eq!(
+        String::from_utf8(autoboot.clone()).unwrap(),
+        "[all]\ntryboot_a_b=1\nboot_partition=2\n[tryboot]\nboot_partition=2\n"
+    );
+    assert!(autoboot.len() <= 512);
+    assert!(!b.has(1, "config.txt"));
+
+    // Partition 2: the whole boot set of slot a.
+    let config = String::from_utf8(b.mread(2, "config.txt")).unwrap();
+    let lines: Vec<&str> = config.lines().filter(|l| !l.starts_with('#')).collect();
+    assert_eq!(
+        lines,
+        [
+            "[all]",
+            "arm_64bit=1",
+            "kernel=vmlinuz",
+            "initramfs initrd followkernel",
+            "enable_uart=1"
+        ]
+    );
+    let cmdline = String::from_utf8(b.mread(2, "cmdline.txt")).unwrap();
+    assert_eq!(cmdline, "console=serial0,115200 quiet panic=10 basalt.slot=a\n");
+    assert_eq!(cmdline, format!("{} basalt.slot=a\n", b.plan.cmdline));
+    assert_eq!(b.mread(2, "basalt.txt"), b"image=pi-test\nversion=1.0.0\n");
+    let kernel = b.mread(2, "vmlinuz");
+    assert_eq!(&kernel[56..60], b"ARM\x64", "an arm64 Image");
+    assert_eq!(kernel, basalt::kimage::unpack(fs::read(&b.plan.kernel.vmlinuz).unwrap()).unwrap());
+    let initrd = b.mread(2, "initrd");
+    assert_eq!(&initrd[..4], &[0x28, 0xb5, 0x2f, 0xfd], "zstd");
+    assert_eq!(initrd.len() as u64, b.report.slot_a.initrd_bytes);
+    for (f, src) in [
+        ("start4.elf", "start4.elf"),
+        ("fixup4.dat", "fixup4.dat"),
+        ("bcm2711-rpi-4-b.dtb", "bcm2711-rpi-4-b.dtb"),
+        ("overlays/disable-bt.dtbo", "overlays/disable-bt.dtbo"),
+        ("overlays/README", "overlays/README"),
+    ] {
+        for p in [2, 3] {
+            assert_eq!(b.mread(p, f), fs::read(b.fw.join(src)).unwrap(), "p{p} {f}");
+        }
+    }
+
+    // Partition 3: slot b is empty, but boots once an update adds its
+    // kernel: the same firmware and config.txt, no kernel, no basalt.txt.
+    assert_eq!(b.mread(3, "config.txt"), config.as_bytes());
+    for f in ["vmlinuz", "initrd", "cmdline.txt", "basalt.txt"] {
+        assert!(!b.has(3, f), "p3 has {f}");
+    }
+    assert_eq!(b.report.slot_a.entry, "boot_a:/basalt.txt");
+
+    // The same inputs give the same bytes.
+    let again = build_pi("1.0.0", None);
+    assert_eq!(again.report.disk.sha256, b.report.disk.sha256);
+}
+
+/// The device's tryboot back-end, run on the partitions' files, finds
+/// slot a committed and good, and an install into slot b goes where the
+/// firmware looks for it.
+#[test]
+fn the_device_back_end_reads_the_image() {
+    let b = build_pi("1.0.0", None);
+    let node = b.dir.path().join("chosen-bootloader");
+    fs::create_dir_all(&node).unwrap();
+    let boot = |partition: u32, tryboot: bool| {
+        fs::write(node.join("partition"), partition.to_be_bytes()).unwrap();
+        fs::write(node.join("tryboot"), u32::from(tryboot).to_be_bytes()).unwrap();
+    };
+    let loc = TrybootLocation {
+        config: b.unpack(1, "p1"),
+        boot: [b.unpack(2, "p2"), b.unpack(3, "p3")],
+        partitions: [2, 3],
+        firmware: node.clone(),
+    };
+    boot(2, false);
+    let mut bl = Tryboot::new(loc.clone()).unwrap();
+    assert_eq!((bl.booted_slot(), bl.tried()), (Some(Slot::A), false));
+    assert_eq!(bl.entry_state(Slot::A).unwrap(), EntryState::Good);
+    assert_eq!(bl.mark(Slot::A).unwrap().to_string(), "[all] boot_partition=2");
+    let slots = bl.slots().unwrap();
+    assert_eq!(slots.len(), 1, "slot b is empty");
+    assert_eq!((slots[0].slot, slots[0].version.as_str()), (Slot::A, "1.0.0"));
+    // A normal boot's blessing writes nothing.
+    let before = fs::read(loc.config.join("autoboot.txt")).unwrap();
+    assert!(!bl.bless(Slot::A).unwrap().changed());
+    assert_eq!(fs::read(loc.config.join("autoboot.txt")).unwrap(), before);
+    // Marking the only good slot bad is refused: nothing else would boot.
+    let e = bl.mark_bad(Slot::A).unwrap_err().to_string();
+    assert!(e.contains("nothing to boot"), "{e}");
+    assert_eq!(bl.reboot_to_try(), Some("0 tryboot"));
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let fw = firmware(dir.path());
+    let board = board(dir.path(), &fw);
+    let recipe = recipe(dir.path(), &board);
+    let opts = PlanOptions {
+        source_date_epoch: SDE,
+        cache_dir: plan::default_cache_dir(),
+        ..Default::default()
+    };
+    let resolve = || plan::resolve(&recipe, &opts).map(|_| ()).map_err(|e| format!("{e:?}"));
+
+    // A missing firmware file names the file and the key.
+    fs::remove_file(fw.join("fixup4.dat")).unwrap();
+    let e = resolve().unwrap_err();
+    assert!(e.contains("fixup4.dat") && e.contains("does not exist"), "{e}");
+    assert!(e.contains("[tryboot] firmware"), "{e}");
+    fs::write(fw.join("fixup4.dat"), b"x").unwrap();
+
+    // A firmware file that would replace basalt's own config.txt.
+    let text = fs::read_to_string(&board).unwrap();
+    let mut t: toml::Table = text.parse().unwrap();
+    fs::write(fw.join("config.txt"), b"kernel=other\n").unwrap();
+    let list = t["tryboot"]["firmware"].as_array().unwrap().clone();
+    let mut list = list;
+    list.push(fw.join("config.txt").display().to_string().into());
+    t["tryboot"].as_table_mut().unwrap().insert("firmware".into(), toml::Value::Array(list));
+    fs::write(&board, toml::to_string(&t).unwrap()).unwrap();
+    let plan = plan::resolve(&recipe, &opts).unwrap_or_else(|e| panic!("{e}"));
+    let e = basalt::build::build(&plan, None, &dir.path().join("out"), &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("config.txt") && e.contains("[tryboot] config"), "{e}");
+    fs::write(&board, &text).unwrap();
+
+    // A kernel of another architecture.
+    let amd64 = root().join(".cache/kernel/linux-image-cloud-amd64.deb");
+    let r = fs::read_to_string(&recipe).unwrap();
+    fs::write(&recipe, format!("{r}\n[kernel]\ndeb = \"{}\"\n", amd64.display())).unwrap();
+    let e = resolve().unwrap_err();
+    assert!(e.contains("x86_64 kernel") && e.contains("is aarch64"), "{e}");
+}
