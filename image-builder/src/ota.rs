@@ -150,8 +150,9 @@ impl OsContent {
     pub fn from_output(dir: &Path) -> Result<OsContent, OtaError> {
         use basalt_bundle::config::{SlotConfig, SLOT_CONFIG_PATH};
         use basalt_bundle::entry::{BootEntryName, EntryConf, ENTRIES_DIR};
-        use basalt_bundle::layout::{ESP_LABEL, ROOTFS_A_LABEL};
+        use basalt_bundle::layout::{ESP_LABEL, ROOTFS_A_LABEL, RPI_BOOT_A_LABEL};
         use basalt_bundle::slot::Slot;
+        use basalt_bundle::tryboot::{CMDLINE_TXT, INITRD_FILE, KERNEL_FILE};
         let report_path = dir.join("report.json");
         let text = fs::read_to_string(&report_path).map_err(io_err("read", &report_path))?;
         let bad = |what: &str| {
@@ -189,34 +190,42 @@ impl OsContent {
             })
         };
         let inspect_err = |e: crate::inspect::InspectError| OtaError::Other(e.to_string());
-        let esp = part(ESP_LABEL)?;
-        let esp_bytes = crate::inspect::read_at(&mut f, &disk, esp.offset, esp.size as usize)
+        // A Raspberry Pi image keeps slot a's files in its own boot
+        // partition; every other image on the ESP.
+        let pi = parts.iter().any(|p| p.label == RPI_BOOT_A_LABEL);
+        let boot = part(if pi { RPI_BOOT_A_LABEL } else { ESP_LABEL })?;
+        let boot_bytes = crate::inspect::read_at(&mut f, &disk, boot.offset, boot.size as usize)
             .map_err(inspect_err)?;
-        let fat = crate::fat::FatReader::new(&esp_bytes)
-            .map_err(|e| OtaError::Other(format!("{}: ESP: {e}", disk.display())))?;
+        let fat = crate::fat::FatReader::new(&boot_bytes)
+            .map_err(|e| OtaError::Other(format!("{}: {}: {e}", disk.display(), boot.label)))?;
         let file = |p: &str| {
-            fat.read_file(p)
-                .map_err(|e| OtaError::Other(format!("{}: ESP {p}: {e}", disk.display())))
+            fat.read_file(p).map_err(|e| {
+                OtaError::Other(format!("{}: {} {p}: {e}", disk.display(), boot.label))
+            })
         };
-        let vmlinuz = file("a/vmlinuz")?;
-        let initrd = file("a/initrd")?;
-        let entry = fat
-            .list_dir(ENTRIES_DIR)
-            .unwrap_or_default()
-            .into_iter()
-            .find(|e| BootEntryName::parse(&e.name).is_some_and(|n| n.slot == Slot::A))
+        let (vmlinuz, initrd, options) = if pi {
+            let cmdline = String::from_utf8_lossy(&file(CMDLINE_TXT)?).into_owned();
+            (file(KERNEL_FILE)?, file(INITRD_FILE)?, cmdline)
+        } else {
+            let entry = fat
+                .list_dir(ENTRIES_DIR)
+                .unwrap_or_default()
+                .into_iter()
+                .find(|e| BootEntryName::parse(&e.name).is_some_and(|n| n.slot == Slot::A))
+                .ok_or_else(|| {
+                    OtaError::Other(format!("{}: no boot entry for slot a", disk.display()))
+                })?;
+            let conf = EntryConf::parse(&String::from_utf8_lossy(&file(&format!(
+                "{ENTRIES_DIR}/{}",
+                entry.name
+            ))?))
             .ok_or_else(|| {
-                OtaError::Other(format!("{}: no boot entry for slot a", disk.display()))
+                OtaError::Other(format!("{}: unreadable entry {}", disk.display(), entry.name))
             })?;
-        let conf = EntryConf::parse(&String::from_utf8_lossy(&file(&format!(
-            "{ENTRIES_DIR}/{}",
-            entry.name
-        ))?))
-        .ok_or_else(|| {
-            OtaError::Other(format!("{}: unreadable entry {}", disk.display(), entry.name))
-        })?;
+            (file("a/vmlinuz")?, file("a/initrd")?, conf.options)
+        };
         let cmdline: Vec<&str> =
-            conf.options.split_whitespace().filter(|w| !w.starts_with("basalt.slot=")).collect();
+            options.split_whitespace().filter(|w| !w.starts_with("basalt.slot=")).collect();
         let carried = zstd::stream::decode_all(&initrd[..])
             .ok()
             .and_then(|cpio| crate::inspect::cpio_file(&cpio, SLOT_CONFIG_PATH))

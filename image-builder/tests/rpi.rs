@@ -22,6 +22,7 @@ use basalt_bundle::entry::EntryState;
 use basalt_bundle::Slot;
 use basalt_init::assess::Bootloader;
 use basalt_init::tryboot::{Tryboot, TrybootLocation};
+use basalt_init::update::agent::UpdateError;
 use common::{ok, root, run, SDE};
 
 /// Stand-in firmware: what the firmware files would be, with the device
@@ -333,4 +334,162 @@ fn bad_input_is_a_clear_error() {
     fs::write(&recipe, format!("{r}\n[kernel]\ndeb = \"{}\"\n", amd64.display())).unwrap();
     let e = resolve().unwrap_err();
     assert!(e.contains("x86_64 kernel") && e.contains("is aarch64"), "{e}");
+}
+
+/// The device as the update agent sees it: the Pi's partitions as
+/// folders, the root partitions as files, the firmware's device-tree node.
+struct PiDevice {
+    loc: TrybootLocation,
+    roots: [PathBuf; 2],
+}
+
+impl PiDevice {
+    /// The device a factory image makes: partitions 1 to 3 unpacked, slot
+    /// a's root copied, slot b's empty, booted normally from partition 2.
+    fn flash(b: &Built) -> PiDevice {
+        let node = b.dir.path().join("chosen-bootloader");
+        fs::create_dir_all(&node).unwrap();
+        let loc = TrybootLocation {
+            config: b.unpack(1, "p1"),
+            boot: [b.unpack(2, "p2"), b.unpack(3, "p3")],
+            partitions: [2, 3],
+            firmware: node,
+        };
+        let roots = [b.dir.path().join("rootfs_a"), b.dir.path().join("rootfs_b")];
+        let a = b.report.partitions.iter().find(|p| p.label == "rootfs_a").unwrap();
+        common::extract(&b.disk(), a.offset, a.size, &roots[0]);
+        fs::File::create(&roots[1]).unwrap().set_len(a.size).unwrap();
+        let dev = PiDevice { loc, roots };
+        dev.power_on(2, false);
+        dev
+    }
+
+    /// What the firmware tells the OS: the partition it booted and the
+    /// tryboot flag.
+    fn power_on(&self, partition: u32, tryboot: bool) {
+        fs::write(self.loc.firmware.join("partition"), partition.to_be_bytes()).unwrap();
+        fs::write(self.loc.firmware.join("tryboot"), u32::from(tryboot).to_be_bytes()).unwrap();
+    }
+
+    fn tryboot(&self) -> Tryboot {
+        Tryboot::new(self.loc.clone()).unwrap()
+    }
+}
+
+impl basalt_init::update::agent::Machine for PiDevice {
+    fn booted_slot(&self) -> Option<Slot> {
+        self.tryboot().booted_slot()
+    }
+    fn boot_id(&self) -> String {
+        "boot-1".into()
+    }
+    fn with_bootloader<T>(
+        &self,
+        f: &mut dyn FnMut(&mut dyn Bootloader) -> Result<T, UpdateError>,
+    ) -> Result<T, UpdateError> {
+        let mut bl =
+            Tryboot::new(self.loc.clone()).map_err(|e| UpdateError::Machine(e.to_string()))?;
+        f(&mut bl)
+    }
+    fn root_device(&self, slot: Slot) -> Result<PathBuf, UpdateError> {
+        Ok(self.roots[usize::from(slot == Slot::B)].clone())
+    }
+    fn now(&self) -> i64 {
+        SDE as i64 + 3600
+    }
+}
+
+/// An update bundle built for rpi4 installs into slot b's boot partition
+/// and root partition through the device's tryboot back-end; the firmware
+/// then tries partition 3 on a `0 tryboot` reboot, where it is blessed.
+/// A device of another board refuses it before writing anything.
+#[test]
+fn an_rpi4_bundle_installs_into_the_other_boot_partition() {
+    use basalt_bundle::keys::SigningKey;
+    use basalt_bundle::Trust;
+    use basalt_init::update::agent::Agent;
+    use basalt_init::update::state::StateFile;
+
+    let keys = tempfile::tempdir().unwrap();
+    let key = SigningKey::generate().unwrap();
+    let key_file = keys.path().join("key.pem");
+    fs::write(&key_file, key.to_pkcs8_pem().unwrap()).unwrap();
+    let trust = Trust { keys: vec![key.public()], threshold: 1 };
+
+    let factory = build_pi("1.0.0", None);
+    let update = build_pi("1.1.0", Some(&key_file));
+    let bundle = update.dir.path().join("out/update.basalt");
+    assert_eq!(update.report.update_bundle.as_ref().unwrap().version, "1.1.0");
+    // `basalt bundle DIR` reads the same content back from a Pi image.
+    let from_disk = basalt::ota::OsContent::from_output(&update.dir.path().join("out")).unwrap();
+    assert_eq!(from_disk.cmdline, update.plan.cmdline);
+    assert_eq!(from_disk.board, "rpi4");
+
+    // A qemu-aarch64 device refuses the rpi4 bundle before writing.
+    let dev = PiDevice::flash(&factory);
+    let mut other = factory.plan.image_config.clone();
+    other.board = "qemu-aarch64".into();
+    let state = factory.dir.path().join("agent-other");
+    let mut agent = Agent::new(dev, other, trust.clone(), StateFile::in_dir(&state));
+    let e = agent.install(fs::File::open(&bundle).unwrap()).unwrap_err();
+    assert!(e.refused_before_writing(), "{e}");
+    assert!(e.to_string().contains("rpi4"), "{e}");
+    let dev = agent.machine();
+    assert!(!dev.loc.boot[1].join("basalt.txt").exists());
+    assert!(!dev.loc.boot[1].join("vmlinuz").exists());
+
+    // The Pi takes it: slot b's partition gets the kernel, initramfs,
+    // command line and basalt.txt, its root the verity-covered rootfs, and
+    // autoboot.txt arms partition 3 for one try.
+    let dev = PiDevice::flash(&factory);
+    let image = factory.plan.image_config.clone();
+    let state = factory.dir.path().join("agent");
+    let mut agent = Agent::new(dev, image, trust, StateFile::in_dir(&state));
+    let done = agent.install(fs::File::open(&bundle).unwrap()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((done.slot, done.version.as_str()), (Slot::B, "1.1.0"));
+    assert_eq!(done.entry, "[tryboot] boot_partition=3");
+    let dev = agent.machine();
+    let p3 = &dev.loc.boot[1];
+    assert_eq!(fs::read(p3.join("vmlinuz")).unwrap(), update.mread(2, "vmlinuz"));
+    assert_eq!(fs::read(p3.join("initrd")).unwrap(), update.mread(2, "initrd"));
+    assert_eq!(
+        fs::read_to_string(p3.join("cmdline.txt")).unwrap(),
+        format!("{} basalt.slot=b\n", update.plan.cmdline)
+    );
+    assert_eq!(
+        fs::read_to_string(p3.join("basalt.txt")).unwrap(),
+        "image=pi-test\nversion=1.1.0\n"
+    );
+    // The factory's firmware and config.txt stay as they were.
+    assert_eq!(fs::read(p3.join("start4.elf")).unwrap(), factory.mread(3, "start4.elf"));
+    assert_eq!(fs::read(p3.join("config.txt")).unwrap(), factory.mread(3, "config.txt"));
+    let root_b = fs::read(&dev.roots[1]).unwrap();
+    let sq = update.report.slot_a.squashfs_bytes as usize;
+    let a = update.report.partitions.iter().find(|p| p.label == "rootfs_a").unwrap();
+    let mut want = vec![0u8; sq];
+    {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = fs::File::open(update.disk()).unwrap();
+        f.seek(SeekFrom::Start(a.offset)).unwrap();
+        f.read_exact(&mut want).unwrap();
+    }
+    assert_eq!(&root_b[..sq], &want[..], "slot b's root is 1.1.0's squashfs");
+    assert_eq!(
+        fs::read_to_string(dev.loc.config.join("autoboot.txt")).unwrap(),
+        "[all]\ntryboot_a_b=1\nboot_partition=2\n[tryboot]\nboot_partition=3\n"
+    );
+
+    // A plain reset still runs slot a; the `0 tryboot` reboot runs b,
+    // whose blessing commits partition 3.
+    assert_eq!(dev.tryboot().reboot_to_try(), Some("0 tryboot"));
+    dev.power_on(3, true);
+    let mut bl = dev.tryboot();
+    assert_eq!((bl.booted_slot(), bl.tried()), (Some(Slot::B), true));
+    assert_eq!(bl.entry_state(Slot::B).unwrap(), EntryState::Indeterminate);
+    bl.bless(Slot::B).unwrap();
+    assert_eq!(
+        fs::read_to_string(dev.loc.config.join("autoboot.txt")).unwrap(),
+        "[all]\ntryboot_a_b=1\nboot_partition=3\n[tryboot]\nboot_partition=3\n"
+    );
+    assert_eq!(bl.entry_state(Slot::A).unwrap(), EntryState::Good);
 }
