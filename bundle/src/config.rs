@@ -9,6 +9,13 @@
 //! - [`ImageConfig`] at [`IMAGE_CONFIG_PATH`] in the root filesystem: host
 //!   name, network, services and boot assessment, for stage 2.
 //!
+//! Both carry the board's [`BootloaderConfig`] (which back-end the device
+//! runs and where its files are): the slot config for stage 1, which
+//! marks a slot whose root fails verification bad, and
+//! [`BOOTLOADER_CONFIG_PATH`] in the root filesystem for stage 2 and the
+//! update agent. A file without it means systemd-boot, as before it
+//! existed.
+//!
 //! Both are TOML with unknown keys refused, so a device never silently
 //! ignores a setting written by a newer builder.
 
@@ -25,6 +32,50 @@ pub const IMAGE_CONFIG_PATH: &str = "/etc/basalt/image.toml";
 pub const DATA_MOUNT: &str = "/data";
 /// Where stage 2 mounts the ESP to read and rename boot entries.
 pub const ESP_MOUNT: &str = "/run/basalt/esp";
+/// Path of the root filesystem's [`BootloaderConfig`].
+pub const BOOTLOADER_CONFIG_PATH: &str = "/etc/basalt/bootloader.toml";
+
+/// The bootloader back-end a device runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BootloaderKind {
+    /// systemd-boot on the ESP (UEFI boards).
+    #[default]
+    SystemdBoot,
+    /// The Raspberry Pi firmware's `autoboot.txt` and tryboot.
+    RpiTryboot,
+}
+
+/// Which bootloader back-end the device runs, and where its files are.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootloaderConfig {
+    /// The back-end.
+    #[serde(default)]
+    pub kind: BootloaderKind,
+    /// With `rpi-tryboot`: the partition numbers of slot a's and slot b's
+    /// boot partitions, as `autoboot.txt`'s `boot_partition` counts them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_partitions: Option<[u32; 2]>,
+}
+
+impl BootloaderConfig {
+    /// Whether this is the default (systemd-boot, nothing else), which the
+    /// slot config leaves out.
+    pub fn is_default(&self) -> bool {
+        *self == BootloaderConfig::default()
+    }
+
+    /// Parses the file's text.
+    pub fn from_toml(text: &str) -> Result<BootloaderConfig, ConfigError> {
+        toml::from_str(text).map_err(|source| ConfigError { what: BOOTLOADER_CONFIG_PATH, source })
+    }
+
+    /// Formats the file's text.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_default()
+    }
+}
 
 /// An error reading one of the configuration files.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +108,10 @@ pub struct SlotConfig {
     pub root_fstype: String,
     /// Filesystem type of the data partition (`ext4`).
     pub data_fstype: String,
+    /// The bootloader back-end, for marking the slot bad when its root
+    /// fails verification; left out for systemd-boot.
+    #[serde(default, skip_serializing_if = "BootloaderConfig::is_default")]
+    pub bootloader: BootloaderConfig,
 }
 
 /// dm-verity parameters, as `veritysetup format` prints them.
@@ -376,6 +431,18 @@ impl ImageConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bootloader_config_round_trips_and_defaults_to_systemd_boot() {
+        let pi =
+            BootloaderConfig { kind: BootloaderKind::RpiTryboot, boot_partitions: Some([2, 3]) };
+        let text = pi.to_toml();
+        assert_eq!(text, "kind = \"rpi-tryboot\"\nboot_partitions = [2, 3]\n");
+        assert_eq!(BootloaderConfig::from_toml(&text).unwrap(), pi);
+        assert!(BootloaderConfig::from_toml("").unwrap().is_default());
+        assert!(BootloaderConfig::from_toml("kind = \"grub\"\n").is_err());
+        assert!(BootloaderConfig::from_toml("partitions = [2, 3]\n").is_err());
+    }
 
     fn sample() -> ImageConfig {
         ImageConfig {

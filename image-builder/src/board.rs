@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use basalt_bundle::config::{BootloaderConfig, BootloaderKind};
 use basalt_bundle::layout::Arch;
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -89,6 +90,18 @@ impl Board {
     /// Whether the board boots with the Raspberry Pi firmware's tryboot.
     pub fn is_rpi_tryboot(&self) -> bool {
         self.bootloader.value == "rpi-tryboot"
+    }
+
+    /// What the device is told about its bootloader back-end (stage 1's
+    /// slot config and the root filesystem's bootloader config).
+    pub fn bootloader_config(&self) -> BootloaderConfig {
+        match (&self.tryboot, self.is_rpi_tryboot()) {
+            (Some(t), true) => BootloaderConfig {
+                kind: BootloaderKind::RpiTryboot,
+                boot_partitions: Some(t.boot_partitions.value),
+            },
+            _ => BootloaderConfig::default(),
+        }
     }
 
     /// Checks that the board's bootloader is one basalt knows, with the

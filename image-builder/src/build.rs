@@ -165,6 +165,7 @@ pub fn build_slot(plan: &Plan) -> Result<SlotArtifacts, BuildError> {
         verity: v.params.clone(),
         root_fstype: "squashfs".into(),
         data_fstype: "ext4".into(),
+        bootloader: plan.board.bootloader_config(),
     };
     tree.add_file(
         SLOT_CONFIG_PATH,

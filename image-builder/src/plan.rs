@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use basalt_bundle::config::{
     self, BootConfig, HealthCheck, HealthProbe, ImageConfig, NetworkConfig, NetworkMode,
-    RestartPolicy, ServiceConfig, UpdateConfig, AGENT_PATH, AGENT_SERVICE, IMAGE_CONFIG_PATH,
-    TRUSTED_KEYS_DIR,
+    RestartPolicy, ServiceConfig, UpdateConfig, AGENT_PATH, AGENT_SERVICE, BOOTLOADER_CONFIG_PATH,
+    IMAGE_CONFIG_PATH, TRUSTED_KEYS_DIR,
 };
 use basalt_bundle::keys::PublicKey;
 use basalt_bundle::layout::Arch;
@@ -893,6 +893,16 @@ pub fn resolve(recipe_path: &Path, opts: &PlanOptions) -> Result<Plan, PlanError
         Origin::Build,
     )
     .map_err(|e| PlanError::from(src.error(0..0, e.to_string())))?;
+    let bootloader = board.bootloader_config();
+    if !bootloader.is_default() {
+        tree.add_file(
+            BOOTLOADER_CONFIG_PATH,
+            bootloader.to_toml().into_bytes(),
+            Meta::root(0o644, sde),
+            Origin::Build,
+        )
+        .map_err(|e| PlanError::from(src.error(0..0, e.to_string())))?;
+    }
     tree.add_file(
         "/etc/hostname",
         format!("{}\n", image_config.hostname).into_bytes(),

@@ -18,9 +18,13 @@ use std::process::Command;
 
 use basalt::build::Report;
 use basalt::plan::{self, PlanOptions};
+use basalt_bundle::config::{
+    BootloaderConfig, SlotConfig, BOOTLOADER_CONFIG_PATH, SLOT_CONFIG_PATH,
+};
 use basalt_bundle::entry::EntryState;
 use basalt_bundle::Slot;
 use basalt_init::assess::Bootloader;
+use basalt_init::backend::Backend;
 use basalt_init::tryboot::{Tryboot, TrybootLocation};
 use basalt_init::update::agent::UpdateError;
 use common::{ok, root, run, SDE};
@@ -251,6 +255,24 @@ fn the_layout_follows_the_firmware_rules() {
     }
     assert_eq!(b.report.slot_a.entry, "boot_a:/basalt.txt");
 
+    // The device is told its back-end: stage 1 in the initramfs's slot
+    // config, stage 2 and the agent in the root filesystem; both choose
+    // the tryboot back-end with partitions 2 and 3.
+    let cpio = zstd::stream::decode_all(&initrd[..]).unwrap();
+    let slot = basalt::inspect::cpio_file(&cpio, SLOT_CONFIG_PATH).unwrap();
+    let slot = SlotConfig::from_toml(&String::from_utf8(slot).unwrap()).unwrap();
+    let rootfs = b.dir.path().join("rootfs_a.img");
+    let a = b.report.partitions.iter().find(|p| p.label == "rootfs_a").unwrap();
+    common::extract(&disk, a.offset, a.size, &rootfs);
+    let text = ok(Command::new("unsquashfs").arg("-cat").arg(&rootfs).arg(BOOTLOADER_CONFIG_PATH));
+    let config = BootloaderConfig::from_toml(&text).unwrap();
+    assert_eq!(slot.bootloader, config);
+    let p = Path::new("/x");
+    let Backend::Tryboot(m) = Backend::from_config(&config, p, p, p, p) else {
+        panic!("{config:?}")
+    };
+    assert_eq!(m.partitions, [2, 3]);
+
     // The same inputs give the same bytes.
     let again = build_pi("1.0.0", None);
     assert_eq!(again.report.disk.sha256, b.report.disk.sha256);
@@ -341,6 +363,8 @@ fn bad_input_is_a_clear_error() {
 struct PiDevice {
     loc: TrybootLocation,
     roots: [PathBuf; 2],
+    /// What the agent asked the next reboot to pass to the firmware.
+    armed: std::cell::Cell<Option<&'static str>>,
 }
 
 impl PiDevice {
@@ -359,7 +383,7 @@ impl PiDevice {
         let a = b.report.partitions.iter().find(|p| p.label == "rootfs_a").unwrap();
         common::extract(&b.disk(), a.offset, a.size, &roots[0]);
         fs::File::create(&roots[1]).unwrap().set_len(a.size).unwrap();
-        let dev = PiDevice { loc, roots };
+        let dev = PiDevice { loc, roots, armed: Default::default() };
         dev.power_on(2, false);
         dev
     }
@@ -396,6 +420,10 @@ impl basalt_init::update::agent::Machine for PiDevice {
     }
     fn now(&self) -> i64 {
         SDE as i64 + 3600
+    }
+    fn arm_try_reboot(&self, arg: &'static str) -> Result<(), UpdateError> {
+        self.armed.set(Some(arg));
+        Ok(())
     }
 }
 
@@ -435,6 +463,7 @@ fn an_rpi4_bundle_installs_into_the_other_boot_partition() {
     assert!(e.refused_before_writing(), "{e}");
     assert!(e.to_string().contains("rpi4"), "{e}");
     let dev = agent.machine();
+    assert_eq!(dev.armed.get(), None);
     assert!(!dev.loc.boot[1].join("basalt.txt").exists());
     assert!(!dev.loc.boot[1].join("vmlinuz").exists());
 
@@ -479,9 +508,10 @@ fn an_rpi4_bundle_installs_into_the_other_boot_partition() {
         "[all]\ntryboot_a_b=1\nboot_partition=2\n[tryboot]\nboot_partition=3\n"
     );
 
-    // A plain reset still runs slot a; the `0 tryboot` reboot runs b,
-    // whose blessing commits partition 3.
-    assert_eq!(dev.tryboot().reboot_to_try(), Some("0 tryboot"));
+    // The agent asked for the reboot that tries it; a plain reset still
+    // runs slot a, the `0 tryboot` reboot runs b, whose blessing commits
+    // partition 3.
+    assert_eq!(dev.armed.get(), Some("0 tryboot"));
     dev.power_on(3, true);
     let mut bl = dev.tryboot();
     assert_eq!((bl.booted_slot(), bl.tried()), (Some(Slot::B), true));

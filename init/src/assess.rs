@@ -51,6 +51,16 @@ pub enum AssessError {
         /// The sysfs directory searched.
         sys: PathBuf,
     },
+    /// A Raspberry Pi image's boot partition is missing from the disk:
+    /// this machine does not boot from our disk (a development boot), or
+    /// the image was built for another board.
+    #[error("no partition labelled \"{label}\" in {}", sys.display())]
+    NoBootPartition {
+        /// The PARTLABEL looked for.
+        label: &'static str,
+        /// The sysfs directory searched.
+        sys: PathBuf,
+    },
     /// Listing block devices failed.
     #[error("cannot list block devices in {}: {source}", sys.display())]
     ListBlock {

@@ -22,6 +22,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod assess;
+pub mod backend;
 pub mod dhcp;
 pub mod fetch;
 pub mod health;

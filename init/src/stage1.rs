@@ -194,14 +194,16 @@ pub fn fail(msg: &str) -> ! {
 /// this a corrupted slot that once booted well would reboot forever.
 /// Best effort: if the ESP cannot be changed, the reboot still happens and
 /// the try counter decides.
-fn condemn(slot: Slot) {
-    use crate::assess::{Bootloader, EspLocation, SystemdBoot};
-    let esp = EspLocation {
-        sys_class_block: PathBuf::from("/sys/class/block"),
-        dev: PathBuf::from("/dev"),
-        mount_point: PathBuf::from(basalt_bundle::config::ESP_MOUNT),
+fn condemn(slot: Slot, bootloader: &basalt_bundle::config::BootloaderConfig) {
+    use basalt_bundle::config::{BootloaderKind, ESP_MOUNT};
+    let base = match bootloader.kind {
+        BootloaderKind::SystemdBoot => ESP_MOUNT,
+        BootloaderKind::RpiTryboot => crate::stage2::TRYBOOT_MOUNT,
     };
-    match esp.with_mounted(|at| SystemdBoot::new(at, Some(slot)).mark_bad(slot)) {
+    let backend = crate::backend::Backend::on_device(bootloader, Path::new(base));
+    let result: Result<_, crate::assess::AssessError> =
+        backend.with_bootloader(Some(slot), |bl| bl.mark_bad(slot));
+    match result {
         Ok(r) => {
             say(&format!("root of slot {slot} failed verification: entry {} -> {}", r.from, r.to))
         }
@@ -281,7 +283,7 @@ fn boot(started: Instant) -> Result<Infallible, Stage1Error> {
     )
     .map_err(|source| {
         if source.raw_os_error() == Some(libc::EIO) {
-            condemn(slot);
+            condemn(slot, &cfg.bootloader);
         }
         let detail = if source.raw_os_error() == Some(libc::EIO) {
             "; dm-verity refused a block (the partition does not match the root hash) \

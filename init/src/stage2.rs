@@ -28,12 +28,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use basalt_bundle::config::{
-    parse_cidr, parse_gateway, AddressError, ImageConfig, NetworkConfig, NetworkMode, DATA_MOUNT,
-    ESP_MOUNT, IMAGE_CONFIG_PATH,
+    parse_cidr, parse_gateway, AddressError, BootloaderKind, ImageConfig, NetworkConfig,
+    NetworkMode, BOOTLOADER_CONFIG_PATH, DATA_MOUNT, ESP_MOUNT, IMAGE_CONFIG_PATH,
 };
 use basalt_bundle::slot::Slot;
 
-use crate::assess::{self, AssessError, Assessor, EspLocation, FailOutcome, SystemdBoot, Verdict};
+use crate::assess::{self, AssessError, Assessor, FailOutcome, Verdict};
+use crate::backend::{self, Backend, TRY_REBOOT_MARKER};
 use crate::network::{self, INTERFACE_WAIT, RESOLV_CONF, SYS_CLASS_NET};
 use crate::platform::mount::{self, MountFlags};
 use crate::platform::process::{self, Reaped, StopSignal};
@@ -269,12 +270,32 @@ struct Init {
     assessment: Assessment,
     assess_wake: Option<Duration>,
     slot: Option<Slot>,
-    esp: EspLocation,
+    backend: Backend,
     stop_timeout: Duration,
     shutdown: Option<Shutdown>,
     announced_started: bool,
     orphans: u64,
 }
+
+/// The bootloader back-end the image's [`BOOTLOADER_CONFIG_PATH`] names;
+/// systemd-boot when the file is absent. An unreadable file is reported
+/// and taken as systemd-boot, whose ESP such an image lacks, so the
+/// blessing fails with that reason and the bootloader falls back.
+fn choose_backend() -> Backend {
+    let config = backend::read_config(Path::new(BOOTLOADER_CONFIG_PATH)).unwrap_or_else(|e| {
+        say(&format!("{e}; taking systemd-boot"));
+        Default::default()
+    });
+    let base = match config.kind {
+        BootloaderKind::SystemdBoot => ESP_MOUNT,
+        BootloaderKind::RpiTryboot => TRYBOOT_MOUNT,
+    };
+    Backend::on_device(&config, Path::new(base))
+}
+
+/// Where PID 1 mounts a Raspberry Pi's `autoboot`, `boot_a` and `boot_b`
+/// partitions while it blesses or marks a slot bad.
+pub const TRYBOOT_MOUNT: &str = "/run/basalt/tryboot";
 
 /// Runs stage 2. Never returns: PID 1 ends in `reboot(2)`.
 pub fn run() -> ! {
@@ -405,11 +426,7 @@ pub fn run() -> ! {
         assessment,
         assess_wake: None,
         slot,
-        esp: EspLocation {
-            sys_class_block: PathBuf::from("/sys/class/block"),
-            dev: PathBuf::from("/dev"),
-            mount_point: PathBuf::from(ESP_MOUNT),
-        },
+        backend: choose_backend(),
         stop_timeout,
         shutdown: None,
         // With no usable configuration there is nothing to announce.
@@ -659,6 +676,18 @@ impl Init {
                 self.say(&format!("cannot disarm the watchdog: {e}"));
             }
         }
+        // After an install the agent asks for a try; on a Pi the reboot
+        // must carry the firmware's argument (`0 tryboot`).
+        let try_arg = match how {
+            Halt::Reboot => backend::reboot_argument(&self.backend, Path::new(TRY_REBOOT_MARKER)),
+            Halt::PowerOff => None,
+        };
+        if let Some(arg) = try_arg {
+            self.say(&format!("rebooting with \"{arg}\" to try the installed slot"));
+            console::drain_stderr();
+            let err = reboot::restart_with_argument(arg);
+            self.say(&format!("reboot(2) with \"{arg}\" failed: {err}; rebooting plainly"));
+        }
         // The last lines must leave the serial line before the machine goes.
         console::drain_stderr();
         let err = reboot::halt(how);
@@ -700,17 +729,14 @@ impl Init {
     }
 
     fn bless(&mut self, slot: Slot, now: Duration) {
-        let result = self.esp.with_mounted(|esp| {
-            let mut sb = SystemdBoot::new(esp, Some(slot));
-            assess::Bootloader::bless(&mut sb, slot)
-        });
+        let result = self.backend.with_bootloader(Some(slot), |bl| bl.bless(slot));
         let times = self.times(now);
         let msg = match result {
             Ok(r) if r.changed() => {
                 format!("boot blessed: slot {slot} (entry {} -> {}) ({times})", r.from, r.to)
             }
             Ok(r) => format!("boot blessed: slot {slot} (entry {} was already blessed) ({times})", r.from),
-            Err(e @ AssessError::NoEsp { .. }) => format!(
+            Err(e @ (AssessError::NoEsp { .. } | AssessError::NoBootPartition { .. })) => format!(
                 "boot is healthy ({times}) but cannot be blessed: {e} (expected only when booted without a basalt disk)"
             ),
             Err(e) => format!(
@@ -724,10 +750,7 @@ impl Init {
         let msg =
             format!("boot of slot {slot} failed its assessment ({}): {reason}", self.times(now));
         self.say(&msg);
-        let result = self.esp.with_mounted(|esp| {
-            let mut sb = SystemdBoot::new(esp, Some(slot));
-            assess::fail_boot(&mut sb, slot)
-        });
+        let result = self.backend.with_bootloader(Some(slot), |bl| assess::fail_boot(bl, slot));
         match result {
             Ok(FailOutcome::MarkedBad(r)) => {
                 self.say(&format!("boot entry {r}: marked bad; rebooting into the other slot"));
@@ -739,7 +762,7 @@ impl Init {
             Ok(FailOutcome::AlreadyBad(e)) => {
                 self.say(&format!("boot entry {e} is already marked bad; staying up"))
             }
-            Err(e @ AssessError::NoEsp { .. }) => {
+            Err(e @ (AssessError::NoEsp { .. } | AssessError::NoBootPartition { .. })) => {
                 self.say(&format!("cannot mark the boot bad: {e}; staying up"))
             }
             Err(e) => {

@@ -64,6 +64,14 @@ pub trait Machine {
     fn root_device(&self, slot: Slot) -> Result<PathBuf, UpdateError>;
     /// The time, in Unix seconds.
     fn now(&self) -> i64;
+    /// Makes the next reboot pass `arg` to the firmware (`0 tryboot` on a
+    /// Raspberry Pi), so that it tries the slot an install armed; called
+    /// only when the bootloader needs such an argument. On a device it
+    /// leaves [`crate::backend::TRY_REBOOT_MARKER`] for PID 1.
+    fn arm_try_reboot(&self, arg: &'static str) -> Result<(), UpdateError> {
+        let _ = arg;
+        Ok(())
+    }
 }
 
 /// One slot as `GET /v1/status` shows it.
@@ -479,7 +487,7 @@ impl<M: Machine> Agent<M> {
             cmdline: os.cmdline.clone(),
         };
         let mut reader = Some(reader);
-        let (written, entry) = self.machine.with_bootloader(&mut |bl| {
+        let (written, entry, try_arg) = self.machine.with_bootloader(&mut |bl| {
             let Some(mut r) = reader.take() else {
                 return Err(UpdateError::Machine("the bundle was consumed already".into()));
             };
@@ -487,8 +495,11 @@ impl<M: Machine> Agent<M> {
                 install::write_slot(bl, target, &root, &mut BundlePayloads(&mut r), chunk)?;
             r.finish()?;
             let entry = bl.prefer_for_one_try(target, &boot, os.tries)?;
-            Ok((written, entry))
+            Ok((written, entry, bl.reboot_to_try()))
         })?;
+        if let Some(arg) = try_arg {
+            self.machine.arm_try_reboot(arg)?;
+        }
         Ok(Installed {
             version,
             from: self.image.version.clone(),

@@ -1,37 +1,65 @@
 //! The agent's [`Machine`] on a real device: the kernel command line,
-//! sysfs for the partitions, the ESP mounted only while it is used.
+//! sysfs for the partitions, the bootloader back-end the image names with
+//! its partitions mounted only while it is used.
 
 use std::path::{Path, PathBuf};
 
 use basalt_bundle::slot::Slot;
 
-use crate::assess::{slot_from_cmdline, Bootloader, EspLocation, SystemdBoot};
+use basalt_bundle::config::{BootloaderConfig, BootloaderKind, BOOTLOADER_CONFIG_PATH};
+
+use crate::assess::{slot_from_cmdline, Bootloader};
+use crate::backend::{self, Backend, TRY_REBOOT_MARKER};
 use crate::platform;
 use crate::update::agent::{Machine, UpdateError};
 
 /// Where the agent mounts the ESP (PID 1 uses its own mount point).
 pub const AGENT_ESP_MOUNT: &str = "/run/basalt/agent-esp";
+/// Where the agent mounts a Raspberry Pi's `autoboot`, `boot_a` and
+/// `boot_b` partitions (PID 1 uses its own folder).
+pub const AGENT_TRYBOOT_MOUNT: &str = "/run/basalt/agent-tryboot";
 
 /// The running device.
 #[derive(Debug, Clone)]
 pub struct Device {
     booted: Option<Slot>,
-    esp: EspLocation,
+    backend: Backend,
+    /// Why the image's bootloader config could not be read, if it could
+    /// not: every bootloader operation then fails with this reason.
+    config_error: Option<String>,
 }
 
 impl Device {
-    /// Reads the booted slot from `/proc/cmdline`.
+    /// Reads the booted slot from `/proc/cmdline` and the back-end from
+    /// the image's [`BOOTLOADER_CONFIG_PATH`].
     pub fn new() -> Device {
         let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        let (config, config_error) =
+            match backend::read_config(std::path::Path::new(BOOTLOADER_CONFIG_PATH)) {
+                Ok(c) => (c, None),
+                Err(e) => (BootloaderConfig::default(), Some(e)),
+            };
         Device {
             booted: slot_from_cmdline(&cmdline).ok().flatten(),
-            esp: EspLocation {
-                sys_class_block: PathBuf::from("/sys/class/block"),
-                dev: PathBuf::from("/dev"),
-                mount_point: PathBuf::from(AGENT_ESP_MOUNT),
-            },
+            backend: device_backend(&config),
+            config_error,
         }
     }
+
+    /// The bootloader back-end the agent works with.
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+}
+
+/// The agent's back-end for `config`: its partitions mounted in the
+/// agent's own folders.
+pub fn device_backend(config: &BootloaderConfig) -> Backend {
+    let base = match config.kind {
+        BootloaderKind::SystemdBoot => AGENT_ESP_MOUNT,
+        BootloaderKind::RpiTryboot => AGENT_TRYBOOT_MOUNT,
+    };
+    Backend::on_device(config, Path::new(base))
 }
 
 impl Default for Device {
@@ -55,10 +83,25 @@ impl Machine for Device {
         &self,
         f: &mut dyn FnMut(&mut dyn Bootloader) -> Result<T, UpdateError>,
     ) -> Result<T, UpdateError> {
-        let booted = self.booted;
-        self.esp.with_mounted(|at: &Path| {
-            let mut bl = SystemdBoot::new(at, booted);
-            f(&mut bl)
+        if let Some(e) = &self.config_error {
+            return Err(UpdateError::Machine(e.clone()));
+        }
+        self.backend.with_bootloader(self.booted, |bl| f(bl))
+    }
+
+    fn arm_try_reboot(&self, arg: &'static str) -> Result<(), UpdateError> {
+        let marker = Path::new(TRY_REBOOT_MARKER);
+        let write = || {
+            if let Some(dir) = marker.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::write(marker, format!("{arg}\n"))
+        };
+        write().map_err(|e| {
+            UpdateError::Machine(format!(
+                "cannot write {}: {e}; the next reboot would not try the new slot",
+                marker.display()
+            ))
         })
     }
 
