@@ -176,3 +176,72 @@ pub fn autoboot_files() -> Result<Vec<(String, Vec<u8>)>, RpiError> {
 pub fn boot_partition(slot: Slot) -> u32 {
     TRYBOOT_PARTITIONS[usize::from(slot == Slot::B)]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diag::Source;
+
+    fn section(dir: &Path, firmware: &[&str]) -> (TrybootSection, PathBuf) {
+        let list: Vec<String> = firmware.iter().map(|f| format!("{f:?}")).collect();
+        let text = format!("boot_partitions = [2, 3]\nfirmware = [{}]\n", list.join(", "));
+        let board = dir.join("boards/pi.toml");
+        let src = Source { path: board.clone(), text };
+        (src.parse().unwrap(), board)
+    }
+
+    #[test]
+    fn firmware_files_and_folders_land_at_the_top_sorted() {
+        let dir = tempfile::tempdir().unwrap();
+        let fw = dir.path().join("fw");
+        fs::create_dir_all(fw.join("overlays/sub")).unwrap();
+        fs::write(fw.join("start4.elf"), b"elf").unwrap();
+        fs::write(fw.join("overlays/b.dtbo"), b"b").unwrap();
+        fs::write(fw.join("overlays/a.dtbo"), b"a").unwrap();
+        fs::write(fw.join("overlays/sub/c"), b"c").unwrap();
+        fs::create_dir_all(dir.path().join("boards")).unwrap();
+        let (t, board) = section(dir.path(), &["../fw/start4.elf", "../fw/overlays"]);
+        let files = firmware_files(&t, &board).unwrap();
+        let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["start4.elf", "overlays/a.dtbo", "overlays/b.dtbo", "overlays/sub/c"]);
+        assert_eq!(files[0].1, b"elf");
+
+        // The slot's own files follow the firmware; an empty slot gets
+        // config.txt only.
+        let empty = boot_partition_files(&files, &["enable_uart=1".into()], None);
+        assert_eq!(empty.len(), files.len() + 1);
+        let (name, config) = empty.last().unwrap();
+        assert_eq!(name, CONFIG_TXT);
+        assert!(String::from_utf8_lossy(config).ends_with("followkernel\nenable_uart=1\n"));
+    }
+
+    #[test]
+    fn a_missing_colliding_or_doubled_firmware_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let fw = dir.path().join("fw");
+        fs::create_dir_all(&fw).unwrap();
+        fs::create_dir_all(dir.path().join("boards")).unwrap();
+        fs::write(fw.join("Config.txt"), b"x").unwrap();
+        fs::write(fw.join("a.dtb"), b"x").unwrap();
+        let (t, board) = section(dir.path(), &["../fw/nope.elf"]);
+        let e = firmware_files(&t, &board).unwrap_err().to_string();
+        assert!(e.contains("nope.elf") && e.contains("[tryboot] firmware"), "{e}");
+        let (t, board) = section(dir.path(), &["../fw/Config.txt"]);
+        let e = firmware_files(&t, &board).unwrap_err().to_string();
+        assert!(e.contains("replace the config.txt"), "{e}");
+        let (t, board) = section(dir.path(), &["../fw/a.dtb", "../fw/../fw/a.dtb"]);
+        let e = firmware_files(&t, &board).unwrap_err().to_string();
+        assert!(e.contains("a.dtb twice"), "{e}");
+    }
+
+    #[test]
+    fn autoboot_commits_slot_a_and_fits_the_firmware_limit() {
+        let files = autoboot_files().unwrap();
+        assert_eq!(files.len(), 1);
+        assert_eq!(files[0].0, "autoboot.txt");
+        let a = Autoboot::parse(std::str::from_utf8(&files[0].1).unwrap()).unwrap();
+        assert_eq!((a.all, a.tryboot), (2, 2));
+        assert!(files[0].1.len() <= AUTOBOOT_MAX);
+        assert_eq!((boot_partition(Slot::A), boot_partition(Slot::B)), (2, 3));
+    }
+}
