@@ -48,7 +48,13 @@ fn firmware(dir: &Path) -> PathBuf {
 /// kernel and the modules that kernel has (it has no Pi drivers), written
 /// to `dir/rpi4.toml`.
 fn board(dir: &Path, fw: &Path) -> PathBuf {
-    let text = fs::read_to_string(root().join("boards/rpi4.toml")).unwrap();
+    board_named(dir, fw, "rpi4", &["start4.elf", "fixup4.dat", "bcm2711-rpi-4-b.dtb", "overlays"])
+}
+
+/// boards/`name`.toml made buildable here, as [`board`] does; `names` are
+/// the firmware files the real board lists.
+fn board_named(dir: &Path, fw: &Path, name: &str, names: &[&str]) -> PathBuf {
+    let text = fs::read_to_string(root().join(format!("boards/{name}.toml"))).unwrap();
     let mut t: toml::Table = text.parse().unwrap();
     let deb = root().join(".cache/kernel/linux-image-cloud-arm64.deb");
     assert!(deb.exists(), "{} missing: run ci/setup.sh", deb.display());
@@ -59,7 +65,6 @@ fn board(dir: &Path, fw: &Path) -> PathBuf {
     t.insert("stage1_modules".into(), mods(&["dm-verity", "squashfs", "vfat", "nls_cp437"]));
     t.insert("modules".into(), mods(&[]));
     let tb = t["tryboot"].as_table_mut().unwrap();
-    let names = ["start4.elf", "fixup4.dat", "bcm2711-rpi-4-b.dtb", "overlays"];
     // The real board names the same files.
     let listed: Vec<String> = tb["firmware"]
         .as_array()
@@ -70,7 +75,7 @@ fn board(dir: &Path, fw: &Path) -> PathBuf {
     assert_eq!(listed, names);
     let files = names.iter().map(|n| fw.join(n).display().to_string().into()).collect();
     tb.insert("firmware".into(), toml::Value::Array(files));
-    let path = dir.join("rpi4.toml");
+    let path = dir.join(format!("{name}.toml"));
     fs::write(&path, toml::to_string(&t).unwrap()).unwrap();
     path
 }
@@ -522,4 +527,36 @@ fn an_rpi4_bundle_installs_into_the_other_boot_partition() {
         "[all]\ntryboot_a_b=1\nboot_partition=3\n[tryboot]\nboot_partition=3\n"
     );
     assert_eq!(bl.entry_state(Slot::A).unwrap(), EntryState::Good);
+}
+
+/// The Pi 5 starts from its EEPROM: its slot partitions hold the device
+/// tree, the overlays and config.txt, and no start*.elf.
+#[test]
+fn an_rpi5_image_has_no_start_elf() {
+    let dir = tempfile::tempdir().unwrap();
+    let fw = firmware(dir.path());
+    fs::write(fw.join("bcm2712-rpi-5-b.dtb"), [0xd0, 0x0d, 0xfe, 0xed, 5]).unwrap();
+    let board = board_named(dir.path(), &fw, "rpi5", &["bcm2712-rpi-5-b.dtb", "overlays"]);
+    let recipe = recipe(dir.path(), &board);
+    let opts = PlanOptions {
+        source_date_epoch: SDE,
+        cache_dir: plan::default_cache_dir(),
+        ..Default::default()
+    };
+    let plan = plan::resolve(&recipe, &opts).unwrap_or_else(|e| panic!("{e}"));
+    let out = dir.path().join("out");
+    let report =
+        basalt::build::build(&plan, None, &out, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(report.board, "rpi5");
+    let b = Built { dir, report, plan, fw };
+    for p in [2, 3] {
+        assert!(b.has(p, "config.txt") && b.has(p, "bcm2712-rpi-5-b.dtb"), "p{p}");
+        assert!(b.has(p, "overlays/disable-bt.dtbo"), "p{p}");
+        assert!(!b.has(p, "start4.elf") && !b.has(p, "fixup4.dat"), "p{p}");
+    }
+    assert!(b.has(2, "vmlinuz") && !b.has(3, "vmlinuz"));
+    assert_eq!(
+        b.mread(1, "autoboot.txt"),
+        b"[all]\ntryboot_a_b=1\nboot_partition=2\n[tryboot]\nboot_partition=2\n"
+    );
 }
