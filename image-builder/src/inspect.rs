@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 
 use basalt_bundle::config::{SlotConfig, SLOT_CONFIG_PATH};
 use basalt_bundle::entry::{BootEntryName, EntryConf, EntryState, ENTRIES_DIR};
-use basalt_bundle::layout::ESP_LABEL;
+use basalt_bundle::layout::{ESP_LABEL, RPI_AUTOBOOT_LABEL};
+use basalt_bundle::tryboot::{Autoboot, SlotTxt, AUTOBOOT, INITRD_FILE, SLOT_TXT};
 use basalt_bundle::Slot;
 use serde::Serialize;
 
@@ -216,6 +217,56 @@ pub fn inspect(disk: &Path) -> Result<ImageInfo, InspectError> {
     let mut f =
         File::open(disk).map_err(|source| InspectError::Read { path: disk.into(), source })?;
     let (guid, parts) = gpt::read(&mut f)?;
+    // A Raspberry Pi image keeps each slot's files in its own boot
+    // partition and selects them in `autoboot.txt`; every other image has
+    // them on the ESP with one boot entry per slot.
+    if parts.iter().any(|p| p.label == RPI_AUTOBOOT_LABEL) {
+        let mut fat_of = |label: &str| -> Result<Option<Vec<u8>>, InspectError> {
+            match parts.iter().find(|p| p.label == label) {
+                Some(p) => Ok(Some(read_at(&mut f, disk, p.offset, p.size as usize)?)),
+                None => Ok(None),
+            }
+        };
+        let autoboot = fat_of(RPI_AUTOBOOT_LABEL)?.unwrap_or_default();
+        let autoboot = fat::FatReader::new(&autoboot)?
+            .read_file(AUTOBOOT)
+            .ok()
+            .and_then(|t| Autoboot::parse(&String::from_utf8_lossy(&t)).ok());
+        let (mut entries, mut initrds) = (Vec::new(), Vec::new());
+        for slot in Slot::ALL {
+            let bytes = fat_of(slot.rpi_boot_partlabel())?.unwrap_or_default();
+            let Ok(reader) = fat::FatReader::new(&bytes) else {
+                initrds.push(None);
+                continue;
+            };
+            initrds.push(reader.read_file(INITRD_FILE).ok());
+            let txt = reader
+                .read_file(SLOT_TXT)
+                .ok()
+                .and_then(|t| SlotTxt::parse(&String::from_utf8_lossy(&t)));
+            let (Some(txt), Some(a)) = (txt, autoboot) else { continue };
+            let n = crate::rpi::boot_partition(slot);
+            let state = if txt.bad {
+                "bad"
+            } else if a.all != n && a.tryboot == n {
+                "trying"
+            } else {
+                "good"
+            };
+            entries.push(EntryInfo {
+                file: format!("{}:/{SLOT_TXT}", slot.rpi_boot_partlabel()),
+                slot,
+                state: state.to_string(),
+                tries_left: None,
+                tries_done: None,
+                version: txt.version,
+            });
+        }
+        let slots = slot_infos(&mut f, disk, &parts, |slot| {
+            initrds.get(usize::from(slot == Slot::B)).cloned().flatten()
+        })?;
+        return Ok(image_info(guid, &parts, entries, slots));
+    }
     let esp = parts.iter().find(|p| p.label == ESP_LABEL).ok_or_else(|| {
         InspectError::NotBasalt(format!(
             "{} has no partition labelled `{ESP_LABEL}`: not a basalt image",
@@ -245,23 +296,35 @@ pub fn inspect(disk: &Path) -> Result<ImageInfo, InspectError> {
             version: conf.map(|c| c.version).unwrap_or_default(),
         });
     }
+    let slots = slot_infos(&mut f, disk, &parts, |slot| {
+        reader.read_file(&format!("{}/initrd", slot.esp_dir())).ok()
+    })?;
+    Ok(image_info(guid, &parts, entries, slots))
+}
+
+/// What each slot holds: its initramfs (from `initrd_of`) says the image,
+/// version and root hash, which its root partition is checked against.
+fn slot_infos(
+    f: &mut File,
+    disk: &Path,
+    parts: &[gpt::PlacedPartition],
+    initrd_of: impl Fn(Slot) -> Option<Vec<u8>>,
+) -> Result<Vec<SlotInfo>, InspectError> {
     let mut slots = Vec::new();
     for slot in Slot::ALL {
-        let cfg = reader
-            .read_file(&format!("{}/initrd", slot.esp_dir()))
-            .ok()
+        let cfg = initrd_of(slot)
             .and_then(|z| zstd::stream::decode_all(&z[..]).ok())
             .and_then(|cpio| cpio_file(&cpio, SLOT_CONFIG_PATH))
             .and_then(|t| SlotConfig::from_toml(&String::from_utf8_lossy(&t)).ok());
         let root = parts.iter().find(|p| p.label == slot.root_partlabel());
         let rootfs_present = match root {
-            Some(p) => read_at(&mut f, disk, p.offset, 4)? == b"hsqs",
+            Some(p) => read_at(f, disk, p.offset, 4)? == b"hsqs",
             None => false,
         };
         // The models are read only from a root that matches its root
         // hash: a cut install leaves a squashfs header over garbage.
         let root_data = match (root.filter(|_| rootfs_present), &cfg) {
-            (Some(p), Some(c)) => Some(verified_root(&mut f, disk, p.offset, p.size, &c.verity)?),
+            (Some(p), Some(c)) => Some(verified_root(f, disk, p.offset, p.size, &c.verity)?),
             _ => None,
         };
         let root_verified = root_data.as_ref().map(Option::is_some);
@@ -283,7 +346,16 @@ pub fn inspect(disk: &Path) -> Result<ImageInfo, InspectError> {
             models_problem,
         });
     }
-    Ok(ImageInfo {
+    Ok(slots)
+}
+
+fn image_info(
+    guid: basalt_bundle::Guid,
+    parts: &[gpt::PlacedPartition],
+    entries: Vec<EntryInfo>,
+    slots: Vec<SlotInfo>,
+) -> ImageInfo {
+    ImageInfo {
         disk_guid: guid.to_string(),
         partitions: parts
             .iter()
@@ -297,7 +369,7 @@ pub fn inspect(disk: &Path) -> Result<ImageInfo, InspectError> {
             .collect(),
         entries,
         slots,
-    })
+    }
 }
 
 impl ImageInfo {

@@ -278,6 +278,19 @@ fn the_layout_follows_the_firmware_rules() {
     };
     assert_eq!(m.partitions, [2, 3]);
 
+    // `basalt inspect` reads the Pi's layout: slot a's basalt.txt as its
+    // entry, committed, and its root verified against its initramfs.
+    let info = basalt::inspect::inspect(&disk).unwrap();
+    assert_eq!(info.entries.len(), 1);
+    let e = &info.entries[0];
+    assert_eq!(
+        (e.file.as_str(), e.slot, e.state.as_str()),
+        ("boot_a:/basalt.txt", Slot::A, "good")
+    );
+    assert_eq!(info.slots[0].version.as_deref(), Some("1.0.0"));
+    assert_eq!(info.slots[0].root_verified, Some(true));
+    assert_eq!((info.slots[1].version.as_ref(), info.slots[1].rootfs_present), (None, false));
+
     // The same inputs give the same bytes.
     let again = build_pi("1.0.0", None);
     assert_eq!(again.report.disk.sha256, b.report.disk.sha256);
