@@ -148,6 +148,28 @@ impl Board {
                         format!("write boot_partitions = {TRYBOOT_PARTITIONS:?}"),
                     ));
                 }
+                for line in &t.config {
+                    let key = line.value.trim_start().to_ascii_lowercase();
+                    let own = ["kernel=", "initramfs", "cmdline=", "os_prefix="]
+                        .into_iter()
+                        .find(|k| key.starts_with(k));
+                    if let Some(own) = own {
+                        return Err(with_help(
+                            src.error(
+                                line.span.clone(),
+                                format!("`{own}` in [tryboot] config would override basalt's"),
+                            ),
+                            "basalt writes kernel=, initramfs and cmdline.txt for each slot; \
+                             remove this line",
+                        ));
+                    }
+                    if line.value.contains(['\n', '\r']) {
+                        return Err(with_help(
+                            src.error(line.span.clone(), "a [tryboot] config line holds a newline"),
+                            "give each config.txt line as its own string",
+                        ));
+                    }
+                }
                 if self.arch != Arch::Aarch64 {
                     return Err(with_help(
                         src.error(bl.span.clone(), "rpi-tryboot boots 64-bit ARM kernels only"),
@@ -218,9 +240,12 @@ pub struct TrybootSection {
     pub firmware: Vec<Located<PathBuf>>,
     /// Lines added to each slot's `config.txt` after basalt's own
     /// (`arm_64bit=1`, `kernel=vmlinuz`, `initramfs initrd followkernel`),
-    /// e.g. `enable_uart=1` for a serial console.
+    /// e.g. `enable_uart=1` for a serial console. Lines that would choose
+    /// another kernel, initramfs, command line or folder (`kernel=`,
+    /// `initramfs`, `cmdline=`, `os_prefix=`) are refused: each slot's
+    /// partition must boot its own files.
     #[serde(default)]
-    pub config: Vec<String>,
+    pub config: Vec<Located<String>>,
 }
 
 fn default_root_wait() -> crate::duration::Duration {
@@ -394,6 +419,13 @@ mod tests {
         let src = Source { text: format!("{pi}{t}").replace("[3, 4]", "[2, 3]"), ..src };
         let board: Board = src.parse().unwrap();
         assert!(matches!(board.buildable_bootloader(&src), Ok(BootFirmware::Tryboot(_))));
+        for bad in ["kernel=other.img", " initramfs x followkernel", "a\nb"] {
+            let with = format!("{}config = [{bad:?}]\n", src.text);
+            let s2 = Source { text: with, ..src.clone() };
+            let board: Board = s2.parse().unwrap();
+            let e = board.buildable_bootloader(&s2).unwrap_err().to_string();
+            assert!(e.contains("override basalt's") || e.contains("newline"), "{bad}: {e}");
+        }
         let src = Source { text: src.text.replace("aarch64", "x86_64"), ..src };
         let board: Board = src.parse().unwrap();
         let e = board.buildable_bootloader(&src).unwrap_err().to_string();

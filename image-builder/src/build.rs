@@ -412,7 +412,8 @@ fn fat_partitions(plan: &Plan, slots: &mut [FilledSlot<'_>]) -> Result<Vec<FatPa
         }];
         for slot in Slot::ALL {
             let filled = slots.iter_mut().find(|f| f.slot == slot);
-            let files = crate::rpi::boot_partition_files(&firmware, &t.config, filled.as_deref());
+            let config: Vec<String> = t.config.iter().map(|l| l.value.clone()).collect();
+            let files = crate::rpi::boot_partition_files(&firmware, &config, filled.as_deref());
             if let Some(f) = filled {
                 f.entry =
                     format!("{}:/{}", slot.rpi_boot_partlabel(), basalt_bundle::tryboot::SLOT_TXT);
