@@ -124,3 +124,26 @@ impl Machine for Device {
             .unwrap_or(0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The agent mounts the back-end's partitions in its own folders, so
+    /// that PID 1's mounts (under `/run/basalt/esp` and
+    /// `/run/basalt/tryboot`) are never unmounted under it.
+    #[test]
+    fn the_agent_chooses_its_back_end_from_the_config() {
+        let b = device_backend(&BootloaderConfig::default());
+        let Backend::SystemdBoot(esp) = &b else { panic!("{b:?}") };
+        assert_eq!(esp.mount_point, Path::new(AGENT_ESP_MOUNT));
+        let pi =
+            BootloaderConfig { kind: BootloaderKind::RpiTryboot, boot_partitions: Some([2, 3]) };
+        let b = device_backend(&pi);
+        let Backend::Tryboot(m) = &b else { panic!("{b:?}") };
+        assert_eq!(m.location().config, Path::new(AGENT_TRYBOOT_MOUNT).join("autoboot"));
+        assert_eq!(m.firmware, Path::new(backend::FIRMWARE_NODE));
+        assert_eq!(b.reboot_to_try(), Some("0 tryboot"));
+        assert_ne!(AGENT_TRYBOOT_MOUNT, crate::stage2::TRYBOOT_MOUNT);
+    }
+}
