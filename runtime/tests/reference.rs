@@ -175,3 +175,69 @@ fn reference_latency() {
         println!("latency {name} {:.4} {runs}", median(times).as_secs_f64() * 1e3);
     }
 }
+
+/// What the per-version statistics cost on the served path (`backend.infer` on protocol
+/// tensors, then `Monitor::observe` of inputs and outputs), beside the inference alone, for
+/// `BENCH_MODEL` (default mlp) at batch 1. Each input feature is declared with a training
+/// range and ten drift bins, as a watched model declares them, so every observation updates
+/// the moments, the range counts and a bin. The two paths alternate run by run, so a busy
+/// machine disturbs both alike. Timing, not a check: `ci/bench/monitor.sh` runs it. Prints
+/// `monitor <model> plain <ms> observed <ms> overhead <percent> <runs>`.
+#[test]
+#[ignore = "timing, not a check: run by ci/bench/monitor.sh"]
+fn monitor_overhead() {
+    use basalt_bundle::model::{FeatureSpec, ModelConfig, MonitorSpec};
+    use basalt_runtime::monitor::Monitor;
+    let name = std::env::var("BENCH_MODEL").unwrap_or_else(|_| "mlp".into());
+    let seconds: f64 =
+        std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0);
+    let dir = models_dir();
+    let onnx = std::fs::read(dir.join(format!("{name}.onnx")))
+        .unwrap_or_else(|e| panic!("{name}: {e}; run ci/setup.sh first"));
+    let config =
+        ModelConfig::parse(&std::fs::read(dir.join(format!("{name}.model.toml"))).unwrap())
+            .unwrap();
+    let backend = basalt_runtime::backend::load_onnx(&onnx).unwrap();
+    let inputs: Vec<_> =
+        config.test.inputs.iter().map(|t| basalt_runtime::store::to_tensor(t).unwrap()).collect();
+    // Every input declared feature by feature along its last axis.
+    let specs: Vec<MonitorSpec> = backend
+        .inputs()
+        .iter()
+        .zip(&inputs)
+        .map(|(meta, t)| MonitorSpec {
+            tensor: meta.name.clone(),
+            axis: None,
+            features: (0..*t.shape.last().unwrap())
+                .map(|i| FeatureSpec {
+                    name: Some(format!("f{i}")),
+                    range: Some([-4.0, 4.0]),
+                    bins: (1..10).map(|k| -4.0 + 0.8 * k as f64).collect(),
+                    expected: vec![0.1; 10],
+                })
+                .collect(),
+        })
+        .collect();
+    let monitor = Monitor::new(&specs, &backend.inputs(), &backend.outputs()).unwrap();
+    for _ in 0..100 {
+        monitor.observe(&inputs, &backend.infer(&inputs).unwrap());
+    }
+    let (mut plain, mut observed) = (Vec::new(), Vec::new());
+    let started = Instant::now();
+    while plain.len() < 1000 || started.elapsed().as_secs_f64() < seconds {
+        let t = Instant::now();
+        let out = backend.infer(&inputs).unwrap();
+        plain.push(t.elapsed());
+        std::hint::black_box(out);
+        let t = Instant::now();
+        let out = backend.infer(&inputs).unwrap();
+        monitor.observe(&inputs, &out);
+        observed.push(t.elapsed());
+    }
+    let runs = plain.len();
+    let (p, o) = (median(plain).as_secs_f64() * 1e3, median(observed).as_secs_f64() * 1e3);
+    println!(
+        "monitor {name} plain {p:.5} observed {o:.5} overhead {:.2} {runs}",
+        (o / p - 1.0) * 100.0
+    );
+}
