@@ -20,16 +20,12 @@ use basalt_bundle::layout::RPI_AUTOBOOT_LABEL;
 use basalt_bundle::slot::Slot;
 
 use crate::assess::{AssessError, Bootloader, EspLocation, SystemdBoot};
+use crate::pending_try::TryView;
 use crate::platform;
 use crate::tryboot::{Tryboot, TrybootLocation};
 
 /// Where the Raspberry Pi firmware tells the OS what it booted.
 pub const FIRMWARE_NODE: &str = "/proc/device-tree/chosen/bootloader";
-
-/// Present while a reboot should start a try (`reboot "0 tryboot"` on a
-/// Pi): the agent creates it once an install armed a slot, and PID 1 reads
-/// it when it reboots. It lives on `/run`, so it is gone after any boot.
-pub const TRY_REBOOT_MARKER: &str = "/run/basalt/reboot-to-try";
 
 /// The Raspberry Pi partitions to mount and where.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,6 +100,16 @@ impl Backend {
         match self {
             Backend::SystemdBoot(_) => None,
             Backend::Tryboot(_) => Some(crate::tryboot::TRYBOOT_ARG),
+        }
+    }
+
+    /// What the firmware reported for this boot and which slot
+    /// `autoboot.txt` arms, for [`crate::pending_try`]; `None` for a
+    /// back-end that tries a new slot on any boot.
+    pub fn try_view(&self) -> Result<Option<TryView>, AssessError> {
+        match self {
+            Backend::SystemdBoot(_) => Ok(None),
+            Backend::Tryboot(m) => m.with_mounted(|loc| Tryboot::new(loc)?.try_view().map(Some)),
         }
     }
 
@@ -197,14 +203,6 @@ impl TrybootMounts {
     }
 }
 
-/// The argument PID 1's reboot passes to the firmware: the back-end's try
-/// argument when the agent asked for a try (`marker` exists), else none.
-/// The marker's content is never passed on: only the back-end's own
-/// argument is.
-pub fn reboot_argument(backend: &Backend, marker: &Path) -> Option<&'static str> {
-    backend.reboot_to_try().filter(|_| marker.exists())
-}
-
 /// Reads the image's bootloader config from `path`; a missing file means
 /// systemd-boot (images built before the file existed, and every UEFI
 /// image). A file that cannot be read or parsed is an error for the
@@ -244,19 +242,6 @@ mod tests {
         let odd = BootloaderConfig { boot_partitions: Some([5, 6]), ..pi() };
         let Backend::Tryboot(m) = Backend::from_config(&odd, sys, dev, base, fw) else { panic!() };
         assert_eq!(m.partitions, [5, 6]);
-    }
-
-    #[test]
-    fn a_try_reboot_needs_the_marker_and_a_back_end_that_asks_for_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let marker = dir.path().join("reboot-to-try");
-        let (s, d, b, f) = (dir.path(), dir.path(), dir.path(), dir.path());
-        let pi = Backend::from_config(&pi(), s, d, b, f);
-        let sd = Backend::from_config(&BootloaderConfig::default(), s, d, b, f);
-        assert_eq!(reboot_argument(&pi, &marker), None);
-        std::fs::write(&marker, "anything; never passed on").unwrap();
-        assert_eq!(reboot_argument(&pi, &marker), Some("0 tryboot"));
-        assert_eq!(reboot_argument(&sd, &marker), None);
     }
 
     #[test]

@@ -27,6 +27,7 @@ pub mod dhcp;
 pub mod fetch;
 pub mod health;
 pub mod network;
+pub mod pending_try;
 pub mod platform;
 pub mod stage1;
 pub mod stage2;

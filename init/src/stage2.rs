@@ -11,6 +11,12 @@
 //! with a timeout from the next timer, until SIGTERM or SIGPWR (power off)
 //! or SIGINT (Ctrl-Alt-Del: reboot), or a failed boot assessment (reboot).
 //!
+//! On a Raspberry Pi, before services start, the try an install left
+//! owed is settled ([`crate::pending_try`]): removed as this boot's try
+//! begins, or, when a power cut came before the reboot that would have
+//! tried it, asked for again (once) by a reboot as soon as this boot is
+//! blessed.
+//!
 //! Shutdown: services stop in reverse order (SIGTERM, SIGKILL after
 //! `boot.stop_timeout_ms`), then every remaining process gets the same,
 //! then sync, unmount the ESP and `/data`, disarm the watchdog, and
@@ -34,8 +40,9 @@ use basalt_bundle::config::{
 use basalt_bundle::slot::Slot;
 
 use crate::assess::{self, AssessError, Assessor, FailOutcome, Verdict};
-use crate::backend::{self, Backend, TRY_REBOOT_MARKER};
+use crate::backend::{self, Backend};
 use crate::network::{self, INTERFACE_WAIT, RESOLV_CONF, SYS_CLASS_NET};
+use crate::pending_try::{self, TRY_MARKER};
 use crate::platform::mount::{self, MountFlags};
 use crate::platform::process::{self, Reaped, StopSignal};
 use crate::platform::reboot::{self, Halt};
@@ -271,6 +278,10 @@ struct Init {
     assess_wake: Option<Duration>,
     slot: Option<Slot>,
     backend: Backend,
+    /// The installed slot's try never started (see
+    /// [`crate::pending_try`]): reboot with the try argument once this
+    /// boot is blessed.
+    retry_try: bool,
     stop_timeout: Duration,
     shutdown: Option<Shutdown>,
     announced_started: bool,
@@ -291,6 +302,37 @@ fn choose_backend() -> Backend {
         BootloaderKind::RpiTryboot => TRYBOOT_MOUNT,
     };
     Backend::on_device(&config, Path::new(base))
+}
+
+/// Settles the try an install left on a Raspberry Pi
+/// ([`crate::pending_try::at_boot`]); returns whether to reboot with the
+/// try argument once this boot is blessed. Nothing is mounted without a
+/// marker.
+fn settle_pending_try(backend: &Backend) -> bool {
+    let path = Path::new(TRY_MARKER);
+    if !pending_try::exists(path) && !pending_try::exists(&path.with_extension("tmp")) {
+        return false;
+    }
+    let view = match backend.try_view() {
+        Ok(Some(view)) => view,
+        Ok(None) => return false,
+        Err(e) => {
+            say(&format!("cannot read the tryboot state: {e}; {TRY_MARKER} is left as it is"));
+            return false;
+        }
+    };
+    match pending_try::at_boot(path, &view) {
+        Ok(found) => {
+            if let Some(msg) = found.message() {
+                say(&msg);
+            }
+            found.retry()
+        }
+        Err(e) => {
+            say(&format!("{e}; no automatic try this boot"));
+            false
+        }
+    }
 }
 
 /// Where PID 1 mounts a Raspberry Pi's `autoboot`, `boot_a` and `boot_b`
@@ -416,6 +458,10 @@ pub fn run() -> ! {
         Some(_) => Assessment::Pending(assessor),
         None => Assessment::Off,
     };
+    let backend = choose_backend();
+    // Before services start (the update agent is one of them): the try
+    // marker is settled, or removed as this boot's try begins.
+    let retry_try = settle_pending_try(&backend);
     let mut init = Init {
         started,
         sup,
@@ -426,7 +472,8 @@ pub fn run() -> ! {
         assessment,
         assess_wake: None,
         slot,
-        backend: choose_backend(),
+        backend,
+        retry_try,
         stop_timeout,
         shutdown: None,
         // With no usable configuration there is nothing to announce.
@@ -639,6 +686,24 @@ impl Init {
         let now = signal::now();
         self.launcher.drain(now, &mut self.sup);
         self.launcher.close_logs();
+        // While an install's try is owed (the marker on /data, so read and
+        // counted before /data is unmounted), a Pi's reboot carries the
+        // firmware's argument (`0 tryboot`).
+        let try_arg = match how {
+            Halt::Reboot => {
+                match pending_try::reboot_argument(
+                    self.backend.reboot_to_try(),
+                    Path::new(TRY_MARKER),
+                ) {
+                    Ok(arg) => arg,
+                    Err(e) => {
+                        self.say(&format!("{e}; rebooting plainly, without the try"));
+                        None
+                    }
+                }
+            }
+            Halt::PowerOff => None,
+        };
         mount::sync_all();
         let proc_mounts = Path::new("/proc/self/mounts");
         for target in [ESP_MOUNT, DATA_MOUNT] {
@@ -676,12 +741,6 @@ impl Init {
                 self.say(&format!("cannot disarm the watchdog: {e}"));
             }
         }
-        // After an install the agent asks for a try; on a Pi the reboot
-        // must carry the firmware's argument (`0 tryboot`).
-        let try_arg = match how {
-            Halt::Reboot => backend::reboot_argument(&self.backend, Path::new(TRY_REBOOT_MARKER)),
-            Halt::PowerOff => None,
-        };
         if let Some(arg) = try_arg {
             self.say(&format!("rebooting with \"{arg}\" to try the installed slot"));
             console::drain_stderr();
@@ -720,6 +779,9 @@ impl Init {
             Verdict::Bless => {
                 self.assessment = Assessment::Done;
                 self.bless(slot, now);
+                if std::mem::take(&mut self.retry_try) {
+                    self.request_shutdown(Halt::Reboot, now, "the installed slot's try is owed");
+                }
             }
             Verdict::Fail { reason } => {
                 self.assessment = Assessment::Done;

@@ -15,6 +15,7 @@ use basalt_bundle::slot::Slot;
 use serde::Serialize;
 
 use crate::assess::{AssessError, Bootloader, SlotBoot};
+use crate::pending_try::{self, TryMarker};
 use crate::update::install::{self, BundlePayloads, InstallError};
 use crate::update::state::{self, AgentState, Outcome, Pending, StateFile};
 
@@ -64,13 +65,21 @@ pub trait Machine {
     fn root_device(&self, slot: Slot) -> Result<PathBuf, UpdateError>;
     /// The time, in Unix seconds.
     fn now(&self) -> i64;
-    /// Makes the next reboot pass `arg` to the firmware (`0 tryboot` on a
-    /// Raspberry Pi), so that it tries the slot an install armed; called
-    /// only when the bootloader needs such an argument. On a device it
-    /// leaves [`crate::backend::TRY_REBOOT_MARKER`] for PID 1.
+    /// Told that the next reboot must pass `arg` to the firmware (`0
+    /// tryboot` on a Raspberry Pi) to try the slot an install armed;
+    /// called only when the bootloader needs such an argument, after the
+    /// try marker ([`Machine::try_marker`]) is written. A device needs
+    /// nothing more: PID 1 reads the marker when it reboots.
     fn arm_try_reboot(&self, arg: &'static str) -> Result<(), UpdateError> {
         let _ = arg;
         Ok(())
+    }
+    /// Where the agent records the try an install still needs
+    /// ([`crate::pending_try`]), on a machine whose bootloader tries a
+    /// slot only on a reboot that asks for it; `None` where there is no
+    /// such record (the try reboot is then only [`Machine::arm_try_reboot`]).
+    fn try_marker(&self) -> Option<PathBuf> {
+        None
     }
 }
 
@@ -287,6 +296,11 @@ impl<M: Machine> Agent<M> {
             // Installed during this boot; the reboot has not happened yet.
             return None;
         }
+        if self.try_not_started(&pending) {
+            // A power cut or power-off came before the reboot that tries
+            // it; PID 1 asks for the try again.
+            return None;
+        }
         self.state.pending = None;
         let msg = format!(
             "rolled back: {} did not become healthy in slot {}; {} runs again and {} will not \
@@ -305,6 +319,18 @@ impl<M: Machine> Agent<M> {
         });
         self.save();
         Some(msg)
+    }
+
+    /// Whether `pending`'s try has not started yet: the try marker still
+    /// names it and its slot is still armed (PID 1 removes the marker as
+    /// the try starts, and when it gives up on it).
+    fn try_not_started(&self, pending: &Pending) -> bool {
+        let Some(marker) = self.machine.try_marker() else { return false };
+        if !pending_try::names(&marker, pending.slot, &pending.version) {
+            return false;
+        }
+        let state = self.machine.with_bootloader(&mut |bl| Ok(bl.entry_state(pending.slot)?));
+        matches!(state, Ok(EntryState::Indeterminate))
     }
 
     /// `GET /v1/status`.
@@ -498,6 +524,16 @@ impl<M: Machine> Agent<M> {
             Ok((written, entry, bl.reboot_to_try()))
         })?;
         if let Some(arg) = try_arg {
+            // After the slot is armed: a marker always names an armed slot
+            // (a cut between the two leaves the slot armed and no marker,
+            // and the agent has recorded no pending install yet).
+            if let Some(marker) = self.machine.try_marker() {
+                pending_try::write(&marker, &TryMarker::new(target, &version)).map_err(|e| {
+                    UpdateError::Machine(format!(
+                        "{e}; the slot is armed, but only a reboot with \"{arg}\" tries it"
+                    ))
+                })?;
+            }
             self.machine.arm_try_reboot(arg)?;
         }
         Ok(Installed {

@@ -9,7 +9,8 @@ use basalt_bundle::slot::Slot;
 use basalt_bundle::config::{BootloaderConfig, BootloaderKind, BOOTLOADER_CONFIG_PATH};
 
 use crate::assess::{slot_from_cmdline, Bootloader};
-use crate::backend::{self, Backend, TRY_REBOOT_MARKER};
+use crate::backend::{self, Backend};
+use crate::pending_try::TRY_MARKER;
 use crate::platform;
 use crate::update::agent::{Machine, UpdateError};
 
@@ -89,20 +90,8 @@ impl Machine for Device {
         self.backend.with_bootloader(self.booted, |bl| f(bl))
     }
 
-    fn arm_try_reboot(&self, arg: &'static str) -> Result<(), UpdateError> {
-        let marker = Path::new(TRY_REBOOT_MARKER);
-        let write = || {
-            if let Some(dir) = marker.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            std::fs::write(marker, format!("{arg}\n"))
-        };
-        write().map_err(|e| {
-            UpdateError::Machine(format!(
-                "cannot write {}: {e}; the next reboot would not try the new slot",
-                marker.display()
-            ))
-        })
+    fn try_marker(&self) -> Option<PathBuf> {
+        self.backend.reboot_to_try().map(|_| PathBuf::from(TRY_MARKER))
     }
 
     fn root_device(&self, slot: Slot) -> Result<PathBuf, UpdateError> {
@@ -144,6 +133,10 @@ mod tests {
         assert_eq!(m.location().config, Path::new(AGENT_TRYBOOT_MOUNT).join("autoboot"));
         assert_eq!(m.firmware, Path::new(backend::FIRMWARE_NODE));
         assert_eq!(b.reboot_to_try(), Some("0 tryboot"));
+        let dev = Device { booted: None, backend: b, config_error: None };
+        assert_eq!(dev.try_marker(), Some(PathBuf::from(TRY_MARKER)));
+        let dev = Device { backend: device_backend(&BootloaderConfig::default()), ..dev };
+        assert_eq!(dev.try_marker(), None);
         assert_ne!(AGENT_TRYBOOT_MOUNT, crate::stage2::TRYBOOT_MOUNT);
     }
 }
