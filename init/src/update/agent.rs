@@ -322,15 +322,14 @@ impl<M: Machine> Agent<M> {
     }
 
     /// Whether `pending`'s try has not started yet: the try marker still
-    /// names it and its slot is still armed (PID 1 removes the marker as
-    /// the try starts, and when it gives up on it).
+    /// names it. PID 1 settles the marker before services start (removed
+    /// as the try starts, when it is stale, and when it gives up on it),
+    /// so it is not checked against the bootloader again here: the
+    /// reconciler asks every second, and that would mount the boot
+    /// partitions as often.
     fn try_not_started(&self, pending: &Pending) -> bool {
         let Some(marker) = self.machine.try_marker() else { return false };
-        if !pending_try::names(&marker, pending.slot, &pending.version) {
-            return false;
-        }
-        let state = self.machine.with_bootloader(&mut |bl| Ok(bl.entry_state(pending.slot)?));
-        matches!(state, Ok(EntryState::Indeterminate))
+        pending_try::names(&marker, pending.slot, &pending.version)
     }
 
     /// `GET /v1/status`.
