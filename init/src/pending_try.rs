@@ -24,7 +24,7 @@
 //! | any | names a slot `autoboot.txt` no longer arms, or another version | stale (blessed, marked bad, reinstalled): removes it |
 //!
 //! The update agent does not report a rollback while the marker names its
-//! pending install and that slot is still armed. Every write goes through
+//! pending install (slot and version). Every write goes through
 //! [`crate::update::cut`]: a temporary file, flushed, renamed over the
 //! marker, the folder flushed.
 
