@@ -529,17 +529,6 @@ mod tests {
     }
 
     #[test]
-    fn autoboot_txt_is_the_documented_form() {
-        let a = Autoboot { all: 2, tryboot: 3 };
-        let text = a.to_text();
-        assert_eq!(text, "[all]\ntryboot_a_b=1\nboot_partition=2\n[tryboot]\nboot_partition=3\n");
-        assert_eq!(Autoboot::parse(&text), Ok(a));
-        assert!(Autoboot::parse("[all]\nboot_partition=2\n").unwrap_err().contains("tryboot_a_b"));
-        let long = format!("{text}#{}\n", "x".repeat(600));
-        assert!(Autoboot::parse(&long).unwrap_err().contains("only 512"));
-    }
-
-    #[test]
     fn install_try_bless_fail_and_fall_back() {
         let (v1, v2, v3) =
             (version("1.0.0", 1, 8192), version("1.1.0", 2, 8192), version("1.2.0", 3, 8192));
