@@ -2,8 +2,10 @@
 //! of a model version, its drift from the training distribution that
 //! `model.toml` declares, and its compute-time distribution.
 //!
-//! Per feature: count, mean and variance (Welford's online algorithm, so
-//! one pass and no stored samples), min, max, the values outside the
+//! Per feature: count, mean and variance (one pass, no stored samples:
+//! sums of the differences from the feature's first value and of their
+//! squares, so there is no division per value and the digits survive a
+//! large mean), min, max, the values outside the
 //! training range, non-finite values, and counts per training bin, from
 //! which the population stability index (PSI) is computed when read:
 //! `PSI = Σ (a_i − e_i) · ln(a_i / e_i)` over the bins, `a_i` the share of
@@ -87,12 +89,78 @@ pub fn psi(actual: &[u64], expected: &[f64]) -> Option<f64> {
     Some(sum)
 }
 
+/// One feature's running sums: of `x - shift` and of its square, with
+/// `shift` the first value seen (the shifted-data algorithm: as exact as
+/// Welford's when values sit far from zero, and no division per value).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Moments {
+    count: u64,
+    shift: f64,
+    s1: f64,
+    s2: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Moments {
+    #[inline]
+    fn push(&mut self, x: f64) {
+        if self.count == 0 {
+            self.shift = x;
+            self.min = x;
+            self.max = x;
+        }
+        self.count += 1;
+        let d = x - self.shift;
+        self.s1 += d;
+        self.s2 += d * d;
+        self.min = self.min.min(x);
+        self.max = self.max.max(x);
+    }
+
+    /// Count, mean, sum of squared differences from the mean, min, max.
+    fn stats(&self) -> Welford {
+        if self.count == 0 {
+            return Welford::default();
+        }
+        let n = self.count as f64;
+        Welford {
+            count: self.count,
+            mean: self.shift + self.s1 / n,
+            m2: (self.s2 - self.s1 * self.s1 / n).max(0.0),
+            min: self.min,
+            max: self.max,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct FeatureCounters {
-    welford: Welford,
+    moments: Moments,
     out_of_range: u64,
     nonfinite: u64,
     bins: Vec<u64>,
+}
+
+impl FeatureCounters {
+    /// Counts one value of the feature `r` describes.
+    #[inline]
+    fn add(&mut self, r: &FeatureRef, x: f64) {
+        if !x.is_finite() {
+            self.nonfinite += 1;
+            return;
+        }
+        self.moments.push(x);
+        if let Some((lo, hi)) = r.range {
+            self.out_of_range += u64::from(x < lo || x > hi);
+        }
+        if let Some(last) = self.bins.len().checked_sub(1) {
+            // The edges increase: the bin is how many are <= x (a
+            // branch-free count over a few edges).
+            let bin: usize = r.edges.iter().map(|e| usize::from(*e <= x)).sum();
+            self.bins[bin.min(last)] += 1;
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -203,9 +271,9 @@ impl TensorMonitor {
     fn observe_with<T>(&self, shape: &[usize], data: &[T], f: impl Fn(&T) -> f64) {
         let Ok(mut counters) = self.counters.lock() else { return };
         let n = self.refs.len();
-        // Elements are row-major: the feature index of element k is
-        // (k / inner) % n, with inner the product of the dimensions after
-        // the axis.
+        // Elements are row-major: with `inner` the product of the
+        // dimensions after the axis, each run of `n * inner` elements holds
+        // feature 0's `inner` values, then feature 1's, and so on.
         let inner = match self.axis {
             None => data.len().max(1),
             Some(a) => {
@@ -215,23 +283,11 @@ impl TensorMonitor {
                 shape[a + 1..].iter().product::<usize>().max(1)
             }
         };
-        for (block, chunk) in data.chunks(inner).enumerate() {
-            let i = if self.axis.is_some() { block % n } else { 0 };
-            let (r, c) = (&self.refs[i], &mut counters[i]);
-            for x in chunk {
-                let x = f(x);
-                if !x.is_finite() {
-                    c.nonfinite += 1;
-                    continue;
-                }
-                c.welford.push(x);
-                if let Some((lo, hi)) = r.range {
-                    if x < lo || x > hi {
-                        c.out_of_range += 1;
-                    }
-                }
-                if !c.bins.is_empty() {
-                    c.bins[r.edges.partition_point(|e| *e <= x)] += 1;
+        let (refs, counters) = (&self.refs[..], &mut counters[..]);
+        for row in data.chunks(n * inner) {
+            for ((r, c), values) in refs.iter().zip(counters.iter_mut()).zip(row.chunks(inner)) {
+                for x in values {
+                    c.add(r, f(x));
                 }
             }
         }
@@ -245,7 +301,7 @@ impl TensorMonitor {
             .zip(counters.iter())
             .map(|(r, c)| FeatureSnapshot {
                 name: r.name.clone(),
-                stats: c.welford.clone(),
+                stats: c.moments.stats(),
                 out_of_range: c.out_of_range,
                 nonfinite: c.nonfinite,
                 psi: if c.bins.is_empty() { None } else { psi(&c.bins, &r.expected) },
@@ -377,6 +433,21 @@ mod tests {
         assert!((w.variance() - var).abs() < 1e-6 * var, "{} vs {var}", w.variance());
         assert_eq!(w.min, xs.iter().cloned().fold(f64::INFINITY, f64::min));
         assert_eq!(w.max, xs.iter().cloned().fold(f64::NEG_INFINITY, f64::max));
+        // The shifted sums the monitor keeps give the same.
+        let mut m = Moments::default();
+        xs.iter().for_each(|&x| m.push(x));
+        let s = m.stats();
+        assert_eq!((s.count, s.min, s.max), (w.count, w.min, w.max));
+        assert!((s.mean - mean).abs() < 1e-12 * mean, "{} vs {mean}", s.mean);
+        assert!((s.variance() - var).abs() < 1e-6 * var, "{} vs {}", s.variance(), var);
+        // Starting far from the mean loses no more than that.
+        let mut m = Moments::default();
+        m.push(0.0);
+        xs.iter().for_each(|&x| m.push(x));
+        let all: Vec<f64> = std::iter::once(0.0).chain(xs.iter().copied()).collect();
+        let mean = all.iter().sum::<f64>() / all.len() as f64;
+        let var = all.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / all.len() as f64;
+        assert!((m.stats().variance() - var).abs() < 1e-6 * var);
     }
 
     /// A uniform distribution on [0, 1): mean 1/2, variance 1/12 in closed
