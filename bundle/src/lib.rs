@@ -15,6 +15,8 @@
 //! `model.toml` of model bundles, with its test vector. [`civil`] converts
 //! the dates these formats carry. [`tryboot`] is the Raspberry Pi's
 //! `autoboot.txt` and the files basalt keeps in each slot's boot partition.
+//! [`uboot`] is the U-Boot environment's block format and basalt's
+//! variables in it.
 //!
 //! It does no I/O beyond reading and writing the streams it is given (no
 //! network; files only in [`model::install`], the installed-model layout
@@ -36,6 +38,7 @@ pub mod model;
 pub mod signature;
 pub mod slot;
 pub mod tryboot;
+pub mod uboot;
 
 pub use archive::{BundleError, BundleReader, Payload};
 pub use channel::{Channel, ChannelError};

@@ -4,7 +4,9 @@
 //!
 //! # The environment block
 //!
-//! Each copy is `size` bytes at `offset` of a device or file: a CRC-32
+//! The block format and the variables' names are
+//! [`basalt_bundle::uboot`]'s, shared with the builder, which writes an
+//! image's initial environment. Each copy is `size` bytes at `offset` of a device or file: a CRC-32
 //! (little-endian) over the data, then, in a redundant environment, one
 //! flag byte, then the data: `name=value` strings, each ended by a NUL,
 //! the last followed by a second NUL, padded to the end. Of two copies
@@ -34,7 +36,6 @@
 //! - `altbootcmd`: [`ALTBOOTCMD`], which marks the slot on trial bad,
 //!   selects the other one, ends the trial and boots.
 
-use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -49,36 +50,10 @@ use crate::assess::{
 use crate::update::cut;
 use crate::update::install::{io_err, InstallError};
 
-/// The variable that selects the slot `bootcmd` boots.
-pub const SLOT_VAR: &str = "basalt_slot";
-/// Non-zero while a slot is on trial: U-Boot counts boots only then.
-pub const UPGRADE_AVAILABLE: &str = "upgrade_available";
-/// Boots of the slot on trial so far (U-Boot increments it).
-pub const BOOTCOUNT: &str = "bootcount";
-/// Boots the slot on trial gets before `altbootcmd` runs instead.
-pub const BOOTLIMIT: &str = "bootlimit";
-/// What U-Boot runs once `bootcount` exceeds `bootlimit`.
-pub const ALTBOOTCMD_VAR: &str = "altbootcmd";
-/// The fallback: marks the slot on trial bad, selects the other one, ends
-/// the trial, saves the environment and boots (U-Boot hush syntax).
-pub const ALTBOOTCMD: &str = "if test \"${basalt_slot}\" = b; then setenv basalt_bad_b 1; \
-     setenv basalt_slot a; else setenv basalt_bad_a 1; setenv basalt_slot b; fi; \
-     setenv upgrade_available; setenv bootcount; saveenv; run bootcmd";
-
-/// The variable holding `slot`'s installed version.
-pub fn version_var(slot: Slot) -> String {
-    format!("basalt_version_{slot}")
-}
-
-/// The variable holding `slot`'s kernel command line.
-pub fn args_var(slot: Slot) -> String {
-    format!("basalt_args_{slot}")
-}
-
-/// The variable set when `slot` failed.
-pub fn bad_var(slot: Slot) -> String {
-    format!("basalt_bad_{slot}")
-}
+pub use basalt_bundle::uboot::{
+    args_var, bad_var, flag_newer, version_var, Env, ALTBOOTCMD, ALTBOOTCMD_VAR, BOOTCOUNT,
+    BOOTLIMIT, SLOT_VAR, UPGRADE_AVAILABLE,
+};
 
 /// The size of one write to an environment copy: a sector, so a power cut
 /// can tear a copy the way a disk tears it.
@@ -105,94 +80,6 @@ pub struct EnvLocation {
     pub redundant: Option<EnvCopy>,
 }
 
-/// The variables of an environment, sorted as U-Boot writes them.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Env {
-    vars: BTreeMap<String, String>,
-}
-
-impl Env {
-    /// An empty environment.
-    pub fn new() -> Env {
-        Env::default()
-    }
-
-    /// A variable's value.
-    pub fn get(&self, name: &str) -> Option<&str> {
-        self.vars.get(name).map(String::as_str)
-    }
-
-    /// A variable read as U-Boot's `env_get_ulong(name, 10, default)`
-    /// does: leading decimal digits, 0 when there are none.
-    pub fn get_ulong(&self, name: &str, default: u64) -> u64 {
-        match self.get(name) {
-            None => default,
-            Some(v) => {
-                let digits: String = v.chars().take_while(char::is_ascii_digit).collect();
-                digits.parse().unwrap_or(0)
-            }
-        }
-    }
-
-    /// Sets a variable.
-    pub fn set(&mut self, name: &str, value: impl Into<String>) {
-        self.vars.insert(name.to_string(), value.into());
-    }
-
-    /// Deletes a variable (`setenv name`).
-    pub fn remove(&mut self, name: &str) {
-        self.vars.remove(name);
-    }
-
-    /// Every variable, sorted.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.vars.iter().map(|(k, v)| (k.as_str(), v.as_str()))
-    }
-
-    /// Reads the data area: `name=value` strings up to the double NUL.
-    pub fn parse(data: &[u8]) -> Result<Env, String> {
-        let mut vars = BTreeMap::new();
-        let mut rest = data;
-        loop {
-            let end = rest.iter().position(|&b| b == 0).ok_or("no terminating NUL")?;
-            if end == 0 {
-                return Ok(Env { vars });
-            }
-            let text = std::str::from_utf8(&rest[..end])
-                .map_err(|_| "a variable is not UTF-8".to_string())?;
-            let (name, value) =
-                text.split_once('=').ok_or_else(|| format!("{text:?} has no '='"))?;
-            vars.insert(name.to_string(), value.to_string());
-            rest = &rest[end + 1..];
-        }
-    }
-
-    /// The data area of `len` bytes: the variables, a double NUL, zero
-    /// padding (as `fw_setenv` pads).
-    pub fn to_data(&self, len: usize) -> Result<Vec<u8>, String> {
-        let mut data = Vec::with_capacity(len);
-        for (name, value) in &self.vars {
-            if name.is_empty() || name.contains(['=', '\0']) || value.contains('\0') {
-                return Err(format!("variable {name:?} cannot be stored"));
-            }
-            data.extend_from_slice(name.as_bytes());
-            data.push(b'=');
-            data.extend_from_slice(value.as_bytes());
-            data.push(0);
-        }
-        data.push(0);
-        if data.len() > len {
-            return Err(format!(
-                "the variables take {} bytes but the environment holds {len}; \
-                 give the board a larger environment",
-                data.len()
-            ));
-        }
-        data.resize(len, 0);
-        Ok(data)
-    }
-}
-
 /// Which copy was read, and its flag byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Current {
@@ -200,16 +87,6 @@ pub struct Current {
     pub copy: usize,
     /// Its flag byte (0 without a redundant copy).
     pub flag: u8,
-}
-
-/// Whether flag `a` is newer than flag `b`, by U-Boot's rule: the higher
-/// one, except that 0 is newer than 255 (the flag wrapped).
-pub fn flag_newer(a: u8, b: u8) -> bool {
-    match (a, b) {
-        (0, 255) => true,
-        (255, 0) => false,
-        _ => a > b,
-    }
 }
 
 /// A U-Boot environment on its device or file.
@@ -243,11 +120,7 @@ impl EnvStore {
     }
 
     fn header(&self) -> usize {
-        if self.loc.redundant.is_some() {
-            5
-        } else {
-            4
-        }
+        basalt_bundle::uboot::header_len(self.loc.redundant.is_some())
     }
 
     /// Reads one copy: its flag and, when its CRC is right, its variables.
@@ -260,20 +133,13 @@ impl EnvStore {
             });
         }
         let buf = read_at(&copy.path, copy.offset, copy.size)?;
-        let crc = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
-        let flag = if header == 5 { buf[4] } else { 0 };
-        let data = &buf[header..];
-        if crc32fast::hash(data) != crc {
-            return Ok((flag, None));
-        }
-        let env = Env::parse(data).map_err(|reason| AssessError::Invalid {
+        Env::from_block(&buf, self.loc.redundant.is_some()).map_err(|reason| AssessError::Invalid {
             path: copy.path.clone(),
             reason: format!(
                 "the U-Boot environment at offset {} is malformed: {reason}",
                 copy.offset
             ),
-        })?;
-        Ok((flag, Some(env)))
+        })
     }
 
     /// The environment U-Boot would load, and which copy holds it.
@@ -325,13 +191,7 @@ impl EnvStore {
         let path = &target.path;
         let bad =
             |reason: String| InstallError::Bootloader(format!("{}: {reason}", path.display()));
-        let data = env.to_data(target.size as usize - header).map_err(bad)?;
-        let mut block = Vec::with_capacity(target.size as usize);
-        block.extend_from_slice(&crc32fast::hash(&data).to_le_bytes());
-        if header == 5 {
-            block.push(flag);
-        }
-        block.extend_from_slice(&data);
+        let block = env.to_block(target.size as usize, header == 5, flag).map_err(bad)?;
         let mut dev = OpenOptions::new().write(true).open(path).map_err(io_err("open", path))?;
         dev.seek(SeekFrom::Start(target.offset)).map_err(io_err("seek in", path))?;
         for sector in block.chunks(SECTOR) {
@@ -757,23 +617,6 @@ mod tests {
     fn states(board: &Board) -> Vec<(Slot, EntryState, String)> {
         let bl = board.uboot(None);
         bl.slots().unwrap().into_iter().map(|r| (r.slot, r.state, r.version)).collect()
-    }
-
-    #[test]
-    fn env_blocks_round_trip_and_refuse_what_does_not_fit() {
-        let mut env = Env::new();
-        env.set("b", "2");
-        env.set("a", "x=y");
-        let data = env.to_data(64).unwrap();
-        assert_eq!(&data[..10], b"a=x=y\0b=2\0");
-        assert!(data[10..].iter().all(|&b| b == 0));
-        assert_eq!(Env::parse(&data).unwrap(), env);
-        assert!(env.to_data(10).unwrap_err().contains("larger environment"));
-        assert!(Env::parse(b"novalue\0\0").unwrap_err().contains("has no '='"));
-        assert_eq!(env.get_ulong("b", 7), 2);
-        assert_eq!(env.get_ulong("a", 7), 0);
-        assert_eq!(env.get_ulong("c", 7), 7);
-        assert!(flag_newer(0, 255) && !flag_newer(255, 0) && flag_newer(3, 2));
     }
 
     #[test]
