@@ -44,6 +44,23 @@ pub enum BootloaderKind {
     SystemdBoot,
     /// The Raspberry Pi firmware's `autoboot.txt` and tryboot.
     RpiTryboot,
+    /// U-Boot's `bootcount` / `bootlimit` / `altbootcmd` in a redundant
+    /// environment ([`crate::uboot`]).
+    UBoot,
+}
+
+/// Where a U-Boot board keeps its redundant environment on the device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UbootEnvConfig {
+    /// The device holding both copies, e.g. `/dev/mmcblk0`.
+    pub device: String,
+    /// Byte offset of the first copy (`CONFIG_ENV_OFFSET`).
+    pub offset: u64,
+    /// Byte offset of the second copy (`CONFIG_ENV_OFFSET_REDUND`).
+    pub offset_redund: u64,
+    /// Size of each copy (`CONFIG_ENV_SIZE`).
+    pub size: u64,
 }
 
 /// Which bootloader back-end the device runs, and where its files are.
@@ -57,6 +74,9 @@ pub struct BootloaderConfig {
     /// boot partitions, as `autoboot.txt`'s `boot_partition` counts them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_partitions: Option<[u32; 2]>,
+    /// With `u-boot`: where the environment is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uboot_env: Option<UbootEnvConfig>,
 }
 
 impl BootloaderConfig {
@@ -434,14 +454,30 @@ mod tests {
 
     #[test]
     fn bootloader_config_round_trips_and_defaults_to_systemd_boot() {
-        let pi =
-            BootloaderConfig { kind: BootloaderKind::RpiTryboot, boot_partitions: Some([2, 3]) };
+        let pi = BootloaderConfig {
+            kind: BootloaderKind::RpiTryboot,
+            boot_partitions: Some([2, 3]),
+            uboot_env: None,
+        };
         let text = pi.to_toml();
         assert_eq!(text, "kind = \"rpi-tryboot\"\nboot_partitions = [2, 3]\n");
         assert_eq!(BootloaderConfig::from_toml(&text).unwrap(), pi);
         assert!(BootloaderConfig::from_toml("").unwrap().is_default());
         assert!(BootloaderConfig::from_toml("kind = \"grub\"\n").is_err());
         assert!(BootloaderConfig::from_toml("partitions = [2, 3]\n").is_err());
+        let uboot = BootloaderConfig {
+            kind: BootloaderKind::UBoot,
+            boot_partitions: None,
+            uboot_env: Some(UbootEnvConfig {
+                device: "/dev/mmcblk0".into(),
+                offset: 0x3F8000,
+                offset_redund: 0x3FC000,
+                size: 0x4000,
+            }),
+        };
+        let text = uboot.to_toml();
+        assert!(text.starts_with("kind = \"u-boot\"\n"), "{text}");
+        assert_eq!(BootloaderConfig::from_toml(&text).unwrap(), uboot);
     }
 
     fn sample() -> ImageConfig {

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use basalt_bundle::config::{BootloaderConfig, BootloaderKind};
+use basalt_bundle::config::{BootloaderConfig, BootloaderKind, UbootEnvConfig};
 use basalt_bundle::layout::Arch;
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -23,9 +23,8 @@ pub struct Board {
     /// Assessment), `u-boot` (`bootcount`/`bootlimit`/`altbootcmd` in a
     /// redundant environment; needs `[uboot]`) or `rpi-tryboot` (the
     /// Raspberry Pi 4/5 firmware's `autoboot.txt` and tryboot; needs
-    /// `[tryboot]`). basalt-init runs all three; `basalt build` lays out
-    /// systemd-boot and rpi-tryboot images so far and refuses u-boot with
-    /// an error (docs/boards.md).
+    /// `[tryboot]`). basalt-init runs all three and `basalt build` lays
+    /// out an image for each (docs/boards.md).
     pub bootloader: Located<String>,
     /// Kernel command line every image on this board gets (console,
     /// panic behaviour); `basalt.slot=` is added per slot.
@@ -79,6 +78,8 @@ pub enum BootFirmware<'a> {
     /// The Raspberry Pi firmware: the firmware files and `config.txt`
     /// lines of `[tryboot]`.
     Tryboot(&'a TrybootSection),
+    /// U-Boot, the board's own: where its environment is (`[uboot]`).
+    UBoot(&'a UbootSection),
 }
 
 /// The partition numbers of slot a's and slot b's boot partitions in the
@@ -92,6 +93,11 @@ impl Board {
         self.bootloader.value == "rpi-tryboot"
     }
 
+    /// Whether the board boots with U-Boot and its `[uboot]` environment.
+    pub fn is_uboot(&self) -> bool {
+        self.bootloader.value == "u-boot"
+    }
+
     /// What the device is told about its bootloader back-end (stage 1's
     /// slot config and the root filesystem's bootloader config).
     pub fn bootloader_config(&self) -> BootloaderConfig {
@@ -99,8 +105,21 @@ impl Board {
             (Some(t), true) => BootloaderConfig {
                 kind: BootloaderKind::RpiTryboot,
                 boot_partitions: Some(t.boot_partitions.value),
+                uboot_env: None,
             },
-            _ => BootloaderConfig::default(),
+            _ => match (&self.uboot, self.is_uboot()) {
+                (Some(u), true) => BootloaderConfig {
+                    kind: BootloaderKind::UBoot,
+                    boot_partitions: None,
+                    uboot_env: Some(UbootEnvConfig {
+                        device: u.env_device.value.clone(),
+                        offset: u.env_offset.value,
+                        offset_redund: u.env_offset_redund.value,
+                        size: u.env_size.value,
+                    }),
+                },
+                _ => BootloaderConfig::default(),
+            },
         }
     }
 
@@ -179,17 +198,15 @@ impl Board {
                 Ok(BootFirmware::Tryboot(t))
             }
             "u-boot" => {
-                if self.uboot.is_none() {
-                    return Err(needs("[uboot]"));
+                let u = self.uboot.as_ref().ok_or_else(|| needs("[uboot]"))?;
+                u.check(src)?;
+                if self.arch != Arch::Aarch64 {
+                    return Err(with_help(
+                        src.error(bl.span.clone(), "u-boot boards boot 64-bit ARM kernels (booti)"),
+                        "write arch = \"aarch64\"",
+                    ));
                 }
-                Err(with_help(
-                    src.error(
-                        bl.span.clone(),
-                        format!("`basalt build` cannot lay out an image for `{}` yet", bl.value),
-                    ),
-                    "basalt-init supports this bootloader on the device (docs/boards.md), but \
-                     the image layout is not written; build for a systemd-boot board meanwhile",
-                ))
+                Ok(BootFirmware::UBoot(u))
             }
             _ => Err(with_help(
                 src.error(bl.span.clone(), "unknown bootloader back-end"),
@@ -216,6 +233,80 @@ pub struct UbootSection {
     pub env_offset_redund: Located<u64>,
     /// Size of each copy in bytes (`CONFIG_ENV_SIZE`).
     pub env_size: Located<u64>,
+}
+
+/// The bytes at the start of a disk that the protective MBR, the primary
+/// GPT header and its 128 entries take (LBA 0 to 33).
+pub const GPT_PRIMARY_BYTES: u64 = 34 * 512;
+
+/// The smallest environment U-Boot is built with (`CONFIG_ENV_SIZE`
+/// defaults are 8 KiB and up; below 1 KiB basalt's variables do not fit).
+pub const MIN_ENV_SIZE: u64 = 1024;
+
+impl UbootSection {
+    /// Where the first partition may start: the first 1 MiB boundary at or
+    /// after the end of both copies (never before 1 MiB).
+    pub fn first_partition_offset(&self) -> u64 {
+        let end = (self.env_offset.value + self.env_size.value)
+            .max(self.env_offset_redund.value + self.env_size.value);
+        end.div_ceil(crate::gpt::ALIGNMENT).max(1) * crate::gpt::ALIGNMENT
+    }
+
+    /// Checks the numbers: a size of whole sectors that holds basalt's
+    /// variables, copies on sector boundaries, clear of the partition table
+    /// and of each other. (The partitions start after both copies, see
+    /// [`UbootSection::first_partition_offset`].)
+    pub fn check(&self, src: &Source) -> Result<(), Diagnostic> {
+        let size = self.env_size.value;
+        if size < MIN_ENV_SIZE || !size.is_multiple_of(512) {
+            return Err(with_help(
+                src.error(
+                    self.env_size.span.clone(),
+                    format!("env_size {size:#x} is not a whole number of 512-byte sectors of at least {MIN_ENV_SIZE:#x}"),
+                ),
+                "set it to the CONFIG_ENV_SIZE the board's U-Boot was built with (e.g. 0x4000)",
+            ));
+        }
+        for key in [&self.env_offset, &self.env_offset_redund] {
+            if !key.value.is_multiple_of(512) {
+                return Err(with_help(
+                    src.error(key.span.clone(), format!("{:#x} is not on a 512-byte sector", key.value)),
+                    "use the offset the board's U-Boot was built with; it is a whole number of sectors",
+                ));
+            }
+            if key.value < GPT_PRIMARY_BYTES {
+                return Err(with_help(
+                    src.error(
+                        key.span.clone(),
+                        format!(
+                            "a copy at {:#x} would overwrite the partition table (the first \
+                             {GPT_PRIMARY_BYTES:#x} bytes of the disk)",
+                            key.value
+                        ),
+                    ),
+                    format!("move it to {GPT_PRIMARY_BYTES:#x} or later, and the board's U-Boot with it"),
+                ));
+            }
+        }
+        let (a, b) = (self.env_offset.value, self.env_offset_redund.value);
+        if a.abs_diff(b) < size {
+            return Err(with_help(
+                src.error(
+                    self.env_offset_redund.span.clone(),
+                    format!(
+                        "the second copy at {b:#x} overlaps the first ({a:#x} to {:#x})",
+                        a + size
+                    ),
+                ),
+                format!(
+                    "set env_offset_redund to {:#x} or later (env_offset + env_size), or below \
+                     env_offset by at least env_size",
+                    a + size
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `[tryboot]`: the Raspberry Pi's partitions and firmware. Partition 1
@@ -372,8 +463,11 @@ mod tests {
                     assert_eq!(names.iter().any(|n| n == "start4.elf"), pi4, "{names:?}");
                 }
                 "u-boot" => {
-                    let e = verdict.unwrap_err().to_string();
-                    assert!(e.contains("cannot lay out an image for"), "{e}");
+                    let verdict = verdict.unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    let BootFirmware::UBoot(u) = verdict else {
+                        panic!("{}: {verdict:?}", path.display())
+                    };
+                    assert!(u.first_partition_offset() >= u.env_offset_redund.value);
                 }
                 other => panic!("{}: bootloader {other}", path.display()),
             }
@@ -430,5 +524,54 @@ mod tests {
         let board: Board = src.parse().unwrap();
         let e = board.buildable_bootloader(&src).unwrap_err().to_string();
         assert!(e.contains("64-bit ARM kernels only"), "{e}");
+    }
+
+    #[test]
+    fn uboot_environments_that_collide_are_refused_at_their_key() {
+        let base = "name = \"x\"\narch = \"aarch64\"\nbootloader = \"u-boot\"\n\
+                    [disk]\nesp_mib = 64\nroot_mib = 64\ndata_mib = 64\n[uboot]\n\
+                    env_device = \"/dev/mmcblk0\"\n";
+        let with = |a: &str, b: &str, size: &str| Source {
+            path: "u.toml".into(),
+            text: format!("{base}env_offset = {a}\nenv_offset_redund = {b}\nenv_size = {size}\n"),
+        };
+        let src = with("0x3F8000", "0x3FC000", "0x4000");
+        let board: Board = src.parse().unwrap();
+        let Ok(BootFirmware::UBoot(u)) = board.buildable_bootloader(&src) else { panic!() };
+        assert_eq!(u.first_partition_offset(), 4 << 20);
+        let src = with("0x400000", "0x404000", "0x4000");
+        let board: Board = src.parse().unwrap();
+        let Ok(BootFirmware::UBoot(u)) = board.buildable_bootloader(&src) else { panic!() };
+        assert_eq!(u.first_partition_offset(), 5 << 20);
+        for (a, b, size, key, want) in [
+            (
+                "0x3F8000",
+                "0x3FA000",
+                "0x4000",
+                "env_offset_redund = 0x3FA000",
+                "overlaps the first",
+            ),
+            ("0x3F8000", "0x3FC000", "0x4100", "env_size = 0x4100", "512-byte sectors"),
+            ("0x3F8000", "0x3FC000", "0x200", "env_size = 0x200", "512-byte sectors"),
+            ("0x2000", "0x3FC000", "0x2000", "env_offset = 0x2000", "partition table"),
+            ("0x3F8000", "0x3FC001", "0x2000", "env_offset_redund = 0x3FC001", "sector"),
+        ] {
+            let src = with(a, b, size);
+            let board: Board = src.parse().unwrap();
+            let e = board.buildable_bootloader(&src).unwrap_err().to_string();
+            assert!(e.contains(want), "{key}: {e}");
+            let line = src.text.find(key).map(|at| src.text[..at].lines().count() + 1).unwrap();
+            assert!(e.contains(&format!("u.toml:{line}")), "{key} (line {line}): {e}");
+        }
+        let src = Source {
+            text: with("0x3F8000", "0x3FC000", "0x4000").text.replace("aarch64", "x86_64"),
+            ..src_of(base)
+        };
+        let board: Board = src.parse().unwrap();
+        assert!(board.buildable_bootloader(&src).unwrap_err().to_string().contains("booti"));
+    }
+
+    fn src_of(text: &str) -> Source {
+        Source { path: "u.toml".into(), text: text.into() }
     }
 }

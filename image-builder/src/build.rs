@@ -50,6 +50,9 @@ pub enum BuildError {
     /// A Raspberry Pi boot partition could not be filled.
     #[error(transparent)]
     Rpi(#[from] crate::rpi::RpiError),
+    /// The U-Boot environment could not be written.
+    #[error(transparent)]
+    Uboot(#[from] crate::uboot::UbootError),
     /// The partition table could not be written.
     #[error(transparent)]
     Gpt(#[from] gpt::GptError),
@@ -336,10 +339,18 @@ pub fn esp_files(
     for FilledSlot { slot, plan, art, entry: entry_name } in slots {
         let conf = EntryConf::for_slot(*slot, &plan.name, &plan.version.to_string(), &plan.cmdline);
         files.push((format!("{ENTRIES_DIR}/{entry_name}"), conf.to_text().into_bytes()));
-        files.push((format!("{}/vmlinuz", slot.esp_dir()), art.vmlinuz.to_vec()));
-        files.push((format!("{}/initrd", slot.esp_dir()), art.initrd.clone()));
+        files.extend(slot_kernel_files(*slot, art));
     }
     files
+}
+
+/// A filled slot's kernel and initramfs as the ESP and U-Boot's boot
+/// partition hold them: `/<slot>/vmlinuz` and `/<slot>/initrd`.
+pub fn slot_kernel_files(slot: Slot, art: &SlotArtifacts) -> Vec<(String, Vec<u8>)> {
+    vec![
+        (format!("{}/vmlinuz", slot.esp_dir()), art.vmlinuz.to_vec()),
+        (format!("{}/initrd", slot.esp_dir()), art.initrd.clone()),
+    ]
 }
 
 /// `loader.conf`: boot at once, and no `default` line, because a default
@@ -428,6 +439,18 @@ fn fat_partitions(plan: &Plan, slots: &mut [FilledSlot<'_>]) -> Result<Vec<FatPa
         }
         return Ok(parts);
     }
+    if plan.board.is_uboot() {
+        for f in slots.iter_mut() {
+            f.entry = crate::uboot::entry_name(f.slot);
+        }
+        return Ok(vec![FatPart {
+            label: layout::ESP_LABEL.into(),
+            type_guid: layout::BASIC_DATA_TYPE,
+            size: esp_size,
+            volume_label: "BOOT",
+            files: crate::uboot::boot_files(slots),
+        }]);
+    }
     // plan() refuses a board without it.
     let sd_boot_rel = plan.board.firmware.systemd_boot.as_ref().map(|l| l.value.clone());
     let sd_boot_path =
@@ -440,6 +463,11 @@ fn fat_partitions(plan: &Plan, slots: &mut [FilledSlot<'_>]) -> Result<Vec<FatPa
         volume_label: "ESP",
         files: esp_files(plan.board.arch, &sd_boot, slots, LOADER_CONF.as_bytes()),
     }])
+}
+
+/// The `[uboot]` section of a U-Boot board.
+fn uboot_section(plan: &Plan) -> Option<&crate::board::UbootSection> {
+    plan.board.uboot.as_ref().filter(|_| plan.board.is_uboot())
 }
 
 /// Builds the image described by `plan` into `out`; slot `b` stays empty
@@ -507,6 +535,7 @@ pub fn build(
         disk_guid: Guid::derived("disk", &identity),
         partitions,
         disk_size: plan.board.disk.total_mib.as_ref().map(|t| t.value << 20),
+        first_offset: uboot_section(plan).map(|u| u.first_partition_offset()),
     };
     let (placed, disk_size) = gpt::plan(&layout)?;
     let mut fat_images = Vec::new();
@@ -534,6 +563,19 @@ pub fn build(
     let mut disk = fs::File::create(&disk_path).map_err(io("cannot create", &disk_path))?;
     disk.set_len(disk_size).map_err(io("cannot size", &disk_path))?;
     gpt::write_headers(&mut disk, disk_size, layout.disk_guid, &placed)?;
+    if let Some(u) = uboot_section(plan) {
+        let env = crate::uboot::initial_env(&slots);
+        let board = plan.board_path.display().to_string();
+        for (offset, copy) in crate::uboot::env_copies(u, &env, &board)? {
+            write_part(&mut disk, offset, &copy).map_err(io("cannot write", &disk_path))?;
+        }
+        log(&format!(
+            "U-Boot environment: {} variables at {:#x} and {:#x}",
+            env.iter().count(),
+            u.env_offset.value,
+            u.env_offset_redund.value
+        ));
+    }
     for p in &placed {
         let w = |disk: &mut fs::File, off: u64, bytes: &[u8]| {
             write_part(disk, off, bytes).map_err(io("cannot write", &disk_path))

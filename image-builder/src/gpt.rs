@@ -61,6 +61,10 @@ pub struct DiskLayout {
     /// Size of the whole disk, a multiple of [`ALIGNMENT`]; `None` makes the
     /// disk just big enough for the partitions and the backup table.
     pub disk_size: Option<u64>,
+    /// Where the first partition starts, a multiple of [`ALIGNMENT`];
+    /// `None` is 1 MiB. A U-Boot board keeps its environment in front of
+    /// it.
+    pub first_offset: Option<u64>,
 }
 
 /// A partition with its place on the disk.
@@ -96,6 +100,12 @@ pub enum GptError {
         /// The disk size asked for.
         disk_size: u64,
     },
+    /// A requested start of the first partition is not a whole number of
+    /// MiB from 1 MiB up.
+    #[error(
+        "the first partition cannot start at byte {0}: give a whole number of MiB, at least 1"
+    )]
+    UnalignedFirstOffset(u64),
     /// A requested disk size is not a whole number of MiB.
     #[error("disk size {0} bytes is not a multiple of 1 MiB: round it to a whole number of MiB")]
     UnalignedDiskSize(u64),
@@ -269,14 +279,21 @@ fn check_label(label: &str) -> Result<(), GptError> {
     Ok(())
 }
 
-/// Places the partitions one after the other from 1 MiB, each rounded up to
+/// Places the partitions one after the other from 1 MiB (or the layout's
+/// `first_offset`), each rounded up to
 /// a whole MiB, and returns them with the disk size.
 pub fn plan(layout: &DiskLayout) -> Result<(Vec<PlacedPartition>, u64), GptError> {
     if layout.partitions.len() > ENTRY_COUNT as usize {
         return Err(GptError::TooManyPartitions(layout.partitions.len()));
     }
     // The primary table ends at LBA 33, so the first aligned start is 1 MiB.
-    let mut next = ALIGNMENT;
+    let mut next = match layout.first_offset {
+        None => ALIGNMENT,
+        Some(at) if at < ALIGNMENT || !at.is_multiple_of(ALIGNMENT) => {
+            return Err(GptError::UnalignedFirstOffset(at))
+        }
+        Some(at) => at,
+    };
     let mut placed = Vec::with_capacity(layout.partitions.len());
     for (index, spec) in (1..).zip(&layout.partitions) {
         check_label(&spec.label)?;
@@ -727,6 +744,7 @@ mod tests {
                 spec(DATA_LABEL, LINUX_DATA_TYPE, 128),
             ],
             disk_size,
+            first_offset: None,
         }
     }
 
@@ -877,12 +895,28 @@ mod tests {
         );
     }
 
+    /// A U-Boot board's environment sits in front of the first partition.
+    #[test]
+    fn the_first_partition_starts_where_the_layout_says() {
+        let mut layout = basalt_layout(None);
+        layout.first_offset = Some(4 * MIB);
+        let (parts, _) = plan(&layout).unwrap();
+        assert_eq!(parts[0].offset, 4 * MIB);
+        assert_eq!(parts[1].offset, 68 * MIB);
+        for bad in [0, MIB / 2, 3 * MIB / 2] {
+            layout.first_offset = Some(bad);
+            let e = plan(&layout).unwrap_err().to_string();
+            assert!(e.contains("whole number of MiB"), "{bad}: {e}");
+        }
+    }
+
     #[test]
     fn output_is_deterministic() {
         let small = DiskLayout {
             disk_guid: Guid::derived("test-disk", "small"),
             partitions: vec![spec("one", LINUX_DATA_TYPE, 1), spec("two", ESP_TYPE, 2)],
             disk_size: None,
+            first_offset: None,
         };
         let first = tempfile::tempdir().unwrap();
         let second = tempfile::tempdir().unwrap();

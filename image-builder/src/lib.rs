@@ -32,4 +32,5 @@ pub mod sbom;
 pub mod serve;
 pub mod squashfs;
 pub mod tree;
+pub mod uboot;
 pub mod verity;

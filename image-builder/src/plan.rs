@@ -329,9 +329,9 @@ fn check_kernel_arch(
     if found == Some(want) {
         return Ok(());
     }
-    // The Raspberry Pi firmware loads an arm64 `Image` by its own header;
-    // the PE header of the EFI stub is not needed.
-    let pi = board.is_rpi_tryboot();
+    // The Raspberry Pi firmware and U-Boot's `booti` load an arm64 `Image`
+    // by its own header; the PE header of the EFI stub is not needed.
+    let pi = board.is_rpi_tryboot() || board.is_uboot();
     if pi && crate::kimage::is_arm64_image(&head) {
         return Ok(());
     }
@@ -430,6 +430,9 @@ pub fn resolve(recipe_path: &Path, opts: &PlanOptions) -> Result<Plan, PlanError
                 }
             }
         }
+        // U-Boot and its environment are the board's own; the image holds
+        // only the environment's first copies.
+        BootFirmware::UBoot(_) => {}
     }
 
     // The kernel: the recipe's, if it names one, else the board's.

@@ -7,7 +7,11 @@
 //! - rpi-tryboot: partition 1 (`autoboot`, with `autoboot.txt`) and the
 //!   two slots' boot partitions (`boot_a`, `boot_b`), mounted read-write
 //!   under one folder, and the firmware's device-tree node for the
-//!   partition it booted and the tryboot flag.
+//!   partition it booted and the tryboot flag;
+//! - u-boot: the boot partition (PARTLABEL `esp`, with each slot's kernel
+//!   and initrd in `/<slot>/`), mounted as systemd-boot's ESP is, and the
+//!   redundant environment at the offsets the board gave, on the device it
+//!   named (e.g. `/dev/mmcblk0`), read and written in place.
 //!
 //! PID 1 and the update agent each have their own mount folder, so that
 //! neither unmounts what the other is using. All mounting goes through
@@ -23,6 +27,7 @@ use crate::assess::{AssessError, Bootloader, EspLocation, SystemdBoot};
 use crate::pending_try::TryView;
 use crate::platform;
 use crate::tryboot::{Tryboot, TrybootLocation};
+use crate::uboot::{EnvCopy, EnvLocation, UBoot};
 
 /// Where the Raspberry Pi firmware tells the OS what it booted.
 pub const FIRMWARE_NODE: &str = "/proc/device-tree/chosen/bootloader";
@@ -50,12 +55,24 @@ pub enum Backend {
     SystemdBoot(EspLocation),
     /// The Raspberry Pi firmware's tryboot.
     Tryboot(TrybootMounts),
+    /// U-Boot's boot counting: the boot partition, mounted like the ESP,
+    /// and the environment; `None` when the image's config names no
+    /// environment (every use then fails, saying so).
+    UBoot(EspLocation, Option<EnvLocation>),
+}
+
+/// The environment's two copies on the device `config` names.
+pub fn uboot_env(config: &BootloaderConfig) -> Option<EnvLocation> {
+    let e = config.uboot_env.as_ref()?;
+    let copy = |offset| EnvCopy { path: PathBuf::from(&e.device), offset, size: e.size };
+    Some(EnvLocation { primary: copy(e.offset), redundant: Some(copy(e.offset_redund)) })
 }
 
 impl Backend {
     /// The back-end `config` names, its partitions found in
     /// `sys_class_block` with nodes under `dev`, mounted at (systemd-boot)
-    /// or under (rpi-tryboot) `mount_base`. A Pi config without partition
+    /// or under (rpi-tryboot) `mount_base`; U-Boot's boot partition is
+    /// mounted at `mount_base` too. A Pi config without partition
     /// numbers takes slot a's at 2 and slot b's at 3, the image's layout.
     pub fn from_config(
         config: &BootloaderConfig,
@@ -77,6 +94,14 @@ impl Backend {
                 partitions: config.boot_partitions.unwrap_or([2, 3]),
                 firmware: firmware.to_path_buf(),
             }),
+            BootloaderKind::UBoot => Backend::UBoot(
+                EspLocation {
+                    sys_class_block: sys_class_block.to_path_buf(),
+                    dev: dev.to_path_buf(),
+                    mount_point: mount_base.to_path_buf(),
+                },
+                uboot_env(config),
+            ),
         }
     }
 
@@ -95,10 +120,10 @@ impl Backend {
 
     /// The `reboot(2)` argument that starts a try, when the back-end needs
     /// one (the Pi's `0 tryboot`); systemd-boot tries a new entry on any
-    /// boot.
+    /// boot, and U-Boot boots the slot the environment selects on any.
     pub fn reboot_to_try(&self) -> Option<&'static str> {
         match self {
-            Backend::SystemdBoot(_) => None,
+            Backend::SystemdBoot(_) | Backend::UBoot(..) => None,
             Backend::Tryboot(_) => Some(crate::tryboot::TRYBOOT_ARG),
         }
     }
@@ -108,7 +133,7 @@ impl Backend {
     /// back-end that tries a new slot on any boot.
     pub fn try_view(&self) -> Result<Option<TryView>, AssessError> {
         match self {
-            Backend::SystemdBoot(_) => Ok(None),
+            Backend::SystemdBoot(_) | Backend::UBoot(..) => Ok(None),
             Backend::Tryboot(m) => m.with_mounted(|loc| Tryboot::new(loc)?.try_view().map(Some)),
         }
     }
@@ -128,6 +153,15 @@ impl Backend {
             }),
             Backend::Tryboot(m) => m.with_mounted(|loc| {
                 let mut bl = Tryboot::new(loc)?;
+                f(&mut bl)
+            }),
+            Backend::UBoot(_, None) => Err(E::from(AssessError::Refused(
+                "the image's bootloader config names u-boot but no environment \
+                 ([uboot_env]); rebuild the image for a board with [uboot]"
+                    .into(),
+            ))),
+            Backend::UBoot(boot, Some(env)) => boot.with_mounted(|at| {
+                let mut bl = UBoot::new(env.clone(), at, booted);
                 f(&mut bl)
             }),
         }
@@ -220,7 +254,11 @@ mod tests {
     use super::*;
 
     fn pi() -> BootloaderConfig {
-        BootloaderConfig { kind: BootloaderKind::RpiTryboot, boot_partitions: Some([2, 3]) }
+        BootloaderConfig {
+            kind: BootloaderKind::RpiTryboot,
+            boot_partitions: Some([2, 3]),
+            uboot_env: None,
+        }
     }
 
     #[test]
@@ -242,6 +280,46 @@ mod tests {
         let odd = BootloaderConfig { boot_partitions: Some([5, 6]), ..pi() };
         let Backend::Tryboot(m) = Backend::from_config(&odd, sys, dev, base, fw) else { panic!() };
         assert_eq!(m.partitions, [5, 6]);
+
+        let b = Backend::from_config(&uboot(), sys, dev, base, fw);
+        let Backend::UBoot(boot, Some(env)) = &b else { panic!("{b:?}") };
+        assert_eq!((boot.mount_point.as_path(), boot.dev.as_path()), (base, dev));
+        assert_eq!(b.reboot_to_try(), None);
+        assert!(b.try_view().unwrap().is_none());
+        let copy = |offset| EnvCopy { path: "/dev/mmcblk0".into(), offset, size: 0x4000 };
+        assert_eq!(env.primary, copy(0x3F8000));
+        assert_eq!(env.redundant, Some(copy(0x3FC000)));
+    }
+
+    fn uboot() -> BootloaderConfig {
+        BootloaderConfig {
+            kind: BootloaderKind::UBoot,
+            boot_partitions: None,
+            uboot_env: Some(basalt_bundle::config::UbootEnvConfig {
+                device: "/dev/mmcblk0".into(),
+                offset: 0x3F8000,
+                offset_redund: 0x3FC000,
+                size: 0x4000,
+            }),
+        }
+    }
+
+    /// A u-boot config without its environment runs nothing and says why;
+    /// the boot partition is looked for by the ESP's label.
+    #[test]
+    fn a_uboot_config_without_its_environment_or_partition_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let sys = dir.path().join("sys");
+        std::fs::create_dir_all(&sys).unwrap();
+        let bare = BootloaderConfig { uboot_env: None, ..uboot() };
+        let b = Backend::from_config(&bare, &sys, dir.path(), dir.path(), dir.path());
+        let r: Result<(), AssessError> = b.with_bootloader(Some(Slot::A), |_| Ok(()));
+        assert!(r.unwrap_err().to_string().contains("no environment"));
+        let b = Backend::from_config(&uboot(), &sys, dir.path(), dir.path(), dir.path());
+        let r: Result<(), AssessError> = b.with_bootloader(Some(Slot::A), |_| Ok(()));
+        assert!(r.unwrap_err().to_string().contains("\"esp\""));
+        std::fs::write(dir.path().join("bootloader.toml"), uboot().to_toml()).unwrap();
+        assert_eq!(read_config(&dir.path().join("bootloader.toml")), Ok(uboot()));
     }
 
     #[test]

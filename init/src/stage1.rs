@@ -197,7 +197,7 @@ pub fn fail(msg: &str) -> ! {
 fn condemn(slot: Slot, bootloader: &basalt_bundle::config::BootloaderConfig) {
     use basalt_bundle::config::{BootloaderKind, ESP_MOUNT};
     let base = match bootloader.kind {
-        BootloaderKind::SystemdBoot => ESP_MOUNT,
+        BootloaderKind::SystemdBoot | BootloaderKind::UBoot => ESP_MOUNT,
         BootloaderKind::RpiTryboot => crate::stage2::TRYBOOT_MOUNT,
     };
     let backend = crate::backend::Backend::on_device(bootloader, Path::new(base));

@@ -298,7 +298,7 @@ fn choose_backend() -> Backend {
         Default::default()
     });
     let base = match config.kind {
-        BootloaderKind::SystemdBoot => ESP_MOUNT,
+        BootloaderKind::SystemdBoot | BootloaderKind::UBoot => ESP_MOUNT,
         BootloaderKind::RpiTryboot => TRYBOOT_MOUNT,
     };
     Backend::on_device(&config, Path::new(base))

@@ -57,7 +57,7 @@ impl Device {
 /// agent's own folders.
 pub fn device_backend(config: &BootloaderConfig) -> Backend {
     let base = match config.kind {
-        BootloaderKind::SystemdBoot => AGENT_ESP_MOUNT,
+        BootloaderKind::SystemdBoot | BootloaderKind::UBoot => AGENT_ESP_MOUNT,
         BootloaderKind::RpiTryboot => AGENT_TRYBOOT_MOUNT,
     };
     Backend::on_device(config, Path::new(base))
@@ -126,8 +126,11 @@ mod tests {
         let b = device_backend(&BootloaderConfig::default());
         let Backend::SystemdBoot(esp) = &b else { panic!("{b:?}") };
         assert_eq!(esp.mount_point, Path::new(AGENT_ESP_MOUNT));
-        let pi =
-            BootloaderConfig { kind: BootloaderKind::RpiTryboot, boot_partitions: Some([2, 3]) };
+        let pi = BootloaderConfig {
+            kind: BootloaderKind::RpiTryboot,
+            boot_partitions: Some([2, 3]),
+            uboot_env: None,
+        };
         let b = device_backend(&pi);
         let Backend::Tryboot(m) = &b else { panic!("{b:?}") };
         assert_eq!(m.location().config, Path::new(AGENT_TRYBOOT_MOUNT).join("autoboot"));
@@ -138,5 +141,25 @@ mod tests {
         let dev = Device { backend: device_backend(&BootloaderConfig::default()), ..dev };
         assert_eq!(dev.try_marker(), None);
         assert_ne!(AGENT_TRYBOOT_MOUNT, crate::stage2::TRYBOOT_MOUNT);
+
+        // U-Boot: the boot partition where the agent mounts the ESP, the
+        // environment on the board's device, no try marker.
+        let env = basalt_bundle::config::UbootEnvConfig {
+            device: "/dev/mmcblk1".into(),
+            offset: 0x3F8000,
+            offset_redund: 0x3FC000,
+            size: 0x4000,
+        };
+        let uboot = BootloaderConfig {
+            kind: BootloaderKind::UBoot,
+            boot_partitions: None,
+            uboot_env: Some(env),
+        };
+        let b = device_backend(&uboot);
+        let Backend::UBoot(boot, Some(loc)) = &b else { panic!("{b:?}") };
+        assert_eq!(boot.mount_point, Path::new(AGENT_ESP_MOUNT));
+        assert_eq!(loc.primary.path, Path::new("/dev/mmcblk1"));
+        let dev = Device { backend: b, ..dev };
+        assert_eq!(dev.try_marker(), None);
     }
 }
