@@ -233,7 +233,21 @@ pub struct UbootSection {
     pub env_offset_redund: Located<u64>,
     /// Size of each copy in bytes (`CONFIG_ENV_SIZE`).
     pub env_size: Located<u64>,
+    /// Variables of the board's built-in environment that `bootcmd`
+    /// needs and that would otherwise be lost, since U-Boot takes a valid
+    /// environment on the card instead of its built-in one: typically
+    /// `kernel_addr_r` and `ramdisk_addr_r`, e.g. `{ kernel_addr_r =
+    /// "0x40400000", ramdisk_addr_r = "0x48000000" }`. basalt's own
+    /// variables (`basalt_*`, `bootcmd`, `altbootcmd`, `bootargs`,
+    /// `bootcount`, `bootlimit`, `upgrade_available`) cannot be given.
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, Located<String>>,
 }
+
+/// The variables basalt's environment owns, which `[uboot] env` cannot
+/// set (besides every `basalt_*`).
+pub const UBOOT_OWN_VARS: [&str; 6] =
+    ["bootcmd", "altbootcmd", "bootargs", "bootcount", "bootlimit", "upgrade_available"];
 
 /// The bytes at the start of a disk that the protective MBR, the primary
 /// GPT header and its 128 entries take (LBA 0 to 33).
@@ -285,6 +299,18 @@ impl UbootSection {
                         ),
                     ),
                     format!("move it to {GPT_PRIMARY_BYTES:#x} or later, and the board's U-Boot with it"),
+                ));
+            }
+        }
+        for (name, value) in &self.env {
+            let own = name.starts_with("basalt_") || UBOOT_OWN_VARS.contains(&name.as_str());
+            if own || name.is_empty() || name.contains(['=', '\0']) || value.value.contains('\0') {
+                return Err(with_help(
+                    src.error(
+                        value.span.clone(),
+                        format!("[uboot] env cannot set `{name}`: basalt writes it or U-Boot cannot store it"),
+                    ),
+                    "give only variables of the board's own U-Boot, such as kernel_addr_r",
                 ));
             }
         }

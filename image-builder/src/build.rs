@@ -564,7 +564,7 @@ pub fn build(
     disk.set_len(disk_size).map_err(io("cannot size", &disk_path))?;
     gpt::write_headers(&mut disk, disk_size, layout.disk_guid, &placed)?;
     if let Some(u) = uboot_section(plan) {
-        let env = crate::uboot::initial_env(&slots);
+        let env = crate::uboot::initial_env(u, &slots);
         let board = plan.board_path.display().to_string();
         for (offset, copy) in crate::uboot::env_copies(u, &env, &board)? {
             write_part(&mut disk, offset, &copy).map_err(io("cannot write", &disk_path))?;

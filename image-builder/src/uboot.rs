@@ -37,14 +37,17 @@ pub fn boot_files(slots: &[FilledSlot<'_>]) -> Vec<(String, Vec<u8>)> {
     slots.iter().flat_map(|f| slot_kernel_files(f.slot, &f.art)).collect()
 }
 
-/// The environment a new image starts with: slot a selected and blessed,
-/// `bootlimit` the image's tries; a factory image's slot b is installed
-/// and standing by.
-pub fn initial_env(slots: &[FilledSlot<'_>]) -> Env {
+/// The environment a new image starts with: the board's own variables
+/// (`[uboot] env`), slot a selected and blessed, `bootlimit` the image's
+/// tries; a factory image's slot b is installed and standing by.
+pub fn initial_env(u: &UbootSection, slots: &[FilledSlot<'_>]) -> Env {
     let Some(a) = slots.iter().find(|f| f.slot == Slot::A) else {
         return Env::new();
     };
     let mut env = Env::initial(&a.plan.version.to_string(), &a.plan.cmdline, a.plan.tries);
+    for (name, value) in &u.env {
+        env.set(name, value.value.clone());
+    }
     for f in slots.iter().filter(|f| f.slot != Slot::A) {
         env.set(&version_var(f.slot), f.plan.version.to_string());
         env.set(&args_var(f.slot), slot_args(&f.plan.cmdline, f.slot));

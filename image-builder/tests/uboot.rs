@@ -51,6 +51,10 @@ fn board(dir: &Path, edit: impl FnOnce(&mut toml::Table)) -> PathBuf {
     assert_eq!(u["env_offset"].as_integer(), Some(ENV_OFFSET as i64));
     assert_eq!(u["env_offset_redund"].as_integer(), Some(ENV_OFFSET_REDUND as i64));
     assert_eq!(u["env_size"].as_integer(), Some(ENV_SIZE as i64));
+    let mut env = toml::Table::new();
+    env.insert("kernel_addr_r".into(), "0x40400000".into());
+    env.insert("ramdisk_addr_r".into(), "0x48000000".into());
+    t["uboot"].as_table_mut().unwrap().insert("env".into(), env.into());
     edit(&mut t);
     let path = dir.join("uboot-arm64.toml");
     fs::write(&path, toml::to_string(&t).unwrap()).unwrap();
@@ -234,6 +238,8 @@ fn the_layout_and_environment_are_what_uboot_and_fw_printenv_read() {
         ("basalt_version_a", "1.0.0"),
         ("bootcmd", BOOTCMD),
         ("bootlimit", &tries),
+        ("kernel_addr_r", "0x40400000"),
+        ("ramdisk_addr_r", "0x48000000"),
     ]);
     assert_eq!(fw_printenv(&config), expect);
     assert_eq!(ours(&disk), expect);
@@ -449,6 +455,15 @@ fn bad_boards_are_clear_errors_at_the_key() {
     // A size that is not whole sectors.
     let e = try_board(&set("env_size", 0x4100)).unwrap_err();
     assert!(e.contains("env_size") && e.contains("512-byte sectors"), "{e}");
+    // A variable basalt owns.
+    let e = try_board(&|t: &mut toml::Table| {
+        let env = t["uboot"]["env"].as_table().unwrap().clone();
+        let mut env = env;
+        env.insert("bootcmd".into(), "boot".into());
+        t["uboot"].as_table_mut().unwrap().insert("env".into(), env.into());
+    })
+    .unwrap_err();
+    assert!(e.contains("cannot set `bootcmd`"), "{e}");
     // A copy over the partition table.
     let e = try_board(&set("env_offset", 0x1000)).unwrap_err();
     assert!(e.contains("partition table"), "{e}");
