@@ -228,6 +228,10 @@ pub struct Report {
     /// The signed OTA bundle of slot a's image, when the build had a
     /// signing key.
     pub update_bundle: Option<crate::ota::BundleSummary>,
+    /// A U-Boot image's environment: both copies' offsets in `disk.img`
+    /// and their size (`device` is where the board keeps them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uboot_env: Option<basalt_bundle::config::UbootEnvConfig>,
     /// Wall time of each build step, in milliseconds.
     pub timings_ms: Vec<(String, u64)>,
 }
@@ -706,6 +710,7 @@ pub fn build(
         },
         machine: crate::qemu::spec_of_board(&plan.board, &plan.ports, plan.memory_mib),
         update_bundle,
+        uboot_env: plan.board.bootloader_config().uboot_env,
         timings_ms: timings,
     };
     let report_text = serde_json::to_string_pretty(&report).unwrap_or_default();

@@ -203,9 +203,34 @@ impl OsContent {
                 OtaError::Other(format!("{}: {} {p}: {e}", disk.display(), boot.label))
             })
         };
+        let uboot = serde_json::from_value::<basalt_bundle::config::UbootEnvConfig>(
+            report["uboot_env"].clone(),
+        )
+        .ok();
+        let mut tries = tries;
         let (vmlinuz, initrd, options) = if pi {
             let cmdline = String::from_utf8_lossy(&file(CMDLINE_TXT)?).into_owned();
             (file(KERNEL_FILE)?, file(INITRD_FILE)?, cmdline)
+        } else if let Some(u) = uboot {
+            // A U-Boot image: slot a's command line is in the environment
+            // (the first copy with a valid CRC; both hold the same).
+            let env = [u.offset, u.offset_redund]
+                .into_iter()
+                .filter_map(|at| {
+                    let block = crate::inspect::read_at(&mut f, &disk, at, u.size as usize).ok()?;
+                    basalt_bundle::uboot::Env::from_block(&block, true).ok()?.1
+                })
+                .next()
+                .ok_or_else(|| {
+                    OtaError::Other(format!("{}: no valid U-Boot environment", disk.display()))
+                })?;
+            let args = basalt_bundle::uboot::args_var(Slot::A);
+            let options = env.get(&args).map(str::to_string).ok_or_else(|| {
+                OtaError::Other(format!("{}: the U-Boot environment has no {args}", disk.display()))
+            })?;
+            tries = u32::try_from(env.get_ulong(basalt_bundle::uboot::BOOTLIMIT, 3).max(1))
+                .unwrap_or(3);
+            (file("a/vmlinuz")?, file("a/initrd")?, options)
         } else {
             let entry = fat
                 .list_dir(ENTRIES_DIR)

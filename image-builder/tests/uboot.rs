@@ -363,6 +363,15 @@ fn the_device_back_end_reads_the_image_and_installs_into_slot_b() {
     let factory = build("1.0.0", None);
     let update = build("1.1.0", Some(&key_file));
     let bundle = update.dir.path().join("out/update.basalt");
+    // `basalt bundle DIR` reads the same content back from a U-Boot image:
+    // slot a's files from the boot partition, its command line and tries
+    // from the environment.
+    let out = update.dir.path().join("out");
+    let from_disk = basalt::ota::OsContent::from_output(&out).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(from_disk.cmdline, update.plan.cmdline);
+    assert_eq!((from_disk.board.as_str(), from_disk.tries), ("uboot-arm64", update.plan.tries));
+    assert_eq!(from_disk.vmlinuz, update.mread("/a/vmlinuz"));
+    assert_eq!(from_disk.initrd, update.mread("/a/initrd"));
 
     let dev = UbootDevice::flash(&factory);
     let mut bl = dev.uboot();
