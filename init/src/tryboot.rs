@@ -381,7 +381,6 @@ mod tests {
     use crate::update::testing::bundle;
     use crate::update::testing::{payloads, version, Version, CMDLINE, ROOT_CAPACITY};
     use basalt_bundle::archive::Trust;
-    use basalt_bundle::config::{BootConfig, ImageConfig, NetworkConfig};
     use basalt_bundle::keys::SigningKey;
     use std::fs::{self, OpenOptions};
 
@@ -732,17 +731,7 @@ mod tests {
     }
 
     fn agent<'p>(pi: &'p Pi, key: &SigningKey, running: &str, boot: u32) -> Agent<PiMachine<'p>> {
-        let image = ImageConfig {
-            name: "img".into(),
-            version: running.into(),
-            board: "rpi4".into(),
-            hostname: "h".into(),
-            modules: Vec::new(),
-            network: NetworkConfig::default(),
-            update: None,
-            boot: BootConfig { bless_after_ms: 1, bless_deadline_ms: 2, stop_timeout_ms: 3 },
-            services: Vec::new(),
-        };
+        let image = crate::update::testing::image_config(running, "rpi4");
         let trust = Trust { keys: vec![key.public()], threshold: 1 };
         let state = StateFile::in_dir(&pi._dir.path().join("data/basalt/agent"));
         Agent::new(PiMachine { pi, boot }, image, trust, state).with_chunk(4096)

@@ -552,7 +552,6 @@ mod tests {
     use crate::assess::SystemdBoot;
     use crate::update::cut;
     use crate::update::testing::*;
-    use basalt_bundle::config::{BootConfig, NetworkConfig};
     use basalt_bundle::entry::ENTRIES_DIR;
     use basalt_bundle::keys::SigningKey;
     use std::path::Path;
@@ -585,17 +584,7 @@ mod tests {
     }
 
     fn image(version: &str) -> ImageConfig {
-        ImageConfig {
-            name: "img".into(),
-            version: version.into(),
-            board: "qemu-x86_64".into(),
-            hostname: "h".into(),
-            modules: Vec::new(),
-            network: NetworkConfig::default(),
-            update: None,
-            boot: BootConfig { bless_after_ms: 1, bless_deadline_ms: 2, stop_timeout_ms: 3 },
-            services: Vec::new(),
-        }
+        image_config(version, "qemu-x86_64")
     }
 
     fn agent<'d>(

@@ -325,7 +325,6 @@ pub(crate) mod tests {
     use crate::update::api::{self, Shared};
     use crate::update::state::StateFile;
     use crate::update::testing;
-    use basalt_bundle::config::{BootConfig, ImageConfig, NetworkConfig};
     use basalt_bundle::keys::SigningKey;
     use basalt_bundle::model::{bundle_bytes, NewBundle};
     use std::sync::{Arc, Mutex};
@@ -477,17 +476,7 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn agent(key: &SigningKey, dir: &Path) -> Agent<NoBoot> {
-        let image = ImageConfig {
-            name: "img".into(),
-            version: "1.0.0".into(),
-            board: "qemu-x86_64".into(),
-            hostname: "h".into(),
-            modules: Vec::new(),
-            network: NetworkConfig::default(),
-            update: None,
-            boot: BootConfig { bless_after_ms: 1, bless_deadline_ms: 2, stop_timeout_ms: 3 },
-            services: Vec::new(),
-        };
+        let image = testing::image_config("1.0.0", "qemu-x86_64");
         let trust = Trust { keys: vec![key.public()], threshold: 1 };
         Agent::new(NoBoot, image, trust, StateFile::in_dir(dir))
     }

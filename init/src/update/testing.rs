@@ -178,3 +178,20 @@ pub fn bundle(v: &Version, board: &str, keys: &[&SigningKey]) -> Vec<u8> {
     let payloads: [(&str, &[u8]); 3] = [("vmlinuz", &k), ("initrd", &i), ("rootfs", &r)];
     write_bundle(Vec::new(), text.as_bytes(), sig.as_bytes(), &payloads, 1_700_000_000).unwrap()
 }
+
+/// The image configuration of a test device: `version` of image `img`
+/// for `board`, with nothing else set.
+pub fn image_config(version: &str, board: &str) -> basalt_bundle::config::ImageConfig {
+    use basalt_bundle::config::{BootConfig, ImageConfig, NetworkConfig};
+    ImageConfig {
+        name: "img".into(),
+        version: version.into(),
+        board: board.into(),
+        hostname: "h".into(),
+        modules: Vec::new(),
+        network: NetworkConfig::default(),
+        update: None,
+        boot: BootConfig { bless_after_ms: 1, bless_deadline_ms: 2, stop_timeout_ms: 3 },
+        services: Vec::new(),
+    }
+}
