@@ -296,10 +296,70 @@ pub fn inspect(disk: &Path) -> Result<ImageInfo, InspectError> {
             version: conf.map(|c| c.version).unwrap_or_default(),
         });
     }
+    // A U-Boot image has no entries: its slots are described in the
+    // environment, whose place each slot's initramfs carries.
+    let uboot_env = Slot::ALL
+        .iter()
+        .filter_map(|slot| reader.read_file(&format!("{}/initrd", slot.esp_dir())).ok())
+        .filter_map(|z| zstd::stream::decode_all(&z[..]).ok())
+        .filter_map(|cpio| cpio_file(&cpio, SLOT_CONFIG_PATH))
+        .filter_map(|t| SlotConfig::from_toml(&String::from_utf8_lossy(&t)).ok())
+        .find_map(|c| c.bootloader.uboot_env);
+    if let Some(u) = uboot_env {
+        entries.extend(uboot_entries(&mut f, disk, &u)?);
+    }
     let slots = slot_infos(&mut f, disk, &parts, |slot| {
         reader.read_file(&format!("{}/initrd", slot.esp_dir())).ok()
     })?;
     Ok(image_info(guid, &parts, entries, slots))
+}
+
+/// Each installed slot of a U-Boot image, from the environment U-Boot
+/// would load (of the copies with a valid CRC, the newer): selected and
+/// on trial (`trying`, with `bootlimit` and `bootcount`), `bad`, or
+/// `good`. Named `env:basalt_version_<slot>`, as the build report names
+/// them.
+fn uboot_entries(
+    f: &mut File,
+    disk: &Path,
+    u: &basalt_bundle::config::UbootEnvConfig,
+) -> Result<Vec<EntryInfo>, InspectError> {
+    use basalt_bundle::uboot::{self, Env};
+    let mut best: Option<(u8, Env)> = None;
+    for at in [u.offset, u.offset_redund] {
+        let block = read_at(f, disk, at, u.size as usize)?;
+        if let Ok((flag, Some(env))) = Env::from_block(&block, true) {
+            if best.as_ref().is_none_or(|(b, _)| uboot::flag_newer(flag, *b)) {
+                best = Some((flag, env));
+            }
+        }
+    }
+    let Some((_, env)) = best else { return Ok(Vec::new()) };
+    let mut out = Vec::new();
+    for slot in Slot::ALL {
+        let Some(version) = env.get(&uboot::version_var(slot)) else { continue };
+        let selected = env.get(uboot::SLOT_VAR) == Some(slot.name());
+        let trial = selected && env.get_ulong(uboot::UPGRADE_AVAILABLE, 0) != 0;
+        let (limit, count) =
+            (env.get_ulong(uboot::BOOTLIMIT, 0), env.get_ulong(uboot::BOOTCOUNT, 0));
+        let state = if env.get(&uboot::bad_var(slot)).is_some() {
+            "bad"
+        } else if trial {
+            "trying"
+        } else {
+            "good"
+        };
+        let narrow = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        out.push(EntryInfo {
+            file: format!("env:{}", uboot::version_var(slot)),
+            slot,
+            state: state.to_string(),
+            tries_left: trial.then(|| narrow(limit.saturating_sub(count))),
+            tries_done: trial.then(|| narrow(count)),
+            version: version.to_string(),
+        });
+    }
+    Ok(out)
 }
 
 /// What each slot holds: its initramfs (from `initrd_of`) says the image,

@@ -290,6 +290,18 @@ fn the_layout_and_environment_are_what_uboot_and_fw_printenv_read() {
     assert_eq!(boot.mount_point, p);
     assert_eq!(env, location(Path::new("/dev/mmcblk0")));
 
+    // `basalt inspect` reads the slots from the environment: slot a good,
+    // its root verified against its initramfs.
+    let info = basalt::inspect::inspect(&disk).unwrap();
+    assert_eq!(info.entries.len(), 1);
+    let e = &info.entries[0];
+    assert_eq!(
+        (e.file.as_str(), e.slot, e.state.as_str(), e.version.as_str()),
+        ("env:basalt_version_a", Slot::A, "good", "1.0.0")
+    );
+    assert_eq!(info.slots[0].root_verified, Some(true));
+    assert_eq!((info.slots[1].version.as_ref(), info.slots[1].rootfs_present), (None, false));
+
     // The same inputs give the same bytes.
     let again = build("1.0.0", None);
     assert_eq!(again.report.disk.sha256, b.report.disk.sha256);
