@@ -27,7 +27,7 @@ use basalt_init::assess::Bootloader;
 use basalt_init::backend::Backend;
 use basalt_init::tryboot::{Tryboot, TrybootLocation};
 use basalt_init::update::agent::UpdateError;
-use common::{ok, root, run, SDE};
+use common::{arm64_board_table, build_plan, ok, root, run, small_recipe, write_toml, Fat, SDE};
 
 /// Stand-in firmware: what the firmware files would be, with the device
 /// tree's magic, and an overlays folder.
@@ -54,16 +54,7 @@ fn board(dir: &Path, fw: &Path) -> PathBuf {
 /// boards/`name`.toml made buildable here, as [`board`] does; `names` are
 /// the firmware files the real board lists.
 fn board_named(dir: &Path, fw: &Path, name: &str, names: &[&str]) -> PathBuf {
-    let text = fs::read_to_string(root().join(format!("boards/{name}.toml"))).unwrap();
-    let mut t: toml::Table = text.parse().unwrap();
-    let deb = root().join(".cache/kernel/linux-image-cloud-arm64.deb");
-    assert!(deb.exists(), "{} missing: run ci/setup.sh", deb.display());
-    let mut kernel = toml::Table::new();
-    kernel.insert("deb".into(), deb.display().to_string().into());
-    t.insert("kernel".into(), kernel.into());
-    let mods = |m: &[&str]| toml::Value::Array(m.iter().map(|s| (*s).into()).collect());
-    t.insert("stage1_modules".into(), mods(&["dm-verity", "squashfs", "vfat", "nls_cp437"]));
-    t.insert("modules".into(), mods(&[]));
+    let mut t = arm64_board_table(name);
     let tb = t["tryboot"].as_table_mut().unwrap();
     // The real board names the same files.
     let listed: Vec<String> = tb["firmware"]
@@ -75,22 +66,12 @@ fn board_named(dir: &Path, fw: &Path, name: &str, names: &[&str]) -> PathBuf {
     assert_eq!(listed, names);
     let files = names.iter().map(|n| fw.join(n).display().to_string().into()).collect();
     tb.insert("firmware".into(), toml::Value::Array(files));
-    let path = dir.join(format!("{name}.toml"));
-    fs::write(&path, toml::to_string(&t).unwrap()).unwrap();
-    path
+    write_toml(dir, &format!("{name}.toml"), &t)
 }
 
 /// A small recipe without a kernel of its own (it takes the board's).
 fn recipe(dir: &Path, board: &Path) -> PathBuf {
-    let text = fs::read_to_string(root().join("recipes/minimal.toml")).unwrap();
-    let mut t: toml::Table = text.parse().unwrap();
-    t.remove("kernel");
-    let image = t["image"].as_table_mut().unwrap();
-    image.insert("name".into(), "pi-test".into());
-    image.insert("board".into(), board.display().to_string().into());
-    let path = dir.join("pi.toml");
-    fs::write(&path, toml::to_string(&t).unwrap()).unwrap();
-    path
+    small_recipe(dir, "pi-test", board)
 }
 
 struct Built {
@@ -109,43 +90,24 @@ impl Built {
         self.report.partitions.iter().find(|p| p.index == index).unwrap().offset
     }
 
-    /// A file of FAT partition `index`, read by mtools straight from the
-    /// disk image.
+    /// FAT partition `index`, read by mtools straight from the disk image.
+    fn fat(&self, index: u32) -> Fat {
+        Fat::at(&self.disk(), self.offset(index))
+    }
+
+    /// A file of FAT partition `index`.
     fn mread(&self, index: u32, file: &str) -> Vec<u8> {
-        let img = format!("{}@@{}", self.disk().display(), self.offset(index));
-        let out = run(Command::new("mcopy").env("MTOOLS_SKIP_CHECK", "1").args([
-            "-n",
-            "-i",
-            &img,
-            &format!("::{file}"),
-            "-",
-        ]));
-        assert!(out.status.success(), "mcopy {file}: {}", String::from_utf8_lossy(&out.stderr));
-        out.stdout
+        self.fat(index).read(file)
     }
 
-    /// Whether partition `index` has `file`, as mtools lists it.
+    /// Whether partition `index` has `file`.
     fn has(&self, index: u32, file: &str) -> bool {
-        let img = format!("{}@@{}", self.disk().display(), self.offset(index));
-        run(Command::new("mdir").env("MTOOLS_SKIP_CHECK", "1").args([
-            "-i",
-            &img,
-            &format!("::{file}"),
-        ]))
-        .status
-        .success()
+        self.fat(index).has(file)
     }
 
-    /// Copies FAT partition `index`'s files into a new folder, with mtools.
+    /// Copies FAT partition `index`'s files into a new folder.
     fn unpack(&self, index: u32, name: &str) -> PathBuf {
-        let to = self.dir.path().join(name);
-        fs::create_dir_all(&to).unwrap();
-        let img = format!("{}@@{}", self.disk().display(), self.offset(index));
-        ok(Command::new("mcopy")
-            .env("MTOOLS_SKIP_CHECK", "1")
-            .args(["-s", "-n", "-i", &img, "::*"])
-            .arg(&to));
-        to
+        self.fat(index).unpack(&self.dir.path().join(name))
     }
 }
 
@@ -154,17 +116,7 @@ fn build_pi(version: &str, key: Option<&Path>) -> Built {
     let fw = firmware(dir.path());
     let board = board(dir.path(), &fw);
     let recipe = recipe(dir.path(), &board);
-    let opts = PlanOptions {
-        source_date_epoch: SDE,
-        cache_dir: plan::default_cache_dir(),
-        version: Some(version.parse().unwrap()),
-        signing_key: key.map(Path::to_path_buf),
-        ..Default::default()
-    };
-    let plan = plan::resolve(&recipe, &opts).unwrap_or_else(|e| panic!("{e}"));
-    let out = dir.path().join("out");
-    let report =
-        basalt::build::build(&plan, None, &out, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));
+    let (plan, report) = build_plan(&recipe, version, None, key, &dir.path().join("out"));
     Built { dir, report, plan, fw }
 }
 

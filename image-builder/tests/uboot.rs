@@ -26,7 +26,7 @@ use basalt_init::assess::Bootloader;
 use basalt_init::backend::Backend;
 use basalt_init::uboot::{EnvCopy, EnvLocation, EnvStore, UBoot};
 use basalt_init::update::agent::UpdateError;
-use common::{ok, root, run, SDE};
+use common::{arm64_board_table, build_plan, ok, run, small_recipe, write_toml, Fat, SDE};
 
 const ENV_OFFSET: u64 = 0x3F8000;
 const ENV_OFFSET_REDUND: u64 = 0x3FC000;
@@ -36,16 +36,7 @@ const ENV_SIZE: u64 = 0x4000;
 /// modules that kernel has, written to `dir/uboot-arm64.toml`; `edit`
 /// changes its table first.
 fn board(dir: &Path, edit: impl FnOnce(&mut toml::Table)) -> PathBuf {
-    let text = fs::read_to_string(root().join("boards/uboot-arm64.toml")).unwrap();
-    let mut t: toml::Table = text.parse().unwrap();
-    let deb = root().join(".cache/kernel/linux-image-cloud-arm64.deb");
-    assert!(deb.exists(), "{} missing: run ci/setup.sh", deb.display());
-    let mut kernel = toml::Table::new();
-    kernel.insert("deb".into(), deb.display().to_string().into());
-    t.insert("kernel".into(), kernel.into());
-    let mods = |m: &[&str]| toml::Value::Array(m.iter().map(|s| (*s).into()).collect());
-    t.insert("stage1_modules".into(), mods(&["dm-verity", "squashfs", "vfat", "nls_cp437"]));
-    t.insert("modules".into(), mods(&[]));
+    let mut t = arm64_board_table("uboot-arm64");
     // The real board's numbers.
     let u = t["uboot"].as_table().unwrap();
     assert_eq!(u["env_offset"].as_integer(), Some(ENV_OFFSET as i64));
@@ -56,22 +47,12 @@ fn board(dir: &Path, edit: impl FnOnce(&mut toml::Table)) -> PathBuf {
     env.insert("ramdisk_addr_r".into(), "0x48000000".into());
     t["uboot"].as_table_mut().unwrap().insert("env".into(), env.into());
     edit(&mut t);
-    let path = dir.join("uboot-arm64.toml");
-    fs::write(&path, toml::to_string(&t).unwrap()).unwrap();
-    path
+    write_toml(dir, "uboot-arm64.toml", &t)
 }
 
 /// A small recipe without a kernel of its own (it takes the board's).
 fn recipe(dir: &Path, board: &Path) -> PathBuf {
-    let text = fs::read_to_string(root().join("recipes/minimal.toml")).unwrap();
-    let mut t: toml::Table = text.parse().unwrap();
-    t.remove("kernel");
-    let image = t["image"].as_table_mut().unwrap();
-    image.insert("name".into(), "uboot-test".into());
-    image.insert("board".into(), board.display().to_string().into());
-    let path = dir.join("gw.toml");
-    fs::write(&path, toml::to_string(&t).unwrap()).unwrap();
-    path
+    small_recipe(dir, "uboot-test", board)
 }
 
 struct Built {
@@ -89,43 +70,23 @@ impl Built {
         self.report.partitions.iter().find(|p| p.label == label).unwrap()
     }
 
-    fn mtools_image(&self) -> String {
-        format!("{}@@{}", self.disk().display(), self.part("esp").offset)
+    /// The boot partition, read by mtools straight from the disk image.
+    fn boot(&self) -> Fat {
+        Fat::at(&self.disk(), self.part("esp").offset)
     }
 
-    /// A file of the boot partition, read by mtools from the disk image.
+    /// A file of the boot partition.
     fn mread(&self, file: &str) -> Vec<u8> {
-        let out = run(Command::new("mcopy").env("MTOOLS_SKIP_CHECK", "1").args([
-            "-n",
-            "-i",
-            &self.mtools_image(),
-            &format!("::{file}"),
-            "-",
-        ]));
-        assert!(out.status.success(), "mcopy {file}: {}", String::from_utf8_lossy(&out.stderr));
-        out.stdout
+        self.boot().read(file)
     }
 
     fn has(&self, file: &str) -> bool {
-        let img = self.mtools_image();
-        run(Command::new("mdir").env("MTOOLS_SKIP_CHECK", "1").args([
-            "-i",
-            &img,
-            &format!("::{file}"),
-        ]))
-        .status
-        .success()
+        self.boot().has(file)
     }
 
-    /// The boot partition's files, copied into a new folder with mtools.
+    /// The boot partition's files, copied into a new folder.
     fn unpack_boot(&self, name: &str) -> PathBuf {
-        let to = self.dir.path().join(name);
-        fs::create_dir_all(&to).unwrap();
-        ok(Command::new("mcopy")
-            .env("MTOOLS_SKIP_CHECK", "1")
-            .args(["-s", "-n", "-i", &self.mtools_image(), "::*"])
-            .arg(&to));
-        to
+        self.boot().unpack(&self.dir.path().join(name))
     }
 }
 
@@ -133,17 +94,7 @@ fn build(version: &str, key: Option<&Path>) -> Built {
     let dir = tempfile::tempdir().unwrap();
     let board = board(dir.path(), |_| {});
     let recipe = recipe(dir.path(), &board);
-    let opts = PlanOptions {
-        source_date_epoch: SDE,
-        cache_dir: plan::default_cache_dir(),
-        version: Some(version.parse().unwrap()),
-        signing_key: key.map(Path::to_path_buf),
-        ..Default::default()
-    };
-    let plan = plan::resolve(&recipe, &opts).unwrap_or_else(|e| panic!("{e}"));
-    let out = dir.path().join("out");
-    let report =
-        basalt::build::build(&plan, None, &out, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));
+    let (plan, report) = build_plan(&recipe, version, None, key, &dir.path().join("out"));
     Built { dir, report, plan }
 }
 

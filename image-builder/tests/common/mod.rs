@@ -100,6 +100,17 @@ pub fn build_version(
     key: Option<&Path>,
     out: &Path,
 ) -> Report {
+    build_plan(recipe, version, board, key, out).1
+}
+
+/// [`build_version`], returning the plan too.
+pub fn build_plan(
+    recipe: &Path,
+    version: &str,
+    board: Option<&Path>,
+    key: Option<&Path>,
+    out: &Path,
+) -> (basalt::plan::Plan, Report) {
     let opts = PlanOptions {
         board: board.map(|b| b.display().to_string()),
         source_date_epoch: SDE,
@@ -109,5 +120,89 @@ pub fn build_version(
         ..Default::default()
     };
     let plan = plan::resolve(recipe, &opts).unwrap_or_else(|e| panic!("{e}"));
-    basalt::build::build(&plan, None, out, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"))
+    let report =
+        basalt::build::build(&plan, None, out, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));
+    (plan, report)
+}
+
+/// `boards/<name>.toml` made buildable here: Debian's arm64 cloud kernel
+/// (ci/setup.sh fetches it) as its `[kernel]`, and only modules that
+/// kernel has (a real board's drivers are not in it).
+pub fn arm64_board_table(name: &str) -> toml::Table {
+    let text = std::fs::read_to_string(root().join(format!("boards/{name}.toml"))).unwrap();
+    let mut t: toml::Table = text.parse().unwrap();
+    let deb = root().join(".cache/kernel/linux-image-cloud-arm64.deb");
+    assert!(deb.exists(), "{} missing: run ci/setup.sh", deb.display());
+    let mut kernel = toml::Table::new();
+    kernel.insert("deb".into(), deb.display().to_string().into());
+    t.insert("kernel".into(), kernel.into());
+    let mods = |m: &[&str]| toml::Value::Array(m.iter().map(|s| (*s).into()).collect());
+    t.insert("stage1_modules".into(), mods(&["dm-verity", "squashfs", "vfat", "nls_cp437"]));
+    t.insert("modules".into(), mods(&[]));
+    t
+}
+
+/// Writes `t` to `dir/file`; returns the path.
+pub fn write_toml(dir: &Path, file: &str, t: &toml::Table) -> PathBuf {
+    let path = dir.join(file);
+    std::fs::write(&path, toml::to_string(t).unwrap()).unwrap();
+    path
+}
+
+/// `recipes/minimal.toml` named `name` for `board`, without a kernel of
+/// its own (it takes the board's), written to `dir/<name>.toml`.
+pub fn small_recipe(dir: &Path, name: &str, board: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(root().join("recipes/minimal.toml")).unwrap();
+    let mut t: toml::Table = text.parse().unwrap();
+    t.remove("kernel");
+    let image = t["image"].as_table_mut().unwrap();
+    image.insert("name".into(), name.into());
+    image.insert("board".into(), board.display().to_string().into());
+    write_toml(dir, &format!("{name}.toml"), &t)
+}
+
+/// A FAT partition at a byte offset of a disk image, read with mtools.
+pub struct Fat {
+    img: String,
+}
+
+impl Fat {
+    /// The FAT filesystem at `offset` of `disk`.
+    pub fn at(disk: &Path, offset: u64) -> Fat {
+        Fat { img: format!("{}@@{offset}", disk.display()) }
+    }
+
+    /// One file's bytes.
+    pub fn read(&self, file: &str) -> Vec<u8> {
+        let out = run(Command::new("mcopy").env("MTOOLS_SKIP_CHECK", "1").args([
+            "-n",
+            "-i",
+            &self.img,
+            &format!("::{file}"),
+            "-",
+        ]));
+        assert!(out.status.success(), "mcopy {file}: {}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    }
+
+    /// Whether `file` is there, as mtools lists it.
+    pub fn has(&self, file: &str) -> bool {
+        run(Command::new("mdir").env("MTOOLS_SKIP_CHECK", "1").args([
+            "-i",
+            &self.img,
+            &format!("::{file}"),
+        ]))
+        .status
+        .success()
+    }
+
+    /// Copies every file into `to` (made if need be); returns it.
+    pub fn unpack(&self, to: &Path) -> PathBuf {
+        std::fs::create_dir_all(to).unwrap();
+        ok(Command::new("mcopy")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .args(["-s", "-n", "-i", &self.img, "::*"])
+            .arg(to));
+        to.to_path_buf()
+    }
 }
