@@ -206,3 +206,16 @@ impl Fat {
         to.to_path_buf()
     }
 }
+
+/// The disk's GPT judged by `sgdisk`: no problems (`-v`), and partition
+/// `n` (from 1) of type and name `want[n - 1]`.
+pub fn assert_gpt(disk: &Path, want: &[(&str, &str)]) {
+    let v = ok(Command::new("sgdisk").arg("-v").arg(disk));
+    assert!(v.contains("No problems found"), "{v}");
+    for (i, (name, ty)) in want.iter().enumerate() {
+        let n = i + 1;
+        let info = ok(Command::new("sgdisk").args(["-i", &n.to_string()]).arg(disk));
+        assert!(info.contains(&format!("Partition GUID code: {ty}")), "p{n}: {info}");
+        assert!(info.contains(&format!("Partition name: '{name}'")), "p{n}: {info}");
+    }
+}
