@@ -398,16 +398,11 @@ impl basalt_init::update::agent::Machine for PiDevice {
 /// A device of another board refuses it before writing anything.
 #[test]
 fn an_rpi4_bundle_installs_into_the_other_boot_partition() {
-    use basalt_bundle::keys::SigningKey;
-    use basalt_bundle::Trust;
     use basalt_init::update::agent::Agent;
     use basalt_init::update::state::StateFile;
 
     let keys = tempfile::tempdir().unwrap();
-    let key = SigningKey::generate().unwrap();
-    let key_file = keys.path().join("key.pem");
-    fs::write(&key_file, key.to_pkcs8_pem().unwrap()).unwrap();
-    let trust = Trust { keys: vec![key.public()], threshold: 1 };
+    let (key_file, trust) = common::fresh_key(keys.path());
 
     let factory = build_pi("1.0.0", None);
     let update = build_pi("1.1.0", Some(&key_file));

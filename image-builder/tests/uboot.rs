@@ -307,16 +307,11 @@ impl basalt_init::update::agent::Machine for UbootDevice {
 /// (`upgrade_available=1`, `bootcount=0`), as `fw_printenv` reads it.
 #[test]
 fn the_device_back_end_reads_the_image_and_installs_into_slot_b() {
-    use basalt_bundle::keys::SigningKey;
-    use basalt_bundle::Trust;
     use basalt_init::update::agent::Agent;
     use basalt_init::update::state::StateFile;
 
     let keys = tempfile::tempdir().unwrap();
-    let key = SigningKey::generate().unwrap();
-    let key_file = keys.path().join("key.pem");
-    fs::write(&key_file, key.to_pkcs8_pem().unwrap()).unwrap();
-    let trust = Trust { keys: vec![key.public()], threshold: 1 };
+    let (key_file, trust) = common::fresh_key(keys.path());
 
     let factory = build("1.0.0", None);
     let update = build("1.1.0", Some(&key_file));

@@ -219,3 +219,13 @@ pub fn assert_gpt(disk: &Path, want: &[(&str, &str)]) {
         assert!(info.contains(&format!("Partition name: '{name}'")), "p{n}: {info}");
     }
 }
+
+/// A new signing key written as PEM to `dir/key.pem`, and a trust of it
+/// alone.
+pub fn fresh_key(dir: &Path) -> (PathBuf, basalt_bundle::Trust) {
+    let key = basalt_bundle::keys::SigningKey::generate().unwrap();
+    let file = dir.join("key.pem");
+    std::fs::write(&file, key.to_pkcs8_pem().unwrap()).unwrap();
+    let trust = basalt_bundle::Trust { keys: vec![key.public()], threshold: 1 };
+    (file, trust)
+}
