@@ -32,6 +32,22 @@ use crate::uboot::{EnvCopy, EnvLocation, UBoot};
 /// Where the Raspberry Pi firmware tells the OS what it booted.
 pub const FIRMWARE_NODE: &str = "/proc/device-tree/chosen/bootloader";
 
+/// Where a process mounts a back-end's partitions: one folder for an ESP
+/// or U-Boot boot partition, another under which a Pi's `autoboot`,
+/// `boot_a` and `boot_b` go. PID 1 and the update agent each have their
+/// own, so their mounts never meet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MountBases {
+    /// The boot partition's mount point (systemd-boot, U-Boot).
+    pub boot: &'static str,
+    /// The folder of a Pi's three FAT partitions.
+    pub tryboot: &'static str,
+}
+
+/// PID 1's mounts (stage 1 and stage 2).
+pub const PID1_MOUNTS: MountBases =
+    MountBases { boot: basalt_bundle::config::ESP_MOUNT, tryboot: "/run/basalt/tryboot" };
+
 /// The Raspberry Pi partitions to mount and where.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrybootMounts {
@@ -107,13 +123,17 @@ impl Backend {
 
     /// The back-end of a running device: `config` read by the caller
     /// from the image, sysfs and `/dev`, its partitions mounted under
-    /// `mount_base`.
-    pub fn on_device(config: &BootloaderConfig, mount_base: &Path) -> Backend {
+    /// `mounts`' folder for the back-end's kind.
+    pub fn on_device(config: &BootloaderConfig, mounts: &MountBases) -> Backend {
+        let base = match config.kind {
+            BootloaderKind::SystemdBoot | BootloaderKind::UBoot => mounts.boot,
+            BootloaderKind::RpiTryboot => mounts.tryboot,
+        };
         Backend::from_config(
             config,
             Path::new("/sys/class/block"),
             Path::new("/dev"),
-            mount_base,
+            Path::new(base),
             Path::new(FIRMWARE_NODE),
         )
     }

@@ -195,12 +195,7 @@ pub fn fail(msg: &str) -> ! {
 /// Best effort: if the ESP cannot be changed, the reboot still happens and
 /// the try counter decides.
 fn condemn(slot: Slot, bootloader: &basalt_bundle::config::BootloaderConfig) {
-    use basalt_bundle::config::{BootloaderKind, ESP_MOUNT};
-    let base = match bootloader.kind {
-        BootloaderKind::SystemdBoot | BootloaderKind::UBoot => ESP_MOUNT,
-        BootloaderKind::RpiTryboot => crate::stage2::TRYBOOT_MOUNT,
-    };
-    let backend = crate::backend::Backend::on_device(bootloader, Path::new(base));
+    let backend = crate::backend::Backend::on_device(bootloader, &crate::backend::PID1_MOUNTS);
     let result: Result<_, crate::assess::AssessError> =
         backend.with_bootloader(Some(slot), |bl| bl.mark_bad(slot));
     match result {

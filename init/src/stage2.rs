@@ -34,8 +34,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use basalt_bundle::config::{
-    parse_cidr, parse_gateway, AddressError, BootloaderKind, ImageConfig, NetworkConfig,
-    NetworkMode, BOOTLOADER_CONFIG_PATH, DATA_MOUNT, ESP_MOUNT, IMAGE_CONFIG_PATH,
+    parse_cidr, parse_gateway, AddressError, ImageConfig, NetworkConfig, NetworkMode,
+    BOOTLOADER_CONFIG_PATH, DATA_MOUNT, ESP_MOUNT, IMAGE_CONFIG_PATH,
 };
 use basalt_bundle::slot::Slot;
 
@@ -297,11 +297,7 @@ fn choose_backend() -> Backend {
         say(&format!("{e}; taking systemd-boot"));
         Default::default()
     });
-    let base = match config.kind {
-        BootloaderKind::SystemdBoot | BootloaderKind::UBoot => ESP_MOUNT,
-        BootloaderKind::RpiTryboot => TRYBOOT_MOUNT,
-    };
-    Backend::on_device(&config, Path::new(base))
+    Backend::on_device(&config, &backend::PID1_MOUNTS)
 }
 
 /// Settles the try an install left on a Raspberry Pi
@@ -334,10 +330,6 @@ fn settle_pending_try(backend: &Backend) -> bool {
         }
     }
 }
-
-/// Where PID 1 mounts a Raspberry Pi's `autoboot`, `boot_a` and `boot_b`
-/// partitions while it blesses or marks a slot bad.
-pub const TRYBOOT_MOUNT: &str = "/run/basalt/tryboot";
 
 /// Runs stage 2. Never returns: PID 1 ends in `reboot(2)`.
 pub fn run() -> ! {

@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 
 use basalt_bundle::slot::Slot;
 
-use basalt_bundle::config::{BootloaderConfig, BootloaderKind, BOOTLOADER_CONFIG_PATH};
+use basalt_bundle::config::{BootloaderConfig, BOOTLOADER_CONFIG_PATH};
 
 use crate::assess::{slot_from_cmdline, Bootloader};
-use crate::backend::{self, Backend};
+use crate::backend::{self, Backend, MountBases};
 use crate::pending_try::TRY_MARKER;
 use crate::platform;
 use crate::update::agent::{Machine, UpdateError};
@@ -56,11 +56,7 @@ impl Device {
 /// The agent's back-end for `config`: its partitions mounted in the
 /// agent's own folders.
 pub fn device_backend(config: &BootloaderConfig) -> Backend {
-    let base = match config.kind {
-        BootloaderKind::SystemdBoot | BootloaderKind::UBoot => AGENT_ESP_MOUNT,
-        BootloaderKind::RpiTryboot => AGENT_TRYBOOT_MOUNT,
-    };
-    Backend::on_device(config, Path::new(base))
+    Backend::on_device(config, &MountBases { boot: AGENT_ESP_MOUNT, tryboot: AGENT_TRYBOOT_MOUNT })
 }
 
 impl Default for Device {
@@ -117,6 +113,7 @@ impl Machine for Device {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use basalt_bundle::config::BootloaderKind;
 
     /// The agent mounts the back-end's partitions in its own folders, so
     /// that PID 1's mounts (under `/run/basalt/esp` and
@@ -140,7 +137,7 @@ mod tests {
         assert_eq!(dev.try_marker(), Some(PathBuf::from(TRY_MARKER)));
         let dev = Device { backend: device_backend(&BootloaderConfig::default()), ..dev };
         assert_eq!(dev.try_marker(), None);
-        assert_ne!(AGENT_TRYBOOT_MOUNT, crate::stage2::TRYBOOT_MOUNT);
+        assert_ne!(AGENT_TRYBOOT_MOUNT, crate::backend::PID1_MOUNTS.tryboot);
 
         // U-Boot: the boot partition where the agent mounts the ESP, the
         // environment on the board's device, no try marker.
