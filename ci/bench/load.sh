@@ -10,7 +10,8 @@
 # or 503 (the queue in front of the engine is full), the process is still up
 # and answering afterwards, and RSS stays flat: the last sample is within
 # LOAD_RSS_SLACK_MIB (8) of the one taken 5 s into the run, once the
-# buffers of a full queue exist.
+# buffers of a full queue exist. RSS 3 s after the load (the runtime
+# returns its cached buffers after 1 s idle) is shown too.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
@@ -34,11 +35,12 @@ trap 'bench_stop_runtime; rm -rf "$work"' EXIT
 
 cargo build --release --locked --target x86_64-unknown-linux-musl -p basalt-runtime --bin basalt-runtime 2>/dev/null
 cargo build --release --locked -p basalt --bin basalt 2>/dev/null
-runtime=$root/target/x86_64-unknown-linux-musl/release/basalt-runtime
+target=${CARGO_TARGET_DIR:-$root/target}
+runtime=$target/x86_64-unknown-linux-musl/release/basalt-runtime
 
 mkdir -p "$work/keys" "$work/models"
-target/release/basalt keygen --out "$work/keys/load" >/dev/null
-target/release/basalt model bundle "$models/$model.onnx" --config "$models/$model.model.toml" \
+"$target/release/basalt" keygen --out "$work/keys/load" >/dev/null
+"$target/release/basalt" model bundle "$models/$model.onnx" --config "$models/$model.model.toml" \
     --key "$work/keys/load.key" --out "$work/models/$model.basalt" >/dev/null
 
 bench_body "$models/$model.ref.json" "$work/body"
@@ -59,6 +61,8 @@ while kill -0 "$wrk_pid" 2>/dev/null; do
 done
 wait "$wrk_pid"
 cat "$work/wrk.out"
+sleep 3
+after=$(rss_kib)
 
 status=0
 alive=yes
@@ -75,7 +79,7 @@ growth=$(awk -v a="$early" -v b="$last" 'BEGIN { printf "%.1f", (b - a) / 1024 }
 echo "model $model, $connections connections, ${seconds}s"
 echo "answers by status:$statuses (total $total, other than 200/503: $others)"
 echo "process alive and live afterwards: $alive"
-echo "RSS MiB: idle $(mib "$idle"), at 5 s $(mib "$early"), peak $(mib "$peak"), last $(mib "$last"); growth after 5 s $growth"
+echo "RSS MiB: idle $(mib "$idle"), at 5 s $(mib "$early"), peak $(mib "$peak"), last $(mib "$last"); growth after 5 s $growth; 3 s after the load $(mib "$after")"
 echo "RSS samples (MiB, 1/s): $(for s in "${samples[@]}"; do printf '%s ' "$(mib "$s")"; done)"
 
 [ "$total" -gt 0 ] || { echo "load: FAIL: no answers"; status=1; }

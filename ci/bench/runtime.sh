@@ -33,7 +33,8 @@ trap 'bench_stop_runtime; rm -rf "$work"' EXIT
 cargo test --release --locked -p basalt-runtime --test reference --no-run 2>/dev/null
 cargo build --release --locked --target x86_64-unknown-linux-musl -p basalt-runtime --bin basalt-runtime 2>/dev/null
 cargo build --release --locked -p basalt --bin basalt 2>/dev/null
-runtime=$root/target/x86_64-unknown-linux-musl/release/basalt-runtime
+target=${CARGO_TARGET_DIR:-$root/target}
+runtime=$target/x86_64-unknown-linux-musl/release/basalt-runtime
 
 # onnxruntime's side: the same batch-1 input, warm-up, then runs for BENCH_SECONDS.
 cat >"$work/ort.py" <<'EOF'
@@ -75,10 +76,10 @@ done
 
 # A signed bundle per model, and a key the runtime trusts.
 mkdir -p "$work/keys"
-target/release/basalt keygen --out "$work/keys/bench" >/dev/null
+"$target/release/basalt" keygen --out "$work/keys/bench" >/dev/null
 for name in "${names[@]}"; do
     mkdir -p "$work/models-$name"
-    target/release/basalt model bundle "$models/$name.onnx" --config "$models/$name.model.toml" \
+    "$target/release/basalt" model bundle "$models/$name.onnx" --config "$models/$name.model.toml" \
         --key "$work/keys/bench.key" --out "$work/models-$name/$name.basalt" >/dev/null
 done
 
@@ -97,7 +98,7 @@ for name in "${names[@]}"; do
     start_server "$name"
     curl -sf -o /dev/null -H "Inference-Header-Content-Length: $(cat "$work/body-$name.len")" \
         --data-binary "@$work/body-$name.bin" "http://127.0.0.1:$port/v2/models/$name/infer"
-    sleep 1
+    sleep 2 # the runtime returns its cached buffers after 1 s without requests
     rss=$(bench_rss_kib "$server")
     onnx=$(stat -c %s "$models/$name.onnx")
     awk -v r="$rss" -v o="$onnx" -v n="$name" \

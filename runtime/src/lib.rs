@@ -8,9 +8,11 @@
 //! to the server.
 //! [`server`] speaks the Open Inference Protocol (KServe V2) over HTTP,
 //! [`v2`] its wire format (JSON and binary tensors), [`metrics`] the
-//! Prometheus metrics.
+//! Prometheus metrics. [`alloc`] is the binary's allocator, which keeps
+//! freed large buffers for the next inference.
 #![deny(missing_docs)]
 
+pub mod alloc;
 pub mod backend;
 pub mod engine;
 pub mod metrics;

@@ -21,6 +21,11 @@ use basalt_bundle::model::StdDisk;
 use basalt_runtime::repository::{self, Catalog, Settings};
 use basalt_runtime::server::{self, Limits, Server};
 
+/// Keeps freed large buffers (an inference's activations) mapped for the
+/// next inference instead of musl's unmapping them; trimmed when idle.
+#[global_allocator]
+static ALLOC: basalt_runtime::alloc::Global = basalt_runtime::alloc::Global;
+
 const USAGE: &str = "usage: basalt-runtime [--listen ADDR] [--models DIR]... [--store DIR|none] \
                      [--keys DIR] [--threshold N]";
 
@@ -98,6 +103,8 @@ fn run() -> Result<(), String> {
     };
     let catalog =
         Catalog::open(settings, Box::new(basalt_runtime::backend::load_onnx), Arc::new(StdDisk));
+    // Loading the models freed large buffers that no inference will take.
+    basalt_runtime::alloc::trim();
     if catalog.names().is_empty() {
         let mut dirs: Vec<String> = a.models.iter().map(|d| d.display().to_string()).collect();
         dirs.extend(a.store.iter().map(|d| d.display().to_string()));

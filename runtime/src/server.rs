@@ -171,6 +171,38 @@ pub struct Server {
     limits: Limits,
     running: Semaphore,
     waiting: AtomicUsize,
+    /// Inference requests in flight, and how many have ended: the idle
+    /// trim of the allocator's cache waits for both to stay still.
+    in_flight: AtomicUsize,
+    ended: AtomicU64,
+}
+
+/// Counts an inference request in flight while it lives (also when its
+/// connection drops it half-way).
+struct InFlight<'a>(&'a Server);
+
+impl<'a> InFlight<'a> {
+    fn new(s: &'a Server) -> InFlight<'a> {
+        s.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(s)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.ended.fetch_add(1, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What the idle trim has seen: the count of ended requests at the last
+/// tick, for how many ticks nothing has moved, and ticks since the cache's
+/// unused blocks were last released.
+#[derive(Default)]
+struct Quiet {
+    ended: u64,
+    ticks: u32,
+    since_release: u32,
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -200,6 +232,8 @@ impl Server {
         Server {
             running: Semaphore::new(limits.concurrency.max(1)),
             waiting: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            ended: AtomicU64::new(0),
             catalog,
             limits,
         }
@@ -283,6 +317,7 @@ impl Server {
     }
 
     async fn infer(self: Arc<Self>, m: Arc<Served>, req: Request<Incoming>) -> Reply {
+        let _in_flight = InFlight::new(&self);
         let start = Instant::now();
         let outcome = self.infer_inner(&m, req, start).await;
         let elapsed = start.elapsed();
@@ -589,11 +624,47 @@ pub fn cmp_versions(a: &str, b: &str) -> std::cmp::Ordering {
 /// How often watch windows are judged without requests.
 const TICK: Duration = Duration::from_millis(100);
 
+/// Ticks without an inference in flight or ended before the allocator's
+/// cache of freed buffers goes back to the system (1 s); also how often,
+/// under load, the cached buffers nobody took again are returned.
+const IDLE_TICKS: u32 = 10;
+
+impl Server {
+    /// Called every [`TICK`]: once no inference has been in flight for
+    /// [`IDLE_TICKS`], returns the buffers the allocator keeps for the next
+    /// one ([`crate::alloc::trim`]), so the idle RSS is low again; under
+    /// load, every [`IDLE_TICKS`] returns those nobody took since
+    /// ([`crate::alloc::release_unused`]). Cheap when there is nothing to
+    /// return (atomic reads).
+    fn release_memory(&self, quiet: &mut Quiet) {
+        if crate::alloc::cached_bytes() > 0 {
+            quiet.since_release += 1;
+            if quiet.since_release >= IDLE_TICKS {
+                quiet.since_release = 0;
+                crate::alloc::release_unused();
+            }
+        }
+        let ended = self.ended.load(Ordering::Relaxed);
+        if self.in_flight.load(Ordering::Relaxed) > 0 || ended != quiet.ended {
+            quiet.ended = ended;
+            quiet.ticks = 0;
+            return;
+        }
+        quiet.ticks = quiet.ticks.saturating_add(1);
+        if quiet.ticks >= IDLE_TICKS && crate::alloc::cached_bytes() > 0 {
+            crate::alloc::trim();
+        }
+    }
+}
+
 /// Serves `server` on `listener` until the process ends. Once it listens,
 /// each model's newest version is tried (one installed while the runtime
-/// was down), and watch windows are judged every 100 ms.
+/// was down), and watch windows are judged every 100 ms; after 1 s without
+/// inferences the allocator's cached buffers go back to the system, and
+/// under load, every second, those nobody used again.
 pub async fn serve(listener: TcpListener, server: Arc<Server>) {
     let catalog = server.catalog.clone();
+    let idle = server.clone();
     tokio::spawn(async move {
         let c = catalog.clone();
         let _ = tokio::task::spawn_blocking(move || {
@@ -602,10 +673,14 @@ pub async fn serve(listener: TcpListener, server: Arc<Server>) {
                     println!("model {name}: {e}");
                 }
             }
+            // What loading freed is not an inference's buffers.
+            crate::alloc::trim();
         })
         .await;
+        let mut quiet = Quiet::default();
         loop {
             tokio::time::sleep(TICK).await;
+            idle.release_memory(&mut quiet);
             if catalog.watching() {
                 let c = catalog.clone();
                 let _ = tokio::task::spawn_blocking(move || c.tick()).await;
