@@ -1,7 +1,8 @@
 //! Convolution and pooling on f32 slices, where candle-core has no kernel of its own.
 //!
-//! General convolution is im2col followed by candle's (multi-threaded) matmul; depthwise
-//! convolution and pooling are direct loops split over output planes with rayon.
+//! General convolution unfolds the input (im2col, read from stride phases) and multiplies
+//! with gemm; depthwise convolution and pooling are direct loops over the same phases,
+//! split over output planes with rayon.
 
 use candle_core::{CpuStorage, Device, Storage, Tensor};
 use rayon::prelude::*;
@@ -71,7 +72,7 @@ pub(crate) struct PoolAttrs {
 }
 
 /// Resolved 2-D geometry (1-D windows use height 1).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Geom {
     h: usize,
     w: usize,
@@ -218,20 +219,16 @@ fn geometry(spatial: &[usize], kernel: &[usize], window: &Window) -> R<Geom> {
     }
 }
 
-/// The output positions `o` in `0..out_len` whose input `o * stride + offset` lies in
-/// `0..in_len`, as a half-open range.
-fn valid_range(out_len: usize, in_len: usize, stride: usize, offset: isize) -> (usize, usize) {
-    let stride_i = stride as isize;
-    let lo = if offset >= 0 { 0 } else { ((-offset) + stride_i - 1) / stride_i } as usize;
-    let last = in_len as isize - 1 - offset;
-    let hi = if last < 0 { 0 } else { (last / stride_i + 1) as usize };
-    let hi = hi.min(out_len);
-    (lo.min(hi), hi)
-}
-
 /// Below this many multiply-adds (or elements) a loop runs on the calling thread: waking
 /// the other workers costs more than the work (measured on a loaded 2-core machine).
-pub(crate) const PARALLEL_MIN_WORK: usize = 1 << 16;
+pub(crate) const PARALLEL_MIN_WORK: usize = 1 << 18;
+
+/// Whether a loop of `work` multiply-adds (or elements) should be split across threads:
+/// there is more than one and the work is worth waking them for. At one thread every loop
+/// runs on the calling thread, which never waits on the pool.
+pub(crate) fn parallel(work: usize) -> bool {
+    work >= PARALLEL_MIN_WORK && rayon::current_num_threads() > 1
+}
 
 /// Runs `f` on each `chunk`-sized piece of `out` with its index, across threads when
 /// `work` is large enough.
@@ -242,7 +239,7 @@ where
     if chunk == 0 {
         return;
     }
-    if work >= PARALLEL_MIN_WORK {
+    if parallel(work) {
         out.par_chunks_mut(chunk).enumerate().for_each(f);
     } else {
         out.chunks_mut(chunk).enumerate().for_each(f);
@@ -332,46 +329,118 @@ pub(crate) fn conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, attrs: &ConvAttrs
         .and_then(|v| v.checked_mul(p))
         .filter(|&t| t <= super::load::MAX_ELEMENTS)
         .ok_or_else(|| err(format!("output shape {out_dims:?} is too large")))?;
-    // The matmul writes straight into the output, on top of the bias when there is one.
-    let mut out = vec![0f32; total];
+    // The unfolded input has rows as wide as the stride phases (see [`unfold_wide`]), and
+    // so has the product: `wide` columns per output plane, of which each output row uses
+    // `ow`. (A pointwise convolution has no extra columns: `wide` is `p`.) The matmul writes
+    // straight into the output, on top of the bias when there is one; the extra columns
+    // are squeezed out in place at the end.
+    let (shape, taps) = phase_taps(&geo);
+    let wide = (geo.oh.max(1) - 1) * shape.w + geo.ow;
+    let planes = n * m;
+    let total_wide = planes
+        .checked_mul(wide)
+        .filter(|&t| t <= super::load::MAX_ELEMENTS.saturating_mul(2))
+        .ok_or_else(|| err(format!("output shape {out_dims:?} is too large")))?;
     let bias: Option<Vec<f32>> = b.map(|b| b.to_vec1()).transpose()?;
-    if let Some(bias) = &bias {
-        for (plane, values) in out.chunks_mut(p.max(1)).enumerate() {
-            values.fill(bias.get(plane % m.max(1)).copied().unwrap_or(0.0));
+    let mut out = match &bias {
+        Some(bias) => {
+            let mut out = Vec::with_capacity(total_wide);
+            for plane in 0..planes {
+                let value = bias.get(plane % m.max(1)).copied().unwrap_or(0.0);
+                out.resize(out.len() + wide, value);
+            }
+            out
         }
-    }
+        None => vec![0f32; total_wide],
+    };
+    let mut col = Vec::new();
     with_f32(w, |ws| {
         with_f32(x, |xs| {
-            let mut col = Vec::new();
             for ni in 0..n {
                 for gi in 0..g {
                     let base = (ni * c + gi * cg) * plane_in;
                     let block = xs
                         .get(base..base + cg * plane_in)
                         .ok_or_else(|| err("input shorter than its shape"))?;
-                    let rhs = if pointwise {
-                        block
-                    } else {
-                        im2col_into(block, cg, &geo, &mut col);
-                        col.as_slice()
-                    };
                     let lhs = ws
                         .get(gi * mg * k..(gi + 1) * mg * k)
                         .ok_or_else(|| err("weight shorter than its shape"))?;
-                    let start = (ni * m + gi * mg) * p;
+                    let start = (ni * m + gi * mg) * wide;
                     let dst = out
-                        .get_mut(start..start + mg * p)
+                        .get_mut(start..start + mg * wide)
                         .ok_or_else(|| err("output shorter than its shape"))?;
-                    sgemm(mg, p, k, lhs, rhs, dst, bias.is_some())?;
+                    let rhs = if pointwise {
+                        block
+                    } else {
+                        unfold_wide(block, cg, &geo, shape, &taps, wide, &mut col);
+                        col.as_slice()
+                    };
+                    sgemm(mg, wide, k, lhs, rhs, dst, bias.is_some())?;
                 }
             }
             Ok(())
         })
     })?;
+    if wide != p {
+        // Output row r of plane q moves from q * wide + r * shape.w to q * p + r * ow: never
+        // to the right, so a forward pass of in-place copies keeps every source intact.
+        for q in 0..planes {
+            for r in 0..geo.oh {
+                let src = q * wide + r * shape.w;
+                out.copy_within(src..src + geo.ow, q * p + r * geo.ow);
+            }
+        }
+        out.truncate(total);
+    }
     if let Some(act) = attrs.activation {
         apply_in_place(&mut out, act);
     }
     Ok(Tensor::from_vec(out, out_dims, &Device::Cpu)?)
+}
+
+/// Unfolds `channels` planes into a `(channels * kh * kw) x wide` matrix: row
+/// `(ci, tap)` is the run of channel `ci`'s stride phases that `tap` reads for every
+/// output (see [`pad_phases`]), one copy per row. `wide = (oh - 1) * phase width + ow`:
+/// output row `oy` is columns `oy * phase width ..` of it, and the columns past `ow` in
+/// each row are read by no output.
+fn unfold_wide(
+    planes: &[f32],
+    channels: usize,
+    geo: &Geom,
+    shape: PhaseShape,
+    taps: &[usize],
+    wide: usize,
+    col: &mut Vec<f32>,
+) {
+    let plane_in = geo.h * geo.w;
+    let rows = taps.len() * wide;
+    col.clear();
+    if rows == 0 {
+        return;
+    }
+    if !parallel(channels * rows) {
+        // Appended row by row: no pass to zero the matrix first.
+        col.reserve(channels * rows);
+        let mut phases = Phases::default();
+        for plane in planes.chunks_exact(plane_in.max(1)).take(channels) {
+            pad_phases(plane, geo, shape, &mut phases, 0.0);
+            for &start in taps {
+                col.extend_from_slice(phases.get(start..start + wide).unwrap_or_default());
+            }
+        }
+        col.resize(channels * rows, 0.0);
+        return;
+    }
+    col.resize(channels * rows, 0.0);
+    col.par_chunks_mut(rows).enumerate().for_each_init(Phases::default, |phases, (ci, dst)| {
+        let Some(plane) = planes.get(ci * plane_in..(ci + 1) * plane_in) else { return };
+        pad_phases(plane, geo, shape, phases, 0.0);
+        for (row, &start) in dst.chunks_exact_mut(wide).zip(taps) {
+            if let Some(src) = phases.get(start..start + wide) {
+                row.copy_from_slice(src);
+            }
+        }
+    });
 }
 
 /// Applies `act` to every element, vectorized for the CPU it runs on, across threads
@@ -380,7 +449,7 @@ pub(crate) fn apply_in_place(values: &mut [f32], act: Activation) {
     const CHUNK: usize = 1 << 14;
     let arch = pulp::Arch::new();
     let run = |values: &mut [f32]| arch.dispatch(Activate { values, act });
-    if values.len() >= PARALLEL_MIN_WORK {
+    if parallel(values.len()) {
         values.par_chunks_mut(CHUNK).for_each(run);
     } else {
         run(values);
@@ -405,7 +474,7 @@ impl pulp::WithSimd for Activate<'_> {
 
 /// Below this many multiply-adds a matmul runs on the calling thread: splitting it costs
 /// more than it saves.
-const GEMM_PARALLEL_MIN_WORK: usize = 1 << 18;
+const GEMM_PARALLEL_MIN_WORK: usize = 1 << 21;
 
 /// `c = a b`, or `c += a b` when `accumulate`, for row-major `a` (`m x k`), `b` (`k x n`)
 /// and `c` (`m x n`), with the gemm kernels candle-core itself uses. Unlike candle's
@@ -475,60 +544,6 @@ pub(crate) fn sgemm(
     Ok(())
 }
 
-/// Unfolds `channels` planes into a `(channels * kh * kw) x (oh * ow)` matrix.
-#[cfg(test)]
-fn im2col(planes: &[f32], channels: usize, geo: &Geom) -> Vec<f32> {
-    let mut col = Vec::new();
-    im2col_into(planes, channels, geo, &mut col);
-    col
-}
-
-/// [`im2col`] into `col`, reusing its allocation.
-fn im2col_into(planes: &[f32], channels: usize, geo: &Geom, col: &mut Vec<f32>) {
-    let p = geo.oh * geo.ow;
-    let plane_in = geo.h * geo.w;
-    col.clear();
-    col.resize(channels * geo.kh * geo.kw * p, 0.0);
-    if p == 0 {
-        return;
-    }
-    let work = col.len();
-    for_each_chunk(col, p, work, |(row, out)| {
-        let ci = row / (geo.kh * geo.kw);
-        let ky = (row / geo.kw) % geo.kh;
-        let kx = row % geo.kw;
-        let Some(plane) = planes.get(ci * plane_in..(ci + 1) * plane_in) else { return };
-        let x_off = (kx * geo.dw) as isize - geo.pl as isize;
-        let (lo, hi) = valid_range(geo.ow, geo.w, geo.sw, x_off);
-        let y_off = (ky * geo.dh) as isize - geo.pt as isize;
-        let (ylo, yhi) = valid_range(geo.oh, geo.h, geo.sh, y_off);
-        for oy in ylo..yhi {
-            let iy = (oy as isize * geo.sh as isize + y_off) as usize;
-            let (Some(in_row), Some(out_row)) = (
-                plane.get(iy * geo.w..(iy + 1) * geo.w),
-                out.get_mut(oy * geo.ow..(oy + 1) * geo.ow),
-            ) else {
-                continue;
-            };
-            if lo >= hi {
-                continue;
-            }
-            let start = (lo as isize * geo.sw as isize + x_off) as usize;
-            if geo.sw == 1 {
-                if let (Some(dst), Some(src)) =
-                    (out_row.get_mut(lo..hi), in_row.get(start..start + (hi - lo)))
-                {
-                    dst.copy_from_slice(src);
-                }
-            } else if let Some(dst) = out_row.get_mut(lo..hi) {
-                for (o, v) in dst.iter_mut().zip(in_row.iter().skip(start).step_by(geo.sw)) {
-                    *o = *v;
-                }
-            }
-        }
-    });
-}
-
 /// Depthwise convolution: each output channel reads one input channel.
 ///
 /// Each input plane is first copied, zero-padded, into `sh x sw` phases (phase `(ry, rx)`
@@ -564,7 +579,7 @@ fn depthwise(
             if p == 0 {
                 return Ok(());
             }
-            let plane = |scratch: &mut (Vec<f32>, Vec<f32>), (index, out): (usize, &mut [f32])| {
+            let plane = |scratch: &mut (Phases, Vec<f32>), (index, out): (usize, &mut [f32])| {
                 let (ni, mi) = (index / m, index % m);
                 let base = (ni * c + mi / mult.max(1)) * plane_in;
                 let (Some(input), Some(wk)) =
@@ -585,7 +600,7 @@ fn depthwise(
                     activation,
                 });
             };
-            if n * m * p * kk >= PARALLEL_MIN_WORK {
+            if parallel(n * m * p * kk) {
                 out.par_chunks_mut(p).enumerate().for_each_init(Default::default, plane);
             } else {
                 let mut scratch = Default::default();
@@ -618,9 +633,11 @@ fn phase_taps(geo: &Geom) -> (PhaseShape, Vec<usize>) {
 struct MaxPoolPlane<'a> {
     input: &'a [f32],
     taps: &'a [usize],
+    /// One unused parameter per tap, for [`over_taps`].
+    zeros: &'a [f32],
     geo: &'a Geom,
     shape: PhaseShape,
-    scratch: &'a mut (Vec<f32>, Vec<f32>),
+    scratch: &'a mut (Phases, Vec<f32>),
     out: &'a mut [f32],
 }
 
@@ -628,20 +645,14 @@ impl pulp::WithSimd for MaxPoolPlane<'_> {
     type Output = ();
 
     #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, _: S) {
-        let MaxPoolPlane { input, taps, geo, shape, scratch, out } = self;
+    fn with_simd<S: pulp::Simd>(self, simd: S) {
+        let MaxPoolPlane { input, taps, zeros, geo, shape, scratch, out } = self;
         let (phases, acc) = scratch;
         // Padding never wins; a NaN in the window does, as in onnxruntime.
         pad_phases(input, geo, shape, phases, f32::MIN);
         let len = (geo.oh - 1) * shape.w + geo.ow;
-        acc.clear();
-        acc.resize(len, f32::MIN);
-        for &start in taps {
-            let Some(src) = phases.get(start..start + len) else { continue };
-            for (a, &v) in acc.iter_mut().zip(src) {
-                *a = if v > *a || v.is_nan() { v } else { *a };
-            }
-        }
+        acc.resize(len, 0.0);
+        over_taps(simd, phases, taps, zeros, acc, f32::MIN, MaxOrNan);
         for (dst, src) in out.chunks_exact_mut(geo.ow).zip(acc.chunks(shape.w)) {
             for (d, s) in dst.iter_mut().zip(src) {
                 *d = *s;
@@ -651,7 +662,7 @@ impl pulp::WithSimd for MaxPoolPlane<'_> {
 }
 
 /// Rows and columns of one stride phase of a padded plane.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct PhaseShape {
     h: usize,
     w: usize,
@@ -665,7 +676,7 @@ struct DepthwisePlane<'a> {
     bias: f32,
     geo: &'a Geom,
     shape: PhaseShape,
-    scratch: &'a mut (Vec<f32>, Vec<f32>),
+    scratch: &'a mut (Phases, Vec<f32>),
     out: &'a mut [f32],
     activation: Option<Activation>,
 }
@@ -676,25 +687,19 @@ impl pulp::WithSimd for DepthwisePlane<'_> {
     // Inlined into pulp's per-ISA entry points, so the loops compile for the vector width
     // of the CPU it runs on (a closure would not be inlined there).
     #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, _: S) {
-        depthwise_plane(self)
+    fn with_simd<S: pulp::Simd>(self, simd: S) {
+        depthwise_plane(simd, self)
     }
 }
 
 #[inline(always)]
-fn depthwise_plane(job: DepthwisePlane<'_>) {
+fn depthwise_plane<S: pulp::Simd>(simd: S, job: DepthwisePlane<'_>) {
     let DepthwisePlane { input, weights, taps, bias, geo, shape, scratch, out, activation } = job;
     let (phases, acc) = scratch;
     pad_phases(input, geo, shape, phases, 0.0);
     let len = (geo.oh - 1) * shape.w + geo.ow;
-    acc.clear();
-    acc.resize(len, bias);
-    for (&wv, &start) in weights.iter().zip(taps) {
-        let Some(src) = phases.get(start..start + len) else { continue };
-        for (a, v) in acc.iter_mut().zip(src) {
-            *a += wv * v;
-        }
-    }
+    acc.resize(len, 0.0);
+    over_taps(simd, phases, taps, weights, acc, bias, MulAdd);
     for (dst, src) in out.chunks_exact_mut(geo.ow).zip(acc.chunks(shape.w)) {
         for (d, s) in dst.iter_mut().zip(src) {
             *d = match activation {
@@ -705,36 +710,179 @@ fn depthwise_plane(job: DepthwisePlane<'_>) {
     }
 }
 
+/// One step of [`over_taps`]: folds a tap's value `v` into the running `acc`, given the
+/// tap's parameter.
+trait TapFold: Copy {
+    fn vector<S: pulp::Simd>(self, simd: S, acc: S::f32s, param: S::f32s, v: S::f32s) -> S::f32s;
+}
+
+/// `acc + param * v`: a depthwise convolution's taps.
+#[derive(Clone, Copy)]
+struct MulAdd;
+
+impl TapFold for MulAdd {
+    #[inline(always)]
+    fn vector<S: pulp::Simd>(self, simd: S, acc: S::f32s, param: S::f32s, v: S::f32s) -> S::f32s {
+        simd.mul_add_e_f32s(param, v, acc)
+    }
+}
+
+/// The larger of `acc` and `v`, and `v` when it is NaN (as onnxruntime's MaxPool).
+#[derive(Clone, Copy)]
+struct MaxOrNan;
+
+impl TapFold for MaxOrNan {
+    #[inline(always)]
+    fn vector<S: pulp::Simd>(self, simd: S, acc: S::f32s, _: S::f32s, v: S::f32s) -> S::f32s {
+        let take =
+            simd.or_m32s(simd.greater_than_f32s(v, acc), simd.not_m32s(simd.equal_f32s(v, v)));
+        simd.select_f32s(take, v, acc)
+    }
+}
+
+/// Folds every tap's run of `phases` into `acc`: `acc[o] = fold(.. fold(fold(init,
+/// params[0], phases[taps[0] + o]), params[1], phases[taps[1] + o]) ..)`. Outputs are taken
+/// four vectors at a time, held in registers across all taps, so each tap costs one load
+/// per vector and no store; then one vector at a time, then a partial vector.
+#[inline(always)]
+fn over_taps<S: pulp::Simd>(
+    simd: S,
+    phases: &[f32],
+    taps: &[usize],
+    params: &[f32],
+    acc: &mut [f32],
+    init: f32,
+    fold: impl TapFold,
+) {
+    let lanes = S::F32_LANES;
+    let len = acc.len();
+    let start_value = simd.splat_f32s(init);
+    let mut o = 0;
+    while o + 4 * lanes <= len {
+        let (mut a0, mut a1, mut a2, mut a3) = (start_value, start_value, start_value, start_value);
+        for (&start, &param) in taps.iter().zip(params) {
+            let Some(src) = phases.get(start + o..start + o + 4 * lanes) else { continue };
+            let param = simd.splat_f32s(param);
+            if let ([v0, v1, v2, v3], _) = S::as_simd_f32s(src) {
+                a0 = fold.vector(simd, a0, param, *v0);
+                a1 = fold.vector(simd, a1, param, *v1);
+                a2 = fold.vector(simd, a2, param, *v2);
+                a3 = fold.vector(simd, a3, param, *v3);
+            }
+        }
+        if let Some(([d0, d1, d2, d3], _)) =
+            acc.get_mut(o..o + 4 * lanes).map(|d| S::as_mut_simd_f32s(d))
+        {
+            (*d0, *d1, *d2, *d3) = (a0, a1, a2, a3);
+        }
+        o += 4 * lanes;
+    }
+    while o < len {
+        let n = lanes.min(len - o);
+        let mut a = start_value;
+        for (&start, &param) in taps.iter().zip(params) {
+            let Some(src) = phases.get(start + o..start + o + n) else { continue };
+            a = fold.vector(simd, a, simd.splat_f32s(param), simd.partial_load_f32s(src));
+        }
+        if let Some(dst) = acc.get_mut(o..o + n) {
+            simd.partial_store_f32s(dst, a);
+        }
+        o += n;
+    }
+}
+
+/// The stride phases of one plane (see [`pad_phases`]), kept between the planes of one
+/// operator: their padding is the same for every plane, so it is written once.
+#[derive(Debug, Default)]
+struct Phases {
+    data: Vec<f32>,
+    /// The geometry and fill the padding in `data` was written for.
+    padded_for: Option<(Geom, PhaseShape, u32)>,
+}
+
+impl std::ops::Deref for Phases {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        &self.data
+    }
+}
+
 /// Copies `input` (one `h x w` plane) into the `sh x sw` stride phases of `shape` each,
 /// padded with `fill`, one after the other in `phases`: phase `(ry, rx)` holds the padded
-/// plane's rows `ry + i sh` and columns `rx + j sw`.
-fn pad_phases(input: &[f32], geo: &Geom, shape: PhaseShape, phases: &mut Vec<f32>, fill: f32) {
-    phases.clear();
-    phases.resize(geo.sh * geo.sw * shape.h * shape.w, fill);
-    for (index, phase) in phases.chunks_exact_mut(shape.h * shape.w).enumerate() {
-        let (ry, rx) = (index / geo.sw, index % geo.sw);
-        // Phase column j reads input column rx + j sw - pl; row i reads ry + i sh - pt.
-        let (lo, hi) = valid_range(shape.w, geo.w, geo.sw, rx as isize - geo.pl as isize);
-        let (ylo, yhi) = valid_range(shape.h, geo.h, geo.sh, ry as isize - geo.pt as isize);
-        if lo >= hi {
+/// plane's rows `ry + i sh` and columns `rx + j sw`. One pass over the input; stride 1 is a
+/// row copy and stride 2 a de-interleave, both vectorized. The padding is written only
+/// when `phases` last held another geometry or fill: every other element is written here
+/// for each plane.
+fn pad_phases(input: &[f32], geo: &Geom, shape: PhaseShape, phases: &mut Phases, fill: f32) {
+    let phase_len = shape.h * shape.w;
+    let key = Some((*geo, shape, fill.to_bits()));
+    if phases.padded_for != key {
+        phases.data.clear();
+        phases.data.resize(geo.sh * geo.sw * phase_len, fill);
+        phases.padded_for = key;
+    }
+    let phases = &mut phases.data;
+    for (iy, src) in input.chunks_exact(geo.w.max(1)).take(geo.h).enumerate() {
+        // Padded row py = iy + pt is row py / sh of the phases in row py % sh.
+        let py = iy + geo.pt;
+        let (ry, i) = (py % geo.sh, py / geo.sh);
+        if i >= shape.h {
             continue;
         }
-        let first = lo * geo.sw + rx - geo.pl;
-        for i in ylo..yhi {
-            let iy = i * geo.sh + ry - geo.pt;
-            let (Some(src), Some(dst)) = (
-                input.get(iy * geo.w..(iy + 1) * geo.w),
-                phase.get_mut(i * shape.w + lo..i * shape.w + hi),
-            ) else {
-                continue;
-            };
-            if geo.sw == 1 {
-                if let Some(src) = src.get(first..first + (hi - lo)) {
+        let row = |rx: usize| (ry * geo.sw + rx) * phase_len + i * shape.w;
+        match geo.sw {
+            1 => {
+                let (lo, base) = (geo.pl, row(0));
+                let n = src.len().min(shape.w.saturating_sub(lo));
+                if let (Some(dst), Some(src)) =
+                    (phases.get_mut(base + lo..base + lo + n), src.get(..n))
+                {
                     dst.copy_from_slice(src);
                 }
-            } else {
-                for (d, s) in dst.iter_mut().zip(src.iter().skip(first).step_by(geo.sw)) {
-                    *d = *s;
+            }
+            2 => {
+                // Input column ix is padded column ix + pl: phase (ix + pl) % 2, column
+                // (ix + pl) / 2. An odd pl puts column 0 alone at the start of phase 1.
+                let skip = geo.pl % 2;
+                if skip == 1 {
+                    let j = geo.pl / 2;
+                    if let (true, Some(&v)) = (j < shape.w, src.first()) {
+                        if let Some(d) = phases.get_mut(row(1) + j) {
+                            *d = v;
+                        }
+                    }
+                }
+                let j0 = (geo.pl + skip) / 2;
+                let rest = src.get(skip..).unwrap_or_default();
+                let pairs = (rest.len() / 2).min(shape.w.saturating_sub(j0));
+                let (r0, r1) = (row(0) + j0, row(1) + j0);
+                let (head, tail) = phases.split_at_mut(r1);
+                if let (Some(even), Some(odd)) =
+                    (head.get_mut(r0..r0 + pairs), tail.get_mut(..pairs))
+                {
+                    for ((e, o), pair) in even.iter_mut().zip(odd).zip(rest.chunks_exact(2)) {
+                        *e = pair[0];
+                        *o = pair[1];
+                    }
+                }
+                // An odd count leaves one last column, an even padded one, for phase 0.
+                let last = skip + 2 * pairs;
+                if j0 + pairs < shape.w {
+                    if let (Some(&v), Some(d)) = (src.get(last), phases.get_mut(r0 + pairs)) {
+                        *d = v;
+                    }
+                }
+            }
+            sw => {
+                for (ix, &v) in src.iter().enumerate() {
+                    let px = ix + geo.pl;
+                    let j = px / sw;
+                    if j < shape.w {
+                        if let Some(d) = phases.get_mut(row(px % sw) + j) {
+                            *d = v;
+                        }
+                    }
                 }
             }
         }
@@ -762,18 +910,27 @@ pub(crate) fn pool(x: &Tensor, kind: PoolKind, attrs: &PoolAttrs) -> R<Tensor> {
     let include_pad = attrs.count_include_pad;
     if kind == PoolKind::Max {
         let (shape, taps) = phase_taps(&geo);
+        let zeros = vec![0f32; taps.len()];
         let arch = pulp::Arch::new();
         with_f32(x, |xs| {
             if p == 0 {
                 return Ok(());
             }
-            let plane = |scratch: &mut (Vec<f32>, Vec<f32>), (index, out): (usize, &mut [f32])| {
+            let plane = |scratch: &mut (Phases, Vec<f32>), (index, out): (usize, &mut [f32])| {
                 let Some(input) = xs.get(index * plane_in..(index + 1) * plane_in) else {
                     return;
                 };
-                arch.dispatch(MaxPoolPlane { input, taps: &taps, geo: &geo, shape, scratch, out });
+                arch.dispatch(MaxPoolPlane {
+                    input,
+                    taps: &taps,
+                    zeros: &zeros,
+                    geo: &geo,
+                    shape,
+                    scratch,
+                    out,
+                });
             };
-            if n * c * p * geo.kh * geo.kw >= PARALLEL_MIN_WORK {
+            if parallel(n * c * p * geo.kh * geo.kw) {
                 out.par_chunks_mut(p).enumerate().for_each_init(Default::default, plane);
             } else {
                 let mut scratch = Default::default();
@@ -1072,16 +1229,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn valid_range_clips_to_the_input() {
-        // in 5, stride 1, offset -1: o=0 reads -1 (out), o=1..=5 read 0..=4.
-        assert_eq!(valid_range(6, 5, 1, -1), (1, 6));
-        // stride 2, offset 0, in 5: o reads 0,2,4 -> o in 0..3.
-        assert_eq!(valid_range(4, 5, 2, 0), (0, 3));
-        // offset beyond the input.
-        assert_eq!(valid_range(3, 2, 1, 5), (0, 0));
-    }
-
-    #[test]
     fn same_upper_and_lower_split_odd_padding() {
         // in 4, kernel 2, stride 1: out 4, total pad 1.
         assert_eq!(
@@ -1147,12 +1294,17 @@ mod scaling {
         let w64 = Tensor::ones((64, 64, 3, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
         let c64 = ConvAttrs { window: window(3, 1, 1), group: 1, activation: None };
         let full = || drop(conv(&x64, &w64, None, &c64).unwrap());
-        let unfold64 = || {
-            drop(with_f32(&x64, |xs| {
-                let geo = geometry(&[56, 56], &[3, 3], &window(3, 1, 1))?;
-                Ok(im2col(xs, 64, &geo))
+        let unfold = |x: &Tensor, channels: usize, k: usize, pad: usize| {
+            drop(with_f32(x, |xs| {
+                let geo = geometry(&[56, 56], &[k, k], &window(k, 1, pad))?;
+                let (shape, taps) = phase_taps(&geo);
+                let wide = (geo.oh - 1) * shape.w + geo.ow;
+                let mut col = Vec::new();
+                unfold_wide(xs, channels, &geo, shape, &taps, wide, &mut col);
+                Ok(col)
             }))
         };
+        let unfold64 = || unfold(&x64, 64, 3, 1);
         let a = Tensor::ones((64, 576), candle_core::DType::F32, &Device::Cpu).unwrap();
         let b = Tensor::ones((576, 3136), candle_core::DType::F32, &Device::Cpu).unwrap();
         let mm = || drop(a.matmul(&b).unwrap());
@@ -1166,21 +1318,16 @@ mod scaling {
         let pwm = || drop(wm.matmul(&xm).unwrap());
         let depthwise = || drop(conv(&x, &w, None, &dw).unwrap());
         let maxpool = || drop(pool(&x, PoolKind::Max, &mp).unwrap());
-        let unfold = || {
-            drop(with_f32(&x, |xs| {
-                let geo = geometry(&[56, 56], &[5, 5], &window(5, 1, 2))?;
-                Ok(im2col(xs, 96, &geo))
-            }))
-        };
+        let unfold96 = || unfold(&x, 96, 5, 2);
         let cases: [(&str, &(dyn Fn() + Sync)); 8] = [
             ("pointwise 96->576 on 7x7", &pw),
             ("its matmul", &pwm),
             ("conv 3x3 64->64 on 56x56", &full),
-            ("im2col of it", &unfold64),
+            ("unfold of it", &unfold64),
             ("matmul 64x576 by 576x3136", &mm),
             ("depthwise 5x5 on 1x96x56x56", &depthwise),
             ("maxpool 3x3/2 on 1x96x56x56", &maxpool),
-            ("im2col 5x5 of 96 channels", &unfold),
+            ("unfold 5x5 of 96 channels", &unfold96),
         ];
         for (name, f) in cases {
             let single = one.install(|| median_time(f));

@@ -918,7 +918,7 @@ fn zip_f32(a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32) -> R<Tensor> {
 fn map_f32(t: &Tensor, f: impl Fn(f32) -> f32 + Sync) -> R<Tensor> {
     use rayon::prelude::*;
     let data: Vec<f32> = kernels::with_f32(t, |xs| {
-        Ok(if xs.len() >= kernels::PARALLEL_MIN_WORK {
+        Ok(if kernels::parallel(xs.len()) {
             xs.par_iter().map(|&v| f(v)).collect()
         } else {
             xs.iter().map(|&v| f(v)).collect()
@@ -1060,6 +1060,10 @@ fn gemm(args: &[Option<&Tensor>], alpha: f32, beta: f32, ta: bool, tb: bool) -> 
     Ok(y)
 }
 
+/// The most multiply-adds [`small_batched_matmul`] takes: beyond it, candle's matmul, which
+/// reads transposed operands in place instead of copying them, is faster.
+const SMALL_MATMUL_MAX_WORK: usize = 1 << 18;
+
 /// Batched matmul of `[..., m, k]` by `[..., k, n]` with broadcast batch dimensions, when
 /// the whole product is small (attention heads, small dense layers): each product on the
 /// calling thread, without candle's per-call set-up; `None` when it is not small.
@@ -1073,7 +1077,7 @@ fn small_batched_matmul(a: &Tensor, b: &Tensor) -> R<Option<Tensor>> {
     let batch_shape = broadcast_shape(&ad[..ra - 2], &bd[..rb - 2])?;
     let batch: usize = batch_shape.iter().product();
     let work = batch.saturating_mul(m).saturating_mul(k).saturating_mul(n);
-    if work > 4 * kernels::PARALLEL_MIN_WORK {
+    if work > SMALL_MATMUL_MAX_WORK {
         return Ok(None);
     }
     let mut a_shape = batch_shape.clone();

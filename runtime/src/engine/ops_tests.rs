@@ -246,6 +246,13 @@ fn conv_matches_a_direct_convolution() {
         (1, 5, 6, 6, 7, 1, 1, 1, 1, 0),
         (1, 5, 6, 6, 7, 1, 1, 2, 1, 0),
         (1, 2, 5, 5, 2, 2, 1, 3, 1, 0),
+        // Depthwise planes long enough for the blocked tap loops, odd and even pads,
+        // strides 1 to 3, a channel multiplier and dilation.
+        (1, 8, 29, 31, 8, 5, 8, 2, 1, 2),
+        (1, 4, 30, 27, 8, 3, 4, 2, 1, 1),
+        (1, 3, 20, 23, 3, 3, 3, 3, 1, 1),
+        (1, 5, 40, 40, 5, 3, 5, 1, 1, 1),
+        (1, 2, 17, 18, 2, 3, 2, 2, 2, 3),
     ];
     for (i, &(n, c, h, w, m, k, g, s, d, p)) in cases.iter().enumerate() {
         let xs = pseudo_random(n * c * h * w, i as u32);
@@ -344,6 +351,50 @@ fn max_and_average_pooling() {
     assert_eq!(y.dims(), &[1, 1, 1, 1]);
     close(&vals(&y), &[5.]);
     close(&vals(&run1("GlobalMaxPool", vec![], &[x3])), &[9.]);
+}
+
+/// MaxPool against a direct loop, on planes long enough for the blocked tap loops.
+#[test]
+fn max_pool_matches_a_direct_loop() {
+    // (h, w, kernel, stride, pad)
+    let cases = [
+        (32, 32, 2, 2, 0),
+        (31, 29, 3, 2, 1),
+        (20, 21, 3, 3, 1),
+        (17, 40, 2, 1, 0),
+        (9, 9, 3, 2, 0),
+    ];
+    for (i, &(h, w, k, s, p)) in cases.iter().enumerate() {
+        let c = 3;
+        let xs = pseudo_random(c * h * w, 300 + i as u32);
+        let out = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
+        let mut want = Vec::new();
+        for ci in 0..c {
+            for oy in 0..out.0 {
+                for ox in 0..out.1 {
+                    let mut best = f32::MIN;
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            let iy = (oy * s + ky) as isize - p as isize;
+                            let ix = (ox * s + kx) as isize - p as isize;
+                            if iy >= 0 && ix >= 0 && iy < h as isize && ix < w as isize {
+                                best = best.max(xs[(ci * h + iy as usize) * w + ix as usize]);
+                            }
+                        }
+                    }
+                    want.push(best);
+                }
+            }
+        }
+        let attrs = vec![
+            attr_ints("kernel_shape", &[k as i64, k as i64]),
+            attr_ints("strides", &[s as i64, s as i64]),
+            attr_ints("pads", &[p as i64; 4]),
+        ];
+        let y = run1("MaxPool", attrs, &[t(&[1, c, h, w], &xs)]);
+        assert_eq!(y.dims(), &[1, c, out.0, out.1], "case {i}");
+        close(&vals(&y), &want);
+    }
 }
 
 #[test]
