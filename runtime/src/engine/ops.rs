@@ -1032,6 +1032,11 @@ fn gemm(args: &[Option<&Tensor>], alpha: f32, beta: f32, ta: bool, tb: bool) -> 
     if a.rank() != 2 || b.rank() != 2 {
         return err(format!("A and B must be 2-D, got {:?} and {:?}", a.dims(), b.dims()));
     }
+    if tb && !ta {
+        if let Some(y) = gemm_by_rows(a, b, opt(args, 2), alpha, beta)? {
+            return Ok(y);
+        }
+    }
     let a = if ta { a.t()? } else { a.clone() };
     let b = if tb { b.t()? } else { b.clone() };
     let (Some(&k1), Some(&k2)) = (a.dims().get(1), b.dims().first()) else {
@@ -1058,6 +1063,68 @@ fn gemm(args: &[Option<&Tensor>], alpha: f32, beta: f32, ta: bool, tb: bool) -> 
         y = y.broadcast_add(&c)?;
     }
     Ok(y)
+}
+
+/// Below this many rows of `A`, [`gemm_by_rows`] computes `A B^T` as dot products.
+const GEMM_BY_ROWS_MAX_M: usize = 8;
+
+/// `alpha A B^T + beta C` for a Gemm with `transB` (a dense layer: `B` is `[n, k]`, one
+/// row per output) and few rows of `A`: each output is the dot product of two contiguous
+/// rows, so `B` is read in place instead of being transposed on every call, and the bias
+/// is added in the same pass. `None` when the shapes are not that case.
+fn gemm_by_rows(
+    a: &Tensor,
+    b: &Tensor,
+    c: Option<&Tensor>,
+    alpha: f32,
+    beta: f32,
+) -> R<Option<Tensor>> {
+    let ((m, k), (n, kb)) = match (a.dims(), b.dims()) {
+        (&[m, k], &[n, kb]) => ((m, k), (n, kb)),
+        _ => return Ok(None),
+    };
+    if m > GEMM_BY_ROWS_MAX_M || k != kb {
+        return Ok(None);
+    }
+    let c = match c {
+        None => None,
+        Some(c) => {
+            f32_only(c, "C")?;
+            broadcast_shape(&[m, n], c.dims())?;
+            Some(c.broadcast_as((m, n))?.contiguous()?.flatten_all()?.to_vec1::<f32>()?)
+        }
+    };
+    let mut out = Vec::with_capacity(m * n);
+    kernels::with_f32(a, |av| {
+        kernels::with_f32(b, |bv| {
+            for row in av.chunks_exact(k.max(1)).take(m) {
+                for col in bv.chunks_exact(k.max(1)).take(n) {
+                    out.push(alpha * dot(row, col));
+                }
+            }
+            Ok(())
+        })
+    })?;
+    out.resize(m * n, 0.0);
+    if let Some(c) = c {
+        for (o, v) in out.iter_mut().zip(c) {
+            *o += beta * v;
+        }
+    }
+    Ok(Some(Tensor::from_vec(out, (m, n), &Device::Cpu)?))
+}
+
+/// The dot product of two equally long rows, in 16 partial sums so it vectorizes.
+fn dot(x: &[f32], y: &[f32]) -> f32 {
+    let mut sums = [0f32; 16];
+    let (xc, yc) = (x.chunks_exact(16), y.chunks_exact(16));
+    let tail: f32 = xc.remainder().iter().zip(yc.remainder()).map(|(a, b)| a * b).sum();
+    for (a, b) in xc.zip(yc) {
+        for ((s, a), b) in sums.iter_mut().zip(a).zip(b) {
+            *s += a * b;
+        }
+    }
+    sums.iter().sum::<f32>() + tail
 }
 
 /// The most multiply-adds [`small_batched_matmul`] takes: beyond it, candle's matmul, which
