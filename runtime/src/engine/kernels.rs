@@ -510,27 +510,75 @@ pub(crate) fn sgemm(
     }
     let threads = rayon::current_num_threads();
     let work = c_len.saturating_mul(k);
-    let parallelism = if threads > 1 && work >= GEMM_PARALLEL_MIN_WORK {
-        gemm::Parallelism::Rayon(threads)
+    if threads < 2 || work < GEMM_PARALLEL_MIN_WORK {
+        // SAFETY: as in `gemm_columns`, for the one block of all `n` columns.
+        unsafe { gemm_columns(m, n, k, a, b, c.as_mut_ptr(), 0, n, accumulate, false) };
+        return Ok(());
+    }
+    if n < COLUMN_SPLIT_MIN * threads {
+        // Too few columns to give each thread its own: gemm splits its cache blocks.
+        // SAFETY: as above.
+        unsafe { gemm_columns(m, n, k, a, b, c.as_mut_ptr(), 0, n, accumulate, true) };
+        return Ok(());
+    }
+    // Each thread computes its own block of columns of `c`: a product with few rows (a
+    // convolution with few output channels) splits evenly this way, where gemm's own
+    // split by cache blocks leaves the second thread mostly idle.
+    let block = n.div_ceil(threads).next_multiple_of(16);
+    let c_addr = c.as_mut_ptr() as usize;
+    (0..n.div_ceil(block)).into_par_iter().for_each(|i| {
+        let first = i * block;
+        let width = block.min(n - first);
+        // SAFETY: the blocks [first, first + width) are disjoint and within 0..n, so no two
+        // threads write the same element of `c`, which the caller lent out mutably.
+        unsafe { gemm_columns(m, n, k, a, b, c_addr as *mut f32, first, width, accumulate, false) };
+    });
+    Ok(())
+}
+
+/// Below this many columns per thread, [`sgemm`] leaves the split to gemm.
+const COLUMN_SPLIT_MIN: usize = 64;
+
+/// Columns `first .. first + width` of `c = a b` (or `c += a b`), for row-major `a` (`m x
+/// k`), `b` (`k x n`) and `c` (`m x n`) with the gemm kernels candle-core itself uses.
+///
+/// # Safety
+///
+/// `a` and `b` hold at least `m*k` and `k*n` elements, `c` points to `m*n` elements that
+/// nothing else reads or writes in those columns during the call, and `first + width <= n`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_columns(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    c: *mut f32,
+    first: usize,
+    width: usize,
+    accumulate: bool,
+    split: bool,
+) {
+    let parallelism = if split {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the three buffers hold at least m*k, k*n and m*n elements (checked above),
-    // and the strides below address row-major matrices of exactly those shapes, so every
-    // access is in bounds; `c` is borrowed mutably, so it aliases neither `a` nor `b`.
+    // SAFETY: by the contract above, the strides address row-major matrices of exactly
+    // those shapes, offset by `first` columns, so every access is in bounds.
     unsafe {
         gemm::gemm(
             m,
-            n,
+            width,
             k,
-            c.as_mut_ptr(),
+            c.add(first),
             1,
             n as isize,
             accumulate,
             a.as_ptr(),
             1,
             k as isize,
-            b.as_ptr(),
+            b.as_ptr().add(first),
             1,
             n as isize,
             1.0,
@@ -541,7 +589,6 @@ pub(crate) fn sgemm(
             parallelism,
         );
     }
-    Ok(())
 }
 
 /// Depthwise convolution: each output channel reads one input channel.
@@ -1227,6 +1274,26 @@ pub(crate) fn conv_transpose(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A product large enough to split, on two threads: by column blocks (with a last,
+    /// narrower block) and, with few columns, by gemm itself; accumulating onto `c`.
+    #[test]
+    fn sgemm_split_across_threads_matches_a_direct_product() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for (m, n, k) in [(5, 300, 1500), (40, 100, 600)] {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| ((i * 5) % 11) as f32 - 5.0).collect();
+            let mut want = vec![1f32; m * n];
+            for i in 0..m {
+                for j in 0..n {
+                    want[i * n + j] += (0..k).map(|l| a[i * k + l] * b[l * n + j]).sum::<f32>();
+                }
+            }
+            let mut c = vec![1f32; m * n];
+            pool.install(|| sgemm(m, n, k, &a, &b, &mut c, true)).unwrap();
+            assert_eq!(c, want, "{m}x{k} by {k}x{n}");
+        }
+    }
 
     #[test]
     fn same_upper_and_lower_split_odd_padding() {
