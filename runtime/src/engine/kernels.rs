@@ -425,7 +425,11 @@ fn unfold_wide(
         for plane in planes.chunks_exact(plane_in.max(1)).take(channels) {
             pad_phases(plane, geo, shape, &mut phases, 0.0);
             for &start in taps {
-                col.extend_from_slice(phases.get(start..start + wide).unwrap_or_default());
+                match phases.get(start..start + wide) {
+                    Some(run) => col.extend_from_slice(run),
+                    // Not reached for a geometry from `phase_taps`; keeps the rows aligned.
+                    None => col.resize(col.len() + wide, 0.0),
+                }
             }
         }
         col.resize(channels * rows, 0.0);
