@@ -126,8 +126,8 @@ fn reference_models_match_onnxruntime() {
     }
 }
 
-/// Median latency of each reference model at batch 1, on the thread count of the rayon
-/// pool (`RAYON_NUM_THREADS`). Timing, not a check: `ci/bench/runtime.sh` runs it beside
+/// Median latency of each reference model at batch 1, on the engine's thread count
+/// (`RAYON_NUM_THREADS`). Timing, not a check: `ci/bench/runtime.sh` runs it beside
 /// onnxruntime. `BENCH_MODELS` (comma-separated) picks models, `BENCH_SECONDS` the time
 /// spent per model (default 2). Prints one `latency <model> <ms> <runs>` line per model.
 #[test]

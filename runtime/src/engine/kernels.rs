@@ -2,12 +2,12 @@
 //!
 //! General convolution unfolds the input (im2col, read from stride phases) and multiplies
 //! with gemm; depthwise convolution and pooling are direct loops over the same phases,
-//! split over output planes with rayon.
+//! split over output planes across the engine's threads ([`Team`]).
 
 use candle_core::{CpuStorage, Device, Storage, Tensor};
-use rayon::prelude::*;
 
 use super::ops::{OpError, R};
+use super::team::Team;
 
 /// How padding is chosen (`auto_pad`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -219,30 +219,33 @@ fn geometry(spatial: &[usize], kernel: &[usize], window: &Window) -> R<Geom> {
     }
 }
 
-/// Below this many multiply-adds (or elements) a loop runs on the calling thread: waking
-/// the other workers costs more than the work (measured on a loaded 2-core machine).
-pub(crate) const PARALLEL_MIN_WORK: usize = 1 << 18;
+/// Below this many multiply-adds (or elements) a loop runs on the calling thread alone:
+/// handing part of it to another thread costs more than it saves.
+pub(crate) const PARALLEL_MIN_WORK: usize = 1 << 15;
 
-/// Whether a loop of `work` multiply-adds (or elements) should be split across threads:
-/// there is more than one and the work is worth waking them for. At one thread every loop
-/// runs on the calling thread, which never waits on the pool.
+/// Whether a loop of `work` multiply-adds (or elements) should be split across threads
+/// (see [`Team::worth_splitting`]). At one thread every loop runs on the calling thread.
 pub(crate) fn parallel(work: usize) -> bool {
-    work >= PARALLEL_MIN_WORK && rayon::current_num_threads() > 1
+    Team::current(|team| team.worth_splitting(work, PARALLEL_MIN_WORK))
 }
 
-/// Runs `f` on each `chunk`-sized piece of `out` with its index, across threads when
-/// `work` is large enough.
-fn for_each_chunk<F>(out: &mut [f32], chunk: usize, work: usize, f: F)
-where
-    F: Fn((usize, &mut [f32])) + Sync + Send,
-{
+/// Runs `f` on each `chunk`-sized piece of `out` with its index and a scratch state of
+/// its thread (made by `init`), across threads when `work` is large enough.
+pub(crate) fn for_each_chunk<T: Send, S>(
+    out: &mut [T],
+    chunk: usize,
+    work: usize,
+    init: impl Fn() -> S + Sync,
+    f: impl Fn(&mut S, usize, &mut [T]) + Sync,
+) {
     if chunk == 0 {
         return;
     }
     if parallel(work) {
-        out.par_chunks_mut(chunk).enumerate().for_each(f);
+        Team::current(|team| team.chunks_init(out, chunk, init, f));
     } else {
-        out.chunks_mut(chunk).enumerate().for_each(f);
+        let mut scratch = init();
+        out.chunks_mut(chunk).enumerate().for_each(|(i, piece)| f(&mut scratch, i, piece));
     }
 }
 
@@ -436,7 +439,7 @@ fn unfold_wide(
         return;
     }
     col.resize(channels * rows, 0.0);
-    col.par_chunks_mut(rows).enumerate().for_each_init(Phases::default, |phases, (ci, dst)| {
+    for_each_chunk(col.as_mut_slice(), rows, usize::MAX, Phases::default, |phases, ci, dst| {
         let Some(plane) = planes.get(ci * plane_in..(ci + 1) * plane_in) else { return };
         pad_phases(plane, geo, shape, phases, 0.0);
         for (row, &start) in dst.chunks_exact_mut(wide).zip(taps) {
@@ -454,7 +457,7 @@ pub(crate) fn apply_in_place(values: &mut [f32], act: Activation) {
     let arch = pulp::Arch::new();
     let run = |values: &mut [f32]| arch.dispatch(Activate { values, act });
     if parallel(values.len()) {
-        values.par_chunks_mut(CHUNK).for_each(run);
+        for_each_chunk(values, CHUNK, usize::MAX, || (), |_, _, chunk| run(chunk));
     } else {
         run(values);
     }
@@ -478,7 +481,7 @@ impl pulp::WithSimd for Activate<'_> {
 
 /// Below this many multiply-adds a matmul runs on the calling thread: splitting it costs
 /// more than it saves.
-const GEMM_PARALLEL_MIN_WORK: usize = 1 << 21;
+const GEMM_PARALLEL_MIN_WORK: usize = 1 << 18;
 
 /// `c = a b`, or `c += a b` when `accumulate`, for row-major `a` (`m x k`), `b` (`k x n`)
 /// and `c` (`m x n`), with the gemm kernels candle-core itself uses. Unlike candle's
@@ -512,77 +515,94 @@ pub(crate) fn sgemm(
         }
         return Ok(());
     }
-    let threads = rayon::current_num_threads();
+    let threads = Team::current(Team::threads);
     let work = c_len.saturating_mul(k);
-    if threads < 2 || work < GEMM_PARALLEL_MIN_WORK {
-        // SAFETY: as in `gemm_columns`, for the one block of all `n` columns.
-        unsafe { gemm_columns(m, n, k, a, b, c.as_mut_ptr(), 0, n, accumulate, false) };
+    let whole = Block { rows: 0, row_count: m, cols: 0, col_count: n };
+    if !Team::current(|team| team.worth_splitting(work, GEMM_PARALLEL_MIN_WORK)) {
+        // SAFETY: the block is all of `c`, which the caller lent out mutably.
+        unsafe { gemm_block(m, n, k, a, b, c.as_mut_ptr(), whole, accumulate) };
         return Ok(());
     }
-    if n < COLUMN_SPLIT_MIN * threads {
-        // Too few columns to give each thread its own: gemm splits its cache blocks.
-        // SAFETY: as above.
-        unsafe { gemm_columns(m, n, k, a, b, c.as_mut_ptr(), 0, n, accumulate, true) };
-        return Ok(());
-    }
-    // Each thread computes its own block of columns of `c`: a product with few rows (a
-    // convolution with few output channels) splits evenly this way, where gemm's own
-    // split by cache blocks leaves the second thread mostly idle.
-    let block = n.div_ceil(threads).next_multiple_of(16);
+    // Each thread computes its own block of `c`: of columns when there are enough (a
+    // convolution's product), else of rows (output channels).
+    let blocks: Vec<Block> = if n >= COLUMN_SPLIT_MIN * threads {
+        let width = n.div_ceil(threads).next_multiple_of(16);
+        (0..n)
+            .step_by(width)
+            .map(|cols| Block { cols, col_count: width.min(n - cols), ..whole })
+            .collect()
+    } else {
+        let height = m.div_ceil(threads).next_multiple_of(8);
+        (0..m)
+            .step_by(height)
+            .map(|rows| Block { rows, row_count: height.min(m - rows), ..whole })
+            .collect()
+    };
     let c_addr = c.as_mut_ptr() as usize;
-    (0..n.div_ceil(block)).into_par_iter().for_each(|i| {
-        let first = i * block;
-        let width = block.min(n - first);
-        // SAFETY: the blocks [first, first + width) are disjoint and within 0..n, so no two
-        // threads write the same element of `c`, which the caller lent out mutably.
-        unsafe { gemm_columns(m, n, k, a, b, c_addr as *mut f32, first, width, accumulate, false) };
+    Team::current(|team| {
+        team.for_each_init(
+            blocks.len(),
+            || (),
+            |_, i| {
+                if let Some(&block) = blocks.get(i) {
+                    // SAFETY: the blocks are disjoint and within `c`, so no two threads write
+                    // the same element of `c`, which the caller lent out mutably.
+                    unsafe { gemm_block(m, n, k, a, b, c_addr as *mut f32, block, accumulate) };
+                }
+            },
+        )
     });
     Ok(())
 }
 
-/// Below this many columns per thread, [`sgemm`] leaves the split to gemm.
+/// Below this many columns per thread, [`sgemm`] splits a product by rows.
 const COLUMN_SPLIT_MIN: usize = 64;
 
-/// Columns `first .. first + width` of `c = a b` (or `c += a b`), for row-major `a` (`m x
-/// k`), `b` (`k x n`) and `c` (`m x n`) with the gemm kernels candle-core itself uses.
+/// Rows `rows .. rows + row_count` and columns `cols .. cols + col_count` of a product.
+#[derive(Debug, Clone, Copy)]
+struct Block {
+    rows: usize,
+    row_count: usize,
+    cols: usize,
+    col_count: usize,
+}
+
+/// One block of `c = a b` (or `c += a b`), for row-major `a` (`m x k`), `b` (`k x n`)
+/// and `c` (`m x n`), with the gemm kernels candle-core itself uses, on this thread.
 ///
 /// # Safety
 ///
-/// `a` and `b` hold at least `m*k` and `k*n` elements, `c` points to `m*n` elements that
-/// nothing else reads or writes in those columns during the call, and `first + width <= n`.
+/// `a` and `b` hold at least `m*k` and `k*n` elements, `c` points to `m*n` elements of
+/// which nothing else reads or writes the block's during the call, and the block lies
+/// within `m x n`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_columns(
+unsafe fn gemm_block(
     m: usize,
     n: usize,
     k: usize,
     a: &[f32],
     b: &[f32],
     c: *mut f32,
-    first: usize,
-    width: usize,
+    block: Block,
     accumulate: bool,
-    split: bool,
 ) {
-    let parallelism = if split {
-        gemm::Parallelism::Rayon(rayon::current_num_threads())
-    } else {
-        gemm::Parallelism::None
-    };
+    debug_assert!(block.rows + block.row_count <= m && block.cols + block.col_count <= n);
     // SAFETY: by the contract above, the strides address row-major matrices of exactly
-    // those shapes, offset by `first` columns, so every access is in bounds.
+    // those shapes, offset to the block's first row and column, so every access is in
+    // bounds.
     unsafe {
         gemm::gemm(
-            m,
-            width,
+            block.row_count,
+            block.col_count,
             k,
-            c.add(first),
+            c.add(block.rows * n + block.cols),
             1,
             n as isize,
             accumulate,
-            a.as_ptr(),
+            a.as_ptr().add(block.rows * k),
             1,
             k as isize,
-            b.as_ptr().add(first),
+            b.as_ptr().add(block.cols),
             1,
             n as isize,
             1.0,
@@ -590,7 +610,7 @@ unsafe fn gemm_columns(
             false,
             false,
             false,
-            parallelism,
+            gemm::Parallelism::None,
         );
     }
 }
@@ -630,7 +650,7 @@ fn depthwise(
             if p == 0 {
                 return Ok(());
             }
-            let plane = |scratch: &mut (Phases, Vec<f32>), (index, out): (usize, &mut [f32])| {
+            let plane = |scratch: &mut (Phases, Vec<f32>), index: usize, out: &mut [f32]| {
                 let (ni, mi) = (index / m, index % m);
                 let base = (ni * c + mi / mult.max(1)) * plane_in;
                 let (Some(input), Some(wk)) =
@@ -651,12 +671,7 @@ fn depthwise(
                     activation,
                 });
             };
-            if parallel(n * m * p * kk) {
-                out.par_chunks_mut(p).enumerate().for_each_init(Default::default, plane);
-            } else {
-                let mut scratch = Default::default();
-                out.chunks_mut(p).enumerate().for_each(|item| plane(&mut scratch, item));
-            }
+            for_each_chunk(&mut out, p, n * m * p * kk, Default::default, plane);
             Ok(())
         })
     })?;
@@ -967,7 +982,7 @@ pub(crate) fn pool(x: &Tensor, kind: PoolKind, attrs: &PoolAttrs) -> R<Tensor> {
             if p == 0 {
                 return Ok(());
             }
-            let plane = |scratch: &mut (Phases, Vec<f32>), (index, out): (usize, &mut [f32])| {
+            let plane = |scratch: &mut (Phases, Vec<f32>), index: usize, out: &mut [f32]| {
                 let Some(input) = xs.get(index * plane_in..(index + 1) * plane_in) else {
                     return;
                 };
@@ -981,12 +996,8 @@ pub(crate) fn pool(x: &Tensor, kind: PoolKind, attrs: &PoolAttrs) -> R<Tensor> {
                     out,
                 });
             };
-            if parallel(n * c * p * geo.kh * geo.kw) {
-                out.par_chunks_mut(p).enumerate().for_each_init(Default::default, plane);
-            } else {
-                let mut scratch = Default::default();
-                out.chunks_mut(p).enumerate().for_each(|item| plane(&mut scratch, item));
-            }
+            let work = n * c * p * geo.kh * geo.kw;
+            for_each_chunk(&mut out, p, work, Default::default, plane);
             Ok(())
         })?;
         return Ok(Tensor::from_vec(out, out_dims, &Device::Cpu)?);
@@ -996,69 +1007,78 @@ pub(crate) fn pool(x: &Tensor, kind: PoolKind, attrs: &PoolAttrs) -> R<Tensor> {
             return Ok(());
         }
         let work = n * c * p * geo.kh * geo.kw;
-        for_each_chunk(&mut out, p, work, |(plane_index, out)| {
-            let Some(plane) = xs.get(plane_index * plane_in..(plane_index + 1) * plane_in) else {
-                return;
-            };
-            for oy in 0..geo.oh {
-                let hs = (oy * geo.sh) as isize - geo.pt as isize;
-                for ox in 0..geo.ow {
-                    let ws = (ox * geo.sw) as isize - geo.pl as isize;
-                    let value = match kind {
-                        PoolKind::Max => {
-                            let mut best = f32::MIN;
-                            for ky in 0..geo.kh {
-                                let iy = hs + (ky * geo.dh) as isize;
-                                if iy < 0 || iy >= geo.h as isize {
-                                    continue;
-                                }
-                                for kx in 0..geo.kw {
-                                    let ix = ws + (kx * geo.dw) as isize;
-                                    if ix < 0 || ix >= geo.w as isize {
+        for_each_chunk(
+            &mut out,
+            p,
+            work,
+            || (),
+            |_, plane_index, out| {
+                let Some(plane) = xs.get(plane_index * plane_in..(plane_index + 1) * plane_in)
+                else {
+                    return;
+                };
+                for oy in 0..geo.oh {
+                    let hs = (oy * geo.sh) as isize - geo.pt as isize;
+                    for ox in 0..geo.ow {
+                        let ws = (ox * geo.sw) as isize - geo.pl as isize;
+                        let value = match kind {
+                            PoolKind::Max => {
+                                let mut best = f32::MIN;
+                                for ky in 0..geo.kh {
+                                    let iy = hs + (ky * geo.dh) as isize;
+                                    if iy < 0 || iy >= geo.h as isize {
                                         continue;
                                     }
-                                    if let Some(&v) = plane.get(iy as usize * geo.w + ix as usize) {
-                                        if v > best || v.is_nan() {
-                                            best = v;
+                                    for kx in 0..geo.kw {
+                                        let ix = ws + (kx * geo.dw) as isize;
+                                        if ix < 0 || ix >= geo.w as isize {
+                                            continue;
+                                        }
+                                        if let Some(&v) =
+                                            plane.get(iy as usize * geo.w + ix as usize)
+                                        {
+                                            if v > best || v.is_nan() {
+                                                best = v;
+                                            }
                                         }
                                     }
                                 }
+                                best
                             }
-                            best
-                        }
-                        PoolKind::Average => {
-                            let he = (hs + geo.kh as isize).min((geo.h + geo.pb) as isize);
-                            let we = (ws + geo.kw as isize).min((geo.w + geo.pr) as isize);
-                            let padded = (he - hs) * (we - ws);
-                            let (y0, y1) = (hs.max(0), he.min(geo.h as isize));
-                            let (x0, x1) = (ws.max(0), we.min(geo.w as isize));
-                            let mut sum = 0f32;
-                            for iy in y0..y1 {
-                                let row = iy as usize * geo.w;
-                                if let Some(r) =
-                                    plane.get(row + x0 as usize..row + x1.max(x0) as usize)
-                                {
-                                    sum += r.iter().sum::<f32>();
+                            PoolKind::Average => {
+                                let he = (hs + geo.kh as isize).min((geo.h + geo.pb) as isize);
+                                let we = (ws + geo.kw as isize).min((geo.w + geo.pr) as isize);
+                                let padded = (he - hs) * (we - ws);
+                                let (y0, y1) = (hs.max(0), he.min(geo.h as isize));
+                                let (x0, x1) = (ws.max(0), we.min(geo.w as isize));
+                                let mut sum = 0f32;
+                                for iy in y0..y1 {
+                                    let row = iy as usize * geo.w;
+                                    if let Some(r) =
+                                        plane.get(row + x0 as usize..row + x1.max(x0) as usize)
+                                    {
+                                        sum += r.iter().sum::<f32>();
+                                    }
+                                }
+                                let count = if include_pad {
+                                    padded
+                                } else {
+                                    (y1 - y0).max(0) * (x1 - x0).max(0)
+                                };
+                                if count > 0 {
+                                    sum / count as f32
+                                } else {
+                                    0.0
                                 }
                             }
-                            let count = if include_pad {
-                                padded
-                            } else {
-                                (y1 - y0).max(0) * (x1 - x0).max(0)
-                            };
-                            if count > 0 {
-                                sum / count as f32
-                            } else {
-                                0.0
-                            }
+                        };
+                        if let Some(o) = out.get_mut(oy * geo.ow + ox) {
+                            *o = value;
                         }
-                    };
-                    if let Some(o) = out.get_mut(oy * geo.ow + ox) {
-                        *o = value;
                     }
                 }
-            }
-        });
+            },
+        );
         Ok(())
     })?;
     Ok(Tensor::from_vec(out, out_dims, &Device::Cpu)?)
@@ -1241,33 +1261,40 @@ pub(crate) fn conv_transpose(
                     return Ok(());
                 }
                 let work = mg * kk * hw;
-                for_each_chunk(planes, plane_out, work, |(mi, plane)| {
-                    plane.fill(bias.get(gi * mg + mi).copied().unwrap_or(0.0));
-                    for ky in 0..kh {
-                        let y_off = (ky * dh) as isize - pt as isize;
-                        for kx in 0..kw {
-                            let x_off = (kx * dw) as isize - pl as isize;
-                            let row = (mi * kk + ky * kw + kx) * hw;
-                            let Some(src) = col.get(row..row + hw) else { continue };
-                            for iy in 0..h {
-                                let oy = (iy * sh) as isize + y_off;
-                                if oy < 0 || oy >= oh as isize {
-                                    continue;
-                                }
-                                let in_row = src.get(iy * wd..(iy + 1) * wd).unwrap_or_default();
-                                let base = oy as usize * ow;
-                                for (ix, v) in in_row.iter().enumerate() {
-                                    let ox = (ix * sw) as isize + x_off;
-                                    if ox >= 0 && ox < ow as isize {
-                                        if let Some(o) = plane.get_mut(base + ox as usize) {
-                                            *o += v;
+                for_each_chunk(
+                    planes,
+                    plane_out,
+                    work,
+                    || (),
+                    |_, mi, plane| {
+                        plane.fill(bias.get(gi * mg + mi).copied().unwrap_or(0.0));
+                        for ky in 0..kh {
+                            let y_off = (ky * dh) as isize - pt as isize;
+                            for kx in 0..kw {
+                                let x_off = (kx * dw) as isize - pl as isize;
+                                let row = (mi * kk + ky * kw + kx) * hw;
+                                let Some(src) = col.get(row..row + hw) else { continue };
+                                for iy in 0..h {
+                                    let oy = (iy * sh) as isize + y_off;
+                                    if oy < 0 || oy >= oh as isize {
+                                        continue;
+                                    }
+                                    let in_row =
+                                        src.get(iy * wd..(iy + 1) * wd).unwrap_or_default();
+                                    let base = oy as usize * ow;
+                                    for (ix, v) in in_row.iter().enumerate() {
+                                        let ox = (ix * sw) as isize + x_off;
+                                        if ox >= 0 && ox < ow as isize {
+                                            if let Some(o) = plane.get_mut(base + ox as usize) {
+                                                *o += v;
+                                            }
                                         }
                                     }
                                 }
                             }
                         }
-                    }
-                });
+                    },
+                );
                 Ok(())
             })?;
         }
@@ -1280,11 +1307,12 @@ mod tests {
     use super::*;
 
     /// A product large enough to split, on two threads: by column blocks (with a last,
-    /// narrower block) and, with few columns, by gemm itself; accumulating onto `c`.
+    /// narrower block) and, with few columns, by row blocks; accumulating onto `c`.
     #[test]
     fn sgemm_split_across_threads_matches_a_direct_product() {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-        for (m, n, k) in [(5, 300, 1500), (40, 100, 600)] {
+        let team = Team::new(2);
+        let _hot = team.hot();
+        for (m, n, k) in [(5, 300, 1500), (40, 100, 600), (45, 60, 900)] {
             let a: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
             let b: Vec<f32> = (0..k * n).map(|i| ((i * 5) % 11) as f32 - 5.0).collect();
             let mut want = vec![1f32; m * n];
@@ -1294,7 +1322,7 @@ mod tests {
                 }
             }
             let mut c = vec![1f32; m * n];
-            pool.install(|| sgemm(m, n, k, &a, &b, &mut c, true)).unwrap();
+            team.install(|| sgemm(m, n, k, &a, &b, &mut c, true)).unwrap();
             assert_eq!(c, want, "{m}x{k} by {k}x{n}");
         }
     }
@@ -1360,7 +1388,8 @@ mod scaling {
         let w = Tensor::ones((96, 1, 5, 5), candle_core::DType::F32, &Device::Cpu).unwrap();
         let dw = ConvAttrs { window: window(5, 1, 2), group: 96, activation: None };
         let mp = PoolAttrs { window: window(3, 2, 1), count_include_pad: false };
-        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let one = Team::new(1);
+        let _hot = Team::current(Team::hot);
         let x64 = Tensor::ones((1, 64, 56, 56), candle_core::DType::F32, &Device::Cpu).unwrap();
         let w64 = Tensor::ones((64, 64, 3, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
         let c64 = ConvAttrs { window: window(3, 1, 1), group: 1, activation: None };
@@ -1406,7 +1435,7 @@ mod scaling {
             println!(
                 "{name}: 1 thread {:.3} ms, {} threads {:.3} ms",
                 single.as_secs_f64() * 1e3,
-                rayon::current_num_threads(),
+                Team::current(Team::threads),
                 all.as_secs_f64() * 1e3
             );
         }

@@ -11,12 +11,15 @@ mod kernels;
 mod load;
 mod ops;
 pub(crate) mod proto;
+mod team;
 #[cfg(test)]
 mod testutil;
 
 use std::fmt;
 
 use candle_core::{DType, Tensor};
+
+use team::Team;
 
 pub use ops::SUPPORTED_OPS;
 
@@ -268,9 +271,9 @@ pub enum RunError {
     },
 }
 
-/// Inputs of at least this many elements make a run move onto the engine's thread pool
-/// once, for all its operators (see [`Model::run`]).
-const POOL_MIN_INPUT: usize = 1 << 16;
+/// Inputs of at least this many elements keep the engine's workers spinning for the
+/// length of a run (see [`Model::run`]).
+const HOT_MIN_INPUT: usize = 1 << 16;
 
 /// One node of the execution plan.
 #[derive(Debug)]
@@ -324,21 +327,13 @@ impl Model {
     ///
     /// Returns every graph output, in the order of [`Model::outputs`].
     pub fn run(&self, inputs: &[(&str, Tensor)]) -> Result<Vec<(String, Tensor)>, RunError> {
-        // A model whose inputs are large enough for its loops to be split runs the whole
-        // graph on a thread of the engine's pool: its operators' parallel loops then start
-        // from a pool thread, instead of waking the pool and sleeping until it is done once
-        // per operator (measured: mobilenetv3 7.3 -> 3.8 ms at one thread on a busy host).
-        // A small model stays on the calling thread, where waking a pool thread for the
-        // whole run would cost more than the run (cnn 0.11 -> 0.23 ms).
+        // A model whose inputs are large enough for its loops to be split keeps the
+        // engine's workers spinning for the whole run, so each loop is handed out in about
+        // a microsecond instead of waking a sleeping thread (50-100 us on a small VM). A
+        // small model does not wake them at all: its loops run on the calling thread.
         let elements: usize = inputs.iter().map(|(_, t)| t.elem_count()).sum();
-        if rayon::current_thread_index().is_none()
-            && rayon::current_num_threads() > 1
-            && elements >= POOL_MIN_INPUT
-        {
-            rayon::scope(|_| self.run_here(inputs))
-        } else {
-            self.run_here(inputs)
-        }
+        let _hot = (elements >= HOT_MIN_INPUT).then(|| Team::current(Team::hot));
+        self.run_here(inputs)
     }
 
     fn run_here(&self, inputs: &[(&str, Tensor)]) -> Result<Vec<(String, Tensor)>, RunError> {

@@ -916,13 +916,20 @@ fn zip_f32(a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32) -> R<Tensor> {
 }
 
 fn map_f32(t: &Tensor, f: impl Fn(f32) -> f32 + Sync) -> R<Tensor> {
-    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 14;
     let data: Vec<f32> = kernels::with_f32(t, |xs| {
-        Ok(if kernels::parallel(xs.len()) {
-            xs.par_iter().map(|&v| f(v)).collect()
-        } else {
-            xs.iter().map(|&v| f(v)).collect()
-        })
+        let mut out = vec![0f32; xs.len()];
+        kernels::for_each_chunk(
+            &mut out,
+            CHUNK,
+            xs.len(),
+            || (),
+            |_, i, out| {
+                let from = xs.get(i * CHUNK..).unwrap_or_default();
+                out.iter_mut().zip(from).for_each(|(o, &v)| *o = f(v));
+            },
+        );
+        Ok(out)
     })?;
     Ok(Tensor::from_vec(data, t.dims(), &Device::Cpu)?)
 }

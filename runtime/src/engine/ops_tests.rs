@@ -1,6 +1,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::super::proto::AttributeProto;
+use super::super::team::Team;
 use super::super::testutil::*;
 use super::*;
 
@@ -24,10 +25,34 @@ fn run_op(
         .map(|(i, t)| if t.is_some() { format!("i{i}") } else { String::new() })
         .collect();
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let name = op;
     let n = node(op, &names, &["y"], attrs);
     let op = parse(&n, opset, "test").map_err(|e| OpError(e.to_string()))?;
     let args: Vec<Option<&Tensor>> = inputs.iter().map(Option::as_ref).collect();
-    eval(&op, &args)
+    // Every op runs on one thread and on two that split every loop, with equal results.
+    let one = Team::new(1).install(|| eval(&op, &args));
+    let two = Team::new(2).splitting_everything();
+    let split = two.install(|| {
+        let _hot = two.hot();
+        eval(&op, &args)
+    });
+    match (&one, &split) {
+        (Ok(one), Ok(split)) => {
+            assert_eq!(one.len(), split.len());
+            for (a, b) in one.iter().zip(split) {
+                assert_eq!(a.dims(), b.dims(), "{name}");
+                let flat = |t: &Tensor| t.flatten_all().unwrap().to_dtype(DType::F64).unwrap();
+                let (a, b): (Vec<f64>, Vec<f64>) =
+                    (flat(a).to_vec1().unwrap(), flat(b).to_vec1().unwrap());
+                let same = a.iter().zip(&b).all(|(x, y)| x == y || (x.is_nan() && y.is_nan()));
+                assert!(same, "{name}: one thread gave {a:?}, two gave {b:?}");
+            }
+        }
+        // The first line: candle appends a backtrace of the thread that failed.
+        (Err(one), Err(split)) => assert_eq!(one.0.lines().next(), split.0.lines().next()),
+        _ => panic!("{name}: one thread gave {one:?}, two gave {split:?}"),
+    }
+    one
 }
 
 fn run1(op: &str, attrs: Vec<AttributeProto>, inputs: &[Tensor]) -> Tensor {
