@@ -317,165 +317,368 @@ pub(crate) fn conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, attrs: &ConvAttrs
     if g == c && cg == 1 {
         return depthwise(x, w, b, n, c, m, geo, out_dims, attrs.activation);
     }
-    let plane_in = geo.h * geo.w;
     let p = geo.oh * geo.ow;
-    let k = cg * geo.kh * geo.kw;
-    let mg = m / g;
-    // A 1x1, stride-1, unpadded convolution is a plain matmul on the input planes.
-    let pointwise = geo.kh == 1
-        && geo.kw == 1
-        && geo.sh == 1
-        && geo.sw == 1
-        && geo.pt + geo.pb + geo.pl + geo.pr == 0;
     let total = n
         .checked_mul(m)
         .and_then(|v| v.checked_mul(p))
         .filter(|&t| t <= super::load::MAX_ELEMENTS)
         .ok_or_else(|| err(format!("output shape {out_dims:?} is too large")))?;
-    // The unfolded input has rows as wide as the stride phases (see [`unfold_wide`]), and
-    // so has the product: `wide` columns per output plane, of which each output row uses
-    // `ow`. (A pointwise convolution has no extra columns: `wide` is `p`.) The matmul writes
-    // straight into the output, on top of the bias when there is one; the extra columns
-    // are squeezed out in place at the end.
-    let (shape, taps) = phase_taps(&geo);
-    let wide = (geo.oh.max(1) - 1) * shape.w + geo.ow;
-    let planes = n * m;
-    let total_wide = planes
-        .checked_mul(wide)
-        .filter(|&t| t <= super::load::MAX_ELEMENTS.saturating_mul(2))
-        .ok_or_else(|| err(format!("output shape {out_dims:?} is too large")))?;
     let bias: Option<Vec<f32>> = b.map(|b| b.to_vec1()).transpose()?;
-    let mut out = match &bias {
-        Some(bias) => {
-            let mut out = Vec::with_capacity(total_wide);
-            for plane in 0..planes {
-                let value = bias.get(plane % m.max(1)).copied().unwrap_or(0.0);
-                out.resize(out.len() + wide, value);
-            }
-            out
-        }
-        None => vec![0f32; total_wide],
-    };
-    let mut col = Vec::new();
-    with_f32(w, |ws| {
-        with_f32(x, |xs| {
-            for ni in 0..n {
-                for gi in 0..g {
-                    let base = (ni * c + gi * cg) * plane_in;
-                    let block = xs
-                        .get(base..base + cg * plane_in)
-                        .ok_or_else(|| err("input shorter than its shape"))?;
-                    let lhs = ws
-                        .get(gi * mg * k..(gi + 1) * mg * k)
-                        .ok_or_else(|| err("weight shorter than its shape"))?;
-                    let start = (ni * m + gi * mg) * wide;
-                    let dst = out
-                        .get_mut(start..start + mg * wide)
-                        .ok_or_else(|| err("output shorter than its shape"))?;
-                    let rhs = if pointwise {
-                        block
-                    } else {
-                        unfold_wide(block, cg, &geo, shape, &taps, wide, &mut col);
-                        col.as_slice()
-                    };
-                    sgemm(mg, wide, k, lhs, rhs, dst, bias.is_some())?;
-                }
-            }
-            Ok(())
-        })
-    })?;
-    if wide != p {
-        // Output row r of plane q moves from q * wide + r * shape.w to q * p + r * ow: never
-        // to the right, so a forward pass of in-place copies keeps every source intact.
-        for q in 0..planes {
-            for r in 0..geo.oh {
-                let src = q * wide + r * shape.w;
-                out.copy_within(src..src + geo.ow, q * p + r * geo.ow);
-            }
-        }
-        out.truncate(total);
-    }
-    if let Some(act) = attrs.activation {
-        apply_in_place(&mut out, act);
-    }
+    let conv = GroupedConv { n, c, m, g, geo, bias: bias.as_deref(), activation: attrs.activation };
+    let out = with_f32(w, |ws| with_f32(x, |xs| conv.run(xs, ws, total)))?;
     Ok(Tensor::from_vec(out, out_dims, &Device::Cpu)?)
 }
 
-/// Unfolds `channels` planes into a `(channels * kh * kw) x wide` matrix: row
-/// `(ci, tap)` is the run of channel `ci`'s stride phases that `tap` reads for every
-/// output (see [`pad_phases`]), one copy per row. `wide = (oh - 1) * phase width + ow`:
-/// output row `oy` is columns `oy * phase width ..` of it, and the columns past `ow` in
-/// each row are read by no output.
-fn unfold_wide(
-    planes: &[f32],
+/// A convolution that is not depthwise, as products of each group's weights (`m / g x
+/// k`, `k = c / g * kh * kw`) and its unfolded input (`k x` output positions).
+///
+/// The output is cut into tiles of output channels and output rows, each worked on by one
+/// thread from start to end: it unfolds the tile's columns of the input (or reads them in
+/// place when the kernel is 1x1), multiplies, and writes the tile's outputs with bias and
+/// activation added. So every pass runs on all threads, and each tile's product is still
+/// in cache when its outputs are written.
+struct GroupedConv<'a> {
+    n: usize,
+    c: usize,
+    m: usize,
+    g: usize,
+    geo: Geom,
+    bias: Option<&'a [f32]>,
+    activation: Option<Activation>,
+}
+
+/// About how many products one tile of a [`GroupedConv`] holds: its product and unfolded
+/// input stay in the caches.
+const TILE_ELEMENTS: usize = 1 << 14;
+
+/// The fewest product columns a tile of a [`GroupedConv`] has when the output has that
+/// many: narrower products run gemm's kernels poorly, so such tiles are cut by channels.
+const TILE_MIN_COLUMNS: usize = 128;
+
+/// Which channels and output rows of which image and group one tile covers.
+#[derive(Debug, Clone, Copy)]
+struct Tile {
+    image: usize,
+    group: usize,
+    /// Output channels of the group: `channels .. channels + channel_count`.
     channels: usize,
-    geo: &Geom,
-    shape: PhaseShape,
-    taps: &[usize],
-    wide: usize,
-    col: &mut Vec<f32>,
-) {
-    let plane_in = geo.h * geo.w;
-    let rows = taps.len() * wide;
-    col.clear();
-    if rows == 0 {
-        return;
+    channel_count: usize,
+    /// Output rows `rows .. rows + row_count`.
+    rows: usize,
+    row_count: usize,
+}
+
+/// A thread's buffers for the tiles of a [`GroupedConv`].
+#[derive(Default)]
+struct TileScratch {
+    /// The unfolded input of the last tile, and which image, group and rows it was for.
+    unfolded: Vec<f32>,
+    unfolded_for: Option<(usize, usize, usize)>,
+    /// The product of the tile, before its extra columns are dropped.
+    product: Vec<f32>,
+}
+
+impl GroupedConv<'_> {
+    fn run(&self, xs: &[f32], ws: &[f32], total: usize) -> R<Vec<f32>> {
+        let geo = &self.geo;
+        let (cg, mg) = (self.c / self.g, self.m / self.g);
+        let k = cg * geo.kh * geo.kw;
+        let plane_in = geo.h * geo.w;
+        if xs.len() < self.n * self.c * plane_in || ws.len() < self.m * k {
+            return Err(err("Conv input or weight is shorter than its shape"));
+        }
+        if self.bias.is_some_and(|b| b.len() < self.m) {
+            return Err(err("Conv bias is shorter than its shape"));
+        }
+        if k == 0 {
+            // No input channels: every output is the bias, activated.
+            let p = geo.oh * geo.ow;
+            let mut out = vec![0f32; total];
+            for (plane, values) in out.chunks_mut(p.max(1)).enumerate() {
+                let bias = self.bias.and_then(|b| b.get(plane % self.m)).copied();
+                pulp::Arch::new().dispatch(Finish {
+                    values,
+                    bias: bias.unwrap_or(0.0),
+                    act: self.activation,
+                });
+            }
+            return Ok(out);
+        }
+        if total == 0 {
+            return Ok(Vec::new());
+        }
+        // A 1x1, stride-1, unpadded convolution reads the input planes as they are;
+        // any other reads them from their stride phases (see [`pad_phases`]).
+        let pointwise = geo.kh == 1
+            && geo.kw == 1
+            && geo.sh == 1
+            && geo.sw == 1
+            && geo.pt + geo.pb + geo.pl + geo.pr == 0;
+        let (shape, taps) =
+            if pointwise { (PhaseShape { h: geo.h, w: geo.w }, vec![0]) } else { phase_taps(geo) };
+        let phases = if pointwise {
+            Vec::new()
+        } else {
+            let phase_len = geo.sh * geo.sw * shape.h * shape.w;
+            let mut phases = vec![0f32; self.n * self.c * phase_len];
+            let work = phases.len();
+            for_each_chunk(
+                &mut phases,
+                phase_len,
+                work,
+                || (),
+                |_, plane, dst| {
+                    if let Some(input) = xs.get(plane * plane_in..(plane + 1) * plane_in) {
+                        write_phases(input, geo, shape, dst);
+                    }
+                },
+            );
+            phases
+        };
+        let source = Source {
+            planes: if pointwise { xs } else { &phases },
+            plane_len: if pointwise { plane_in } else { phases.len() / (self.n * self.c) },
+            taps: &taps,
+            phase_width: shape.w,
+        };
+        // Tiles: blocks of output rows (at least TILE_MIN_COLUMNS product columns where
+        // the output has them), then blocks of output channels (multiples of 8), so each
+        // tile holds about TILE_ELEMENTS products and, when the work is split, each thread
+        // gets at least two tiles.
+        let work = total.saturating_mul(k);
+        let min_tiles = if parallel(work) { Team::current(Team::threads) * 2 } else { 1 };
+        let row_width = shape.w;
+        let narrowest = TILE_MIN_COLUMNS.div_ceil(row_width.max(1));
+        let mut rows_per_tile =
+            (TILE_ELEMENTS / (mg * row_width).max(1)).max(narrowest).clamp(1, geo.oh);
+        if geo.oh.div_ceil(rows_per_tile) < min_tiles {
+            rows_per_tile =
+                rows_per_tile.min(geo.oh.div_ceil(min_tiles)).max(narrowest).min(geo.oh);
+        }
+        let row_tiles = geo.oh.div_ceil(rows_per_tile.min(geo.oh).max(1));
+        let tile_products = mg * rows_per_tile * row_width;
+        let mut channel_tiles = tile_products.div_ceil(TILE_ELEMENTS);
+        channel_tiles = channel_tiles.max(min_tiles.div_ceil(row_tiles));
+        let channels_per_tile = mg.div_ceil(channel_tiles.max(1)).next_multiple_of(8).min(mg);
+        let channel_tiles = mg.div_ceil(channels_per_tile.max(1));
+        let per_group = row_tiles * channel_tiles;
+        let tiles = self.n * self.g * per_group;
+        let tile = |i: usize| {
+            let (image_group, rest) = (i / per_group, i % per_group);
+            let (row_tile, channel_tile) = (rest / channel_tiles, rest % channel_tiles);
+            let channels = channel_tile * channels_per_tile;
+            let rows = row_tile * rows_per_tile;
+            Tile {
+                image: image_group / self.g,
+                group: image_group % self.g,
+                channels,
+                channel_count: channels_per_tile.min(mg - channels),
+                rows,
+                row_count: rows_per_tile.min(geo.oh - rows),
+            }
+        };
+        let mut out: Vec<f32> = Vec::with_capacity(total);
+        let out_addr = out.as_mut_ptr() as usize;
+        let run_tile = |scratch: &mut TileScratch, i: usize| {
+            // SAFETY: the tiles partition the output, so each writes its own elements of
+            // `out` (allocated for `total`), and `tile_into` writes every one of them.
+            unsafe { self.tile_into(tile(i), &source, ws, k, scratch, out_addr as *mut f32) }
+        };
+        if parallel(work) && tiles > 1 {
+            Team::current(|team| team.for_each_init(tiles, TileScratch::default, run_tile));
+        } else {
+            let mut scratch = TileScratch::default();
+            (0..tiles).for_each(|i| run_tile(&mut scratch, i));
+        }
+        // SAFETY: every tile wrote all its outputs, and the tiles cover all `total`.
+        unsafe { out.set_len(total) };
+        Ok(out)
     }
-    if !parallel(channels * rows) {
-        // Appended row by row: no pass to zero the matrix first.
-        col.reserve(channels * rows);
-        let mut phases = Phases::default();
-        for plane in planes.chunks_exact(plane_in.max(1)).take(channels) {
-            pad_phases(plane, geo, shape, &mut phases, 0.0);
-            for &start in taps {
-                match phases.get(start..start + wide) {
-                    Some(run) => col.extend_from_slice(run),
+
+    /// Computes one tile and writes its outputs, every one of them, into `out`.
+    ///
+    /// # Safety
+    ///
+    /// `out` points to the `n x m x oh x ow` output, of which no other thread touches
+    /// this tile's elements during the call.
+    unsafe fn tile_into(
+        &self,
+        tile: Tile,
+        source: &Source<'_>,
+        ws: &[f32],
+        k: usize,
+        scratch: &mut TileScratch,
+        out: *mut f32,
+    ) {
+        let geo = &self.geo;
+        let (cg, mg) = (self.c / self.g, self.m / self.g);
+        let p = geo.oh * geo.ow;
+        let pw = source.phase_width;
+        // The tile's columns of the product: output row r starts at column r * pw, and
+        // the last `pw - ow` columns of each row are read by no output.
+        let first = tile.rows * pw;
+        let width = (tile.row_count - 1) * pw + geo.ow;
+        let first_plane = tile.image * self.c + tile.group * cg;
+        let rhs = match source.in_place(first_plane, cg, first, width) {
+            Some(rhs) => rhs,
+            None => {
+                let key = Some((tile.image, tile.group, tile.rows));
+                if scratch.unfolded_for != key {
+                    source.unfold(first_plane, cg, first, width, &mut scratch.unfolded);
+                    scratch.unfolded_for = key;
+                }
+                Operand { ptr: scratch.unfolded.as_ptr(), row_stride: width }
+            }
+        };
+        let first_channel = tile.group * mg + tile.channels;
+        let lhs = ws[first_channel * k..].as_ptr();
+        let out_plane = tile.image * self.m + first_channel;
+        let bias = |ch: usize| self.bias.and_then(|b| b.get(first_channel + ch)).copied();
+        let direct = pw == geo.ow;
+        let (dst, dst_stride) = if direct {
+            // Rows as wide as the output's: the product goes straight into it.
+            // SAFETY: within the output, by the contract above.
+            (unsafe { out.add(out_plane * p + first) }, p)
+        } else {
+            let len = tile.channel_count * width;
+            if scratch.product.len() < len {
+                scratch.product.resize(len, 0.0);
+            }
+            (scratch.product.as_mut_ptr(), width)
+        };
+        // SAFETY: `lhs` holds `channel_count x k` weights from `first_channel` on (checked
+        // in `run`), `rhs` a `k x width` operand (checked by `in_place` or made by
+        // `unfold`), and `dst` a `channel_count x width` block with rows `dst_stride` apart,
+        // in the output or in `product`. gemm only writes `dst`.
+        unsafe {
+            gemm::gemm(
+                tile.channel_count,
+                width,
+                k,
+                dst,
+                1,
+                dst_stride as isize,
+                false,
+                lhs,
+                1,
+                k as isize,
+                rhs.ptr,
+                1,
+                rhs.row_stride as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        let arch = pulp::Arch::new();
+        for ch in 0..tile.channel_count {
+            let bias = bias(ch).unwrap_or(0.0);
+            let plane = out_plane + ch;
+            if direct {
+                // SAFETY: gemm wrote these `width` outputs of the plane above.
+                let values =
+                    unsafe { std::slice::from_raw_parts_mut(out.add(plane * p + first), width) };
+                arch.dispatch(Finish { values, bias, act: self.activation });
+                continue;
+            }
+            for r in 0..tile.row_count {
+                // SAFETY: gemm wrote row `ch` of the product, `width` columns; output row
+                // `tile.rows + r` of the plane is this tile's.
+                let (from, to) = unsafe {
+                    (
+                        std::slice::from_raw_parts(dst.add(ch * width + r * pw), geo.ow),
+                        std::slice::from_raw_parts_mut(
+                            out.add(plane * p + (tile.rows + r) * geo.ow),
+                            geo.ow,
+                        ),
+                    )
+                };
+                to.copy_from_slice(from);
+                arch.dispatch(Finish { values: to, bias, act: self.activation });
+            }
+        }
+    }
+}
+
+/// Where the columns of a convolution's unfolded input are read from: the input planes
+/// themselves (1x1 kernels) or their stride phases.
+struct Source<'a> {
+    planes: &'a [f32],
+    plane_len: usize,
+    /// Where each kernel tap starts reading in a plane.
+    taps: &'a [usize],
+    phase_width: usize,
+}
+
+/// A matrix operand: its first element and the distance between its rows.
+#[derive(Clone, Copy)]
+struct Operand {
+    ptr: *const f32,
+    row_stride: usize,
+}
+
+impl Source<'_> {
+    /// With one tap, the unfolded input is the planes themselves, read in place.
+    fn in_place(
+        &self,
+        first_plane: usize,
+        planes: usize,
+        first: usize,
+        width: usize,
+    ) -> Option<Operand> {
+        let &[tap] = self.taps else { return None };
+        let start = first_plane * self.plane_len + tap + first;
+        let last_row = start + planes.checked_sub(1)? * self.plane_len;
+        self.planes.get(last_row..last_row + width)?;
+        Some(Operand { ptr: self.planes[start..].as_ptr(), row_stride: self.plane_len })
+    }
+
+    /// Columns `first .. first + width` of the unfolded input of `planes` planes from
+    /// `first_plane` on, into `into` (`planes * taps` rows of `width`).
+    fn unfold(
+        &self,
+        first_plane: usize,
+        planes: usize,
+        first: usize,
+        width: usize,
+        into: &mut Vec<f32>,
+    ) {
+        into.clear();
+        into.reserve(planes * self.taps.len() * width);
+        for plane in first_plane..first_plane + planes {
+            let base = plane * self.plane_len + first;
+            for &tap in self.taps {
+                match self.planes.get(base + tap..base + tap + width) {
+                    Some(run) => into.extend_from_slice(run),
                     // Not reached for a geometry from `phase_taps`; keeps the rows aligned.
-                    None => col.resize(col.len() + wide, 0.0),
+                    None => into.resize(into.len() + width, 0.0),
                 }
             }
         }
-        col.resize(channels * rows, 0.0);
-        return;
-    }
-    col.resize(channels * rows, 0.0);
-    for_each_chunk(col.as_mut_slice(), rows, usize::MAX, Phases::default, |phases, ci, dst| {
-        let Some(plane) = planes.get(ci * plane_in..(ci + 1) * plane_in) else { return };
-        pad_phases(plane, geo, shape, phases, 0.0);
-        for (row, &start) in dst.chunks_exact_mut(wide).zip(taps) {
-            if let Some(src) = phases.get(start..start + wide) {
-                row.copy_from_slice(src);
-            }
-        }
-    });
-}
-
-/// Applies `act` to every element, vectorized for the CPU it runs on, across threads
-/// when there are enough elements.
-pub(crate) fn apply_in_place(values: &mut [f32], act: Activation) {
-    const CHUNK: usize = 1 << 14;
-    let arch = pulp::Arch::new();
-    let run = |values: &mut [f32]| arch.dispatch(Activate { values, act });
-    if parallel(values.len()) {
-        for_each_chunk(values, CHUNK, usize::MAX, || (), |_, _, chunk| run(chunk));
-    } else {
-        run(values);
     }
 }
 
-/// [`apply_in_place`] on one chunk, compiled for the CPU's vector width.
-struct Activate<'a> {
+/// Adds a bias to a run of outputs and applies the activation, compiled for the CPU's
+/// vector width.
+struct Finish<'a> {
     values: &'a mut [f32],
-    act: Activation,
+    bias: f32,
+    act: Option<Activation>,
 }
 
-impl pulp::WithSimd for Activate<'_> {
+impl pulp::WithSimd for Finish<'_> {
     type Output = ();
 
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, _: S) {
-        let act = self.act;
-        self.values.iter_mut().for_each(|v| *v = act.apply(*v));
+        let bias = self.bias;
+        match self.act {
+            None => self.values.iter_mut().for_each(|v| *v += bias),
+            Some(act) => self.values.iter_mut().for_each(|v| *v = act.apply(*v + bias)),
+        }
     }
 }
 
@@ -888,7 +1091,13 @@ fn pad_phases(input: &[f32], geo: &Geom, shape: PhaseShape, phases: &mut Phases,
         phases.data.resize(geo.sh * geo.sw * phase_len, fill);
         phases.padded_for = key;
     }
-    let phases = &mut phases.data;
+    write_phases(input, geo, shape, &mut phases.data);
+}
+
+/// The data part of [`pad_phases`]: writes every element of the phases `dst` that holds
+/// an input element, and leaves the padding as it is.
+fn write_phases(input: &[f32], geo: &Geom, shape: PhaseShape, phases: &mut [f32]) {
+    let phase_len = shape.h * shape.w;
     for (iy, src) in input.chunks_exact(geo.w.max(1)).take(geo.h).enumerate() {
         // Padded row py = iy + pt is row py / sh of the phases in row py % sh.
         let py = iy + geo.pt;
@@ -1361,16 +1570,17 @@ mod scaling {
 
     use super::*;
 
+    /// The median of as many runs of `f` as fit in a quarter second (at least 7).
     fn median_time(f: impl Fn()) -> Duration {
-        let mut v: Vec<Duration> = (0..7)
-            .map(|_| {
-                let t = Instant::now();
-                f();
-                t.elapsed()
-            })
-            .collect();
+        let started = Instant::now();
+        let mut v = Vec::new();
+        while v.len() < 7 || started.elapsed() < Duration::from_millis(250) {
+            let t = Instant::now();
+            f();
+            v.push(t.elapsed());
+        }
         v.sort();
-        v[3]
+        v[v.len() / 2]
     }
 
     #[test]
@@ -1394,40 +1604,29 @@ mod scaling {
         let w64 = Tensor::ones((64, 64, 3, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
         let c64 = ConvAttrs { window: window(3, 1, 1), group: 1, activation: None };
         let full = || drop(conv(&x64, &w64, None, &c64).unwrap());
-        let unfold = |x: &Tensor, channels: usize, k: usize, pad: usize| {
-            drop(with_f32(x, |xs| {
-                let geo = geometry(&[56, 56], &[k, k], &window(k, 1, pad))?;
-                let (shape, taps) = phase_taps(&geo);
-                let wide = (geo.oh - 1) * shape.w + geo.ow;
-                let mut col = Vec::new();
-                unfold_wide(xs, channels, &geo, shape, &taps, wide, &mut col);
-                Ok(col)
-            }))
-        };
-        let unfold64 = || unfold(&x64, 64, 3, 1);
-        let a = Tensor::ones((64, 576), candle_core::DType::F32, &Device::Cpu).unwrap();
-        let b = Tensor::ones((576, 3136), candle_core::DType::F32, &Device::Cpu).unwrap();
-        let mm = || drop(a.matmul(&b).unwrap());
+        let xs = Tensor::ones((1, 3, 224, 224), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let ws = Tensor::ones((16, 3, 3, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let cs = ConvAttrs { window: window(3, 2, 1), group: 1, activation: None };
+        let stem = || drop(conv(&xs, &ws, None, &cs).unwrap());
         let xp = Tensor::ones((1, 96, 7, 7), candle_core::DType::F32, &Device::Cpu).unwrap();
         let wp = Tensor::ones((576, 96, 1, 1), candle_core::DType::F32, &Device::Cpu).unwrap();
         let bp = Tensor::ones(576, candle_core::DType::F32, &Device::Cpu).unwrap();
         let cp = ConvAttrs { window: window(1, 1, 0), group: 1, activation: None };
         let pw = || drop(conv(&xp, &wp, Some(&bp), &cp).unwrap());
-        let wm = wp.reshape((576, 96)).unwrap();
-        let xm = xp.reshape((96, 49)).unwrap();
-        let pwm = || drop(wm.matmul(&xm).unwrap());
+        let xq = Tensor::ones((1, 16, 56, 56), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let wq = Tensor::ones((72, 16, 1, 1), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let bq = Tensor::ones(72, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let relu = ConvAttrs { activation: Some(Activation::Relu), ..cp.clone() };
+        let pw56 = || drop(conv(&xq, &wq, Some(&bq), &relu).unwrap());
         let depthwise = || drop(conv(&x, &w, None, &dw).unwrap());
         let maxpool = || drop(pool(&x, PoolKind::Max, &mp).unwrap());
-        let unfold96 = || unfold(&x, 96, 5, 2);
-        let cases: [(&str, &(dyn Fn() + Sync)); 8] = [
+        let cases: [(&str, &(dyn Fn() + Sync)); 6] = [
             ("pointwise 96->576 on 7x7", &pw),
-            ("its matmul", &pwm),
+            ("pointwise 16->72 on 56x56 with Relu", &pw56),
             ("conv 3x3 64->64 on 56x56", &full),
-            ("unfold of it", &unfold64),
-            ("matmul 64x576 by 576x3136", &mm),
+            ("conv 3x3/2 3->16 on 224x224", &stem),
             ("depthwise 5x5 on 1x96x56x56", &depthwise),
             ("maxpool 3x3/2 on 1x96x56x56", &maxpool),
-            ("unfold 5x5 of 96 channels", &unfold96),
         ];
         for (name, f) in cases {
             let single = one.install(|| median_time(f));

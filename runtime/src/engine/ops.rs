@@ -1101,18 +1101,29 @@ fn gemm_by_rows(
             Some(c.broadcast_as((m, n))?.contiguous()?.flatten_all()?.to_vec1::<f32>()?)
         }
     };
-    let mut out = Vec::with_capacity(m * n);
+    let mut out = vec![0f32; m * n];
     kernels::with_f32(a, |av| {
         kernels::with_f32(b, |bv| {
-            for row in av.chunks_exact(k.max(1)).take(m) {
-                for col in bv.chunks_exact(k.max(1)).take(n) {
-                    out.push(alpha * dot(row, col));
-                }
+            let rows = av.chunks_exact(k.max(1)).take(m);
+            for (row, out) in rows.zip(out.chunks_exact_mut(n.max(1))) {
+                // B's rows in runs, across threads when B is large (a classifier's weights
+                // are megabytes, read once per call: two cores read them faster).
+                kernels::for_each_chunk(
+                    out,
+                    DOTS_PER_TASK,
+                    n * k,
+                    || (),
+                    |_, i, out| {
+                        let cols = bv.chunks_exact(k.max(1)).skip(i * DOTS_PER_TASK);
+                        for (o, col) in out.iter_mut().zip(cols) {
+                            *o = alpha * dot(row, col);
+                        }
+                    },
+                );
             }
             Ok(())
         })
     })?;
-    out.resize(m * n, 0.0);
     if let Some(c) = c {
         for (o, v) in out.iter_mut().zip(c) {
             *o += beta * v;
@@ -1121,8 +1132,37 @@ fn gemm_by_rows(
     Ok(Some(Tensor::from_vec(out, (m, n), &Device::Cpu)?))
 }
 
-/// The dot product of two equally long rows, in 16 partial sums so it vectorizes.
+/// Outputs of a [`gemm_by_rows`] row per task when it is split across threads.
+const DOTS_PER_TASK: usize = 64;
+
+/// The dot product of two equally long rows, in 64 partial sums: it vectorizes, and four
+/// independent vector sums keep the multiply-adds from waiting on each other. Short rows
+/// take [`dot16`], which costs less to sum up.
 fn dot(x: &[f32], y: &[f32]) -> f32 {
+    if x.len() < 256 {
+        return dot16(x, y);
+    }
+    let mut sums = [[0f32; 16]; 4];
+    let (xc, yc) = (x.chunks_exact(64), y.chunks_exact(64));
+    let tail: f32 = dot16(xc.remainder(), yc.remainder());
+    for (a, b) in xc.zip(yc) {
+        for ((sums, a), b) in sums.iter_mut().zip(a.chunks_exact(16)).zip(b.chunks_exact(16)) {
+            for ((s, a), b) in sums.iter_mut().zip(a).zip(b) {
+                *s += a * b;
+            }
+        }
+    }
+    let mut total = [0f32; 16];
+    for sums in &sums {
+        for (t, s) in total.iter_mut().zip(sums) {
+            *t += s;
+        }
+    }
+    total.iter().sum::<f32>() + tail
+}
+
+/// [`dot`] on short rows, in 16 partial sums.
+fn dot16(x: &[f32], y: &[f32]) -> f32 {
     let mut sums = [0f32; 16];
     let (xc, yc) = (x.chunks_exact(16), y.chunks_exact(16));
     let tail: f32 = xc.remainder().iter().zip(yc.remainder()).map(|(a, b)| a * b).sum();

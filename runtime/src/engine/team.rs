@@ -20,13 +20,17 @@ use std::time::{Duration, Instant};
 /// How long a worker spins after its last loop, outside a run, before it sleeps.
 const IDLE_SPIN: Duration = Duration::from_micros(200);
 
-/// [`Team::chunks_init`] hands each thread about this many runs of pieces: enough to even
-/// out threads that start late or run slower, few enough that claims are rare.
-const RUNS_PER_THREAD: usize = 4;
+/// A loop's body as the workers see it: called once per thread that takes part, with
+/// that thread's place in the team (the caller is 0).
+type Body<'a> = dyn Fn(usize) + Sync + 'a;
 
-/// A loop's body as the workers see it: called once per thread that takes part, with the
-/// counter from which that thread claims task indices.
-type Body<'a> = dyn Fn(&AtomicUsize) + Sync + 'a;
+/// The tasks of one thread's share of a loop, `next .. end`, on a cache line of its own.
+#[repr(align(128))]
+#[derive(Default)]
+struct Share {
+    next: AtomicUsize,
+    end: AtomicUsize,
+}
 
 /// What the caller of a loop and the workers share.
 struct Shared {
@@ -34,8 +38,11 @@ struct Shared {
     state: AtomicU64,
     /// The open loop's body (a `*const &Body`), valid while `state` is odd.
     body: AtomicPtr<&'static Body<'static>>,
-    /// The next task index of the open loop.
-    next: AtomicUsize,
+    /// Each thread's share of the open loop's tasks: thread `t` of `n` starts on the `t`-th
+    /// contiguous `1/n` of them, so a thread works on the same part of every loop over the
+    /// same tensors and finds it in its own cache. A thread done with its share takes
+    /// tasks from the others'.
+    shares: Vec<Share>,
     /// Workers inside the open loop's body; the caller waits for none before it returns.
     inside: AtomicUsize,
     /// Runs in progress: workers spin instead of sleeping.
@@ -74,7 +81,7 @@ impl Team {
         let shared = Arc::new(Shared {
             state: AtomicU64::new(0),
             body: AtomicPtr::new(std::ptr::null_mut()),
-            next: AtomicUsize::new(0),
+            shares: (0..threads).map(|_| Share::default()).collect(),
             inside: AtomicUsize::new(0),
             hot: AtomicUsize::new(0),
             busy: AtomicBool::new(false),
@@ -87,7 +94,10 @@ impl Team {
         let workers = (1..threads)
             .filter_map(|i| {
                 let shared = Arc::clone(&shared);
-                thread::Builder::new().name(format!("engine-{i}")).spawn(move || work(&shared)).ok()
+                thread::Builder::new()
+                    .name(format!("engine-{i}"))
+                    .spawn(move || work(&shared, i))
+                    .ok()
             })
             .collect::<Vec<_>>();
         Team { shared, threads: workers.len() + 1, workers, split_everything: false }
@@ -162,27 +172,33 @@ impl Team {
         init: impl Fn() -> S + Sync,
         task: impl Fn(&mut S, usize) + Sync,
     ) {
-        let body = |next: &AtomicUsize| {
-            let mut state = None;
-            loop {
-                let i = next.fetch_add(1, Relaxed);
-                if i >= tasks {
-                    break;
-                }
-                task(state.get_or_insert_with(&init), i);
-            }
-        };
         if tasks <= 1 || self.workers.is_empty() || self.shared.busy.swap(true, Acquire) {
-            body(&AtomicUsize::new(0));
+            let mut state = init();
+            (0..tasks).for_each(|i| task(&mut state, i));
             return;
         }
+        let shares = &self.shared.shares;
+        let body = |me: usize| {
+            let mut state = None;
+            // Its own share first, then what is left of the others'.
+            for share in shares.iter().cycle().skip(me).take(shares.len()) {
+                let end = share.end.load(Relaxed);
+                while share.next.load(Relaxed) < end {
+                    let i = share.next.fetch_add(1, Relaxed);
+                    if i >= end {
+                        break;
+                    }
+                    task(state.get_or_insert_with(&init), i);
+                }
+            }
+        };
         let body: &Body<'_> = &body;
         // SAFETY: only the lifetime is erased. `Open` closes the loop and waits until no
         // worker is inside the body before this frame (which owns the body) is left,
         // whether the tasks return or unwind.
         let body: &'static Body<'static> = unsafe { std::mem::transmute(body) };
-        let open = Open::new(&self.shared, &body);
-        body(&self.shared.next);
+        let open = Open::new(&self.shared, &body, tasks);
+        body(0);
         drop(open);
         if self.shared.panicked.swap(false, AcqRel) {
             panic!("a task of a parallel loop panicked on a worker thread");
@@ -190,10 +206,7 @@ impl Team {
     }
 
     /// Calls `task(scratch, i, piece)` for every `chunk`-sized piece `i` of `out` (the last
-    /// may be shorter), across the team's threads, as [`Team::for_each_init`] does. Each
-    /// thread claims a run of consecutive pieces at a time, a few runs per thread: claiming
-    /// pieces one by one would make both threads write the same cache lines and take
-    /// turns on the shared counter.
+    /// may be shorter), across the team's threads, as [`Team::for_each_init`] does.
     pub(crate) fn chunks_init<T: Send, S>(
         &self,
         out: &mut [T],
@@ -205,21 +218,16 @@ impl Team {
         if chunk == 0 || len == 0 {
             return;
         }
-        let pieces = len.div_ceil(chunk);
-        let per_run = pieces.div_ceil(self.threads * RUNS_PER_THREAD);
         // An address, not a pointer, so the closure is Sync; each task rebuilds its piece.
         let base = out.as_mut_ptr() as usize;
-        self.for_each_init(pieces.div_ceil(per_run), init, |scratch, run| {
-            for i in run * per_run..pieces.min((run + 1) * per_run) {
-                let start = i * chunk;
-                let width = chunk.min(len - start);
-                // SAFETY: piece indices are distinct and below `len / chunk` rounded up,
-                // so the pieces are disjoint and within `out`, which this call borrows
-                // mutably.
-                let piece =
-                    unsafe { std::slice::from_raw_parts_mut((base as *mut T).add(start), width) };
-                task(scratch, i, piece);
-            }
+        self.for_each_init(len.div_ceil(chunk), init, |scratch, i| {
+            let start = i * chunk;
+            let width = chunk.min(len - start);
+            // SAFETY: task indices are distinct and below `len / chunk` rounded up, so the
+            // pieces are disjoint and within `out`, which this call borrows mutably.
+            let piece =
+                unsafe { std::slice::from_raw_parts_mut((base as *mut T).add(start), width) };
+            task(scratch, i, piece);
         });
     }
 }
@@ -240,8 +248,12 @@ struct Open<'a> {
 }
 
 impl<'a> Open<'a> {
-    fn new(shared: &'a Shared, body: &&'static Body<'static>) -> Open<'a> {
-        shared.next.store(0, Relaxed);
+    fn new(shared: &'a Shared, body: &&'static Body<'static>, tasks: usize) -> Open<'a> {
+        let threads = shared.shares.len();
+        for (t, share) in shared.shares.iter().enumerate() {
+            share.next.store(tasks * t / threads, Relaxed);
+            share.end.store(tasks * (t + 1) / threads, Relaxed);
+        }
         shared.panicked.store(false, Relaxed);
         shared.body.store(body as *const _ as *mut _, Relaxed);
         // Odd: open. Every earlier write is visible to a worker that sees this state.
@@ -293,7 +305,7 @@ impl Shared {
 }
 
 /// A worker's life: wait for a loop, take tasks from it, repeat.
-fn work(shared: &Shared) {
+fn work(shared: &Shared, me: usize) {
     let mut seen = 0;
     let mut idle_since = Instant::now();
     let mut spins = 0u32;
@@ -310,7 +322,7 @@ fn work(shared: &Shared) {
                 // SAFETY: the loop is still open, and its caller will not return before
                 // `inside` drops back, so the body behind the pointer is alive.
                 let body = unsafe { *body };
-                let run = panic::catch_unwind(AssertUnwindSafe(|| body(&shared.next)));
+                let run = panic::catch_unwind(AssertUnwindSafe(|| body(me)));
                 if run.is_err() {
                     shared.panicked.store(true, Release);
                 }
