@@ -278,6 +278,11 @@ fn conv_matches_a_direct_convolution() {
         (1, 3, 20, 23, 3, 3, 3, 3, 1, 1),
         (1, 5, 40, 40, 5, 3, 5, 1, 1, 1),
         (1, 2, 17, 18, 2, 3, 2, 2, 2, 3),
+        // Products large enough for several tiles: by output rows, and by channels in
+        // blocks of 8 with a shorter last one (in groups, and 1x1 read in place).
+        (1, 4, 60, 60, 24, 3, 1, 1, 1, 1),
+        (1, 2, 12, 12, 300, 1, 1, 1, 1, 0),
+        (2, 6, 33, 35, 44, 3, 2, 2, 1, 1),
     ];
     for (i, &(n, c, h, w, m, k, g, s, d, p)) in cases.iter().enumerate() {
         let xs = pseudo_random(n * c * h * w, i as u32);
