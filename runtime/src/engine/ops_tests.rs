@@ -283,6 +283,10 @@ fn conv_matches_a_direct_convolution() {
         (1, 4, 60, 60, 24, 3, 1, 1, 1, 1),
         (1, 2, 12, 12, 300, 1, 1, 1, 1, 0),
         (2, 6, 33, 35, 44, 3, 2, 2, 1, 1),
+        // Depthwise on small planes with many channels, two images, dilation.
+        (2, 20, 7, 9, 20, 3, 20, 2, 1, 1),
+        (1, 33, 14, 14, 33, 5, 33, 1, 1, 2),
+        (1, 17, 9, 8, 17, 3, 17, 1, 2, 2),
     ];
     for (i, &(n, c, h, w, m, k, g, s, d, p)) in cases.iter().enumerate() {
         let xs = pseudo_random(n * c * h * w, i as u32);
