@@ -915,8 +915,93 @@ fn zip_f32(a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32) -> R<Tensor> {
     Ok(Tensor::from_vec(out, shape, &Device::Cpu)?)
 }
 
+/// Elements per task of the elementwise loops split across threads.
+const ELEMENTWISE_CHUNK: usize = 1 << 14;
+
+/// `f(a, b)` elementwise on the engine's threads, when both have the output's shape or
+/// one of them is broadcast over trailing dimensions only (a per-channel scale or bias,
+/// a scalar); `None` for other broadcasts. candle-core's own loops for large tensors run
+/// on a thread pool of its own, which would compete with the engine's workers.
+fn zip_broadcast_f32(
+    a: &Tensor,
+    b: &Tensor,
+    f: impl Fn(f32, f32) -> f32 + Sync + Copy,
+) -> R<Option<Tensor>> {
+    let shape = broadcast_shape(a.dims(), b.dims())?;
+    // Which operand is full, and over how many trailing elements the other repeats.
+    let (full_is_a, inner) = if a.dims() == b.dims() {
+        (true, 1)
+    } else if a.dims() == shape.as_slice() {
+        match repeats_over_suffix(b.dims(), &shape) {
+            Some(inner) => (true, inner),
+            None => return Ok(None),
+        }
+    } else if b.dims() == shape.as_slice() {
+        match repeats_over_suffix(a.dims(), &shape) {
+            Some(inner) => (false, inner),
+            None => return Ok(None),
+        }
+    } else {
+        return Ok(None);
+    };
+    let (full, small) = if full_is_a { (a, b) } else { (b, a) };
+    let data = kernels::with_f32(full, |xs| {
+        kernels::with_f32(small, |ys| {
+            let mut out = vec![0f32; xs.len()];
+            let total = xs.len();
+            kernels::for_each_chunk(
+                &mut out,
+                ELEMENTWISE_CHUNK,
+                total,
+                || (),
+                |_, i, out| {
+                    let start = i * ELEMENTWISE_CHUNK;
+                    let xs = xs.get(start..start + out.len()).unwrap_or_default();
+                    if inner == 1 && ys.len() == total {
+                        let ys = ys.get(start..start + out.len()).unwrap_or_default();
+                        for ((o, &x), &y) in out.iter_mut().zip(xs).zip(ys) {
+                            *o = if full_is_a { f(x, y) } else { f(y, x) };
+                        }
+                        return;
+                    }
+                    // Runs of `inner` elements that share one value of the small operand.
+                    let mut done = 0;
+                    while done < out.len() {
+                        let at = start + done;
+                        let run = (inner - at % inner).min(out.len() - done);
+                        let y = ys.get(at / inner).copied().unwrap_or(0.0);
+                        let (o, x) = (&mut out[done..done + run], &xs[done..done + run]);
+                        if full_is_a {
+                            o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x, y));
+                        } else {
+                            o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(y, x));
+                        }
+                        done += run;
+                    }
+                },
+            );
+            Ok(out)
+        })
+    })?;
+    Ok(Some(Tensor::from_vec(data, shape, &Device::Cpu)?))
+}
+
+/// When `small`, broadcast to `shape`, repeats each of its elements over the trailing
+/// dimensions of `shape` where it has extent 1 and matches `shape` before them: how many
+/// elements each value covers.
+fn repeats_over_suffix(small: &[usize], shape: &[usize]) -> Option<usize> {
+    let pad = shape.len().checked_sub(small.len())?;
+    let dims: Vec<usize> = std::iter::repeat_n(1, pad).chain(small.iter().copied()).collect();
+    // The leading dimensions it spans must match exactly, except leading 1s of both.
+    let kept = dims.iter().rposition(|&d| d != 1).map_or(0, |i| i + 1);
+    if dims[..kept] != shape[..kept] {
+        return None;
+    }
+    Some(shape[kept..].iter().product::<usize>().max(1))
+}
+
 fn map_f32(t: &Tensor, f: impl Fn(f32) -> f32 + Sync) -> R<Tensor> {
-    const CHUNK: usize = 1 << 14;
+    const CHUNK: usize = ELEMENTWISE_CHUNK;
     let data: Vec<f32> = kernels::with_f32(t, |xs| {
         let mut out = vec![0f32; xs.len()];
         kernels::for_each_chunk(
@@ -959,6 +1044,18 @@ fn binary(op: BinOp, a: &Tensor, b: &Tensor) -> R<Tensor> {
             return Ok(if op == And { a.broadcast_minimum(b)? } else { a.broadcast_maximum(b)? });
         }
         _ => {}
+    }
+    if dtype == DType::F32 {
+        let out = match op {
+            Add => zip_broadcast_f32(a, b, |x, y| x + y)?,
+            Sub => zip_broadcast_f32(a, b, |x, y| x - y)?,
+            Mul => zip_broadcast_f32(a, b, |x, y| x * y)?,
+            Div => zip_broadcast_f32(a, b, |x, y| x / y)?,
+            _ => None,
+        };
+        if let Some(out) = out {
+            return Ok(out);
+        }
     }
     match dtype {
         DType::F32 => Ok(match op {
@@ -1008,18 +1105,19 @@ fn unary(op: UnOp, x: &Tensor) -> R<Tensor> {
         (_, other) => return err(format!("{op:?} needs a FLOAT input, got {other:?}")),
     }
     Ok(match op {
-        Relu => x.relu()?,
+        // On the engine's threads (candle-core's own loops have a pool of their own).
+        Relu => map_f32(x, |v| v.max(0.0))?,
         Sigmoid => map_f32(x, |v| 1.0 / (1.0 + (-v).exp()))?,
-        Tanh => x.tanh()?,
+        Tanh => map_f32(x, f32::tanh)?,
         Erf => x.erf()?,
-        Neg => x.neg()?,
-        Abs => x.abs()?,
-        Sqrt => x.sqrt()?,
-        Exp => x.exp()?,
-        Log => x.log()?,
-        Reciprocal => x.recip()?,
-        Floor => x.floor()?,
-        Ceil => x.ceil()?,
+        Neg => map_f32(x, |v| -v)?,
+        Abs => map_f32(x, f32::abs)?,
+        Sqrt => map_f32(x, f32::sqrt)?,
+        Exp => map_f32(x, f32::exp)?,
+        Log => map_f32(x, f32::ln)?,
+        Reciprocal => map_f32(x, |v| 1.0 / v)?,
+        Floor => map_f32(x, f32::floor)?,
+        Ceil => map_f32(x, f32::ceil)?,
         Not => return err("Not needs a BOOL input"),
     })
 }

@@ -829,3 +829,37 @@ fn every_listed_op_is_parsed() {
         assert!(!matches!(parsed, Err(LoadError::UnsupportedOp { .. })), "{op}");
     }
 }
+
+/// Add, Sub, Mul and Div on the engine's own loops (same shapes, one operand repeated
+/// over trailing dimensions, either side) and on candle's (other broadcasts) agree with
+/// candle's broadcast ops.
+#[test]
+fn elementwise_arithmetic_matches_candle_broadcasting() {
+    let pairs: [(&[usize], &[usize]); 7] = [
+        (&[2, 3, 4, 5], &[2, 3, 4, 5]),
+        (&[2, 3, 4, 5], &[1, 3, 1, 1]),
+        (&[3, 1, 1], &[2, 3, 4, 5]),
+        (&[2, 3, 4, 5], &[]),
+        (&[1], &[2, 3, 4, 5]),
+        (&[2, 3, 4, 5], &[4, 5]),
+        (&[2, 1, 4, 1], &[3, 1, 5]),
+    ];
+    for (i, (sa, sb)) in pairs.iter().enumerate() {
+        let na: usize = sa.iter().product();
+        let nb: usize = sb.iter().product();
+        let a = t(sa, &pseudo_random(na, 500 + i as u32));
+        // Away from zero, for Div.
+        let b: Vec<f32> = pseudo_random(nb, 600 + i as u32).iter().map(|v| v + 3.0).collect();
+        let b = t(sb, &b);
+        for (op, want) in [
+            ("Add", a.broadcast_add(&b).unwrap()),
+            ("Sub", a.broadcast_sub(&b).unwrap()),
+            ("Mul", a.broadcast_mul(&b).unwrap()),
+            ("Div", a.broadcast_div(&b).unwrap()),
+        ] {
+            let y = run1(op, vec![], &[a.clone(), b.clone()]);
+            assert_eq!(y.dims(), want.dims(), "{op} {sa:?} {sb:?}");
+            close(&vals(&y), &vals(&want));
+        }
+    }
+}
