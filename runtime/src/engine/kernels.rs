@@ -549,30 +549,16 @@ impl GroupedConv<'_> {
         // SAFETY: `lhs` holds `channel_count x k` weights from `first_channel` on (checked
         // in `run`), `rhs` a `k x width` operand (checked by `in_place` or made by
         // `unfold`), and `dst` a `channel_count x width` block with rows `dst_stride` apart,
-        // in the output or in `product`. gemm only writes `dst`.
+        // in the output or in `product`, that only this call touches.
         unsafe {
-            gemm::gemm(
-                tile.channel_count,
-                width,
-                k,
-                dst,
-                1,
-                dst_stride as isize,
+            gemm_rows(
+                (tile.channel_count, width, k),
+                (dst, dst_stride),
                 false,
-                lhs,
-                1,
-                k as isize,
-                rhs.ptr,
-                1,
-                rhs.row_stride as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
+                (lhs, k),
+                (rhs.ptr, rhs.row_stride),
+            )
+        };
         let arch = pulp::Arch::new();
         for ch in 0..tile.channel_count {
             let bias = bias(ch).unwrap_or(0.0);
@@ -794,20 +780,48 @@ unsafe fn gemm_block(
     // those shapes, offset to the block's first row and column, so every access is in
     // bounds.
     unsafe {
-        gemm::gemm(
-            block.row_count,
-            block.col_count,
-            k,
-            c.add(block.rows * n + block.cols),
-            1,
-            n as isize,
+        gemm_rows(
+            (block.row_count, block.col_count, k),
+            (c.add(block.rows * n + block.cols), n),
             accumulate,
-            a.as_ptr().add(block.rows * k),
+            (a.as_ptr().add(block.rows * k), k),
+            (b.as_ptr().add(block.cols), n),
+        )
+    }
+}
+
+/// `dst = lhs rhs`, or `dst += lhs rhs` when `accumulate`, on this thread with the gemm
+/// kernels candle-core itself uses, for `(m, n, k)` row-major operands each given as its
+/// first element and the distance between its rows.
+///
+/// # Safety
+///
+/// `lhs` addresses `m` rows of `k` elements, `rhs` `k` rows of `n` and `dst` `m` rows of
+/// `n`, each at its row distance, and nothing else reads or writes `dst`'s elements
+/// during the call.
+unsafe fn gemm_rows(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_stride): (*mut f32, usize),
+    accumulate: bool,
+    (lhs, lhs_stride): (*const f32, usize),
+    (rhs, rhs_stride): (*const f32, usize),
+) {
+    // SAFETY: by the contract above.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
             1,
-            k as isize,
-            b.as_ptr().add(block.cols),
+            dst_stride as isize,
+            accumulate,
+            lhs,
             1,
-            n as isize,
+            lhs_stride as isize,
+            rhs,
+            1,
+            rhs_stride as isize,
             1.0,
             1.0,
             false,
