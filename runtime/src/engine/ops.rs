@@ -1001,16 +1001,15 @@ fn repeats_over_suffix(small: &[usize], shape: &[usize]) -> Option<usize> {
 }
 
 fn map_f32(t: &Tensor, f: impl Fn(f32) -> f32 + Sync) -> R<Tensor> {
-    const CHUNK: usize = ELEMENTWISE_CHUNK;
     let data: Vec<f32> = kernels::with_f32(t, |xs| {
         let mut out = vec![0f32; xs.len()];
         kernels::for_each_chunk(
             &mut out,
-            CHUNK,
+            ELEMENTWISE_CHUNK,
             xs.len(),
             || (),
             |_, i, out| {
-                let from = xs.get(i * CHUNK..).unwrap_or_default();
+                let from = xs.get(i * ELEMENTWISE_CHUNK..).unwrap_or_default();
                 out.iter_mut().zip(from).for_each(|(o, &v)| *o = f(v));
             },
         );
@@ -1027,7 +1026,10 @@ fn binary(op: BinOp, a: &Tensor, b: &Tensor) -> R<Tensor> {
             return err("Pow is supported on FLOAT bases");
         }
         let b = b.to_dtype(DType::F32)?;
-        return zip_f32(a, &b, f32::powf);
+        return match zip_broadcast_f32(a, &b, f32::powf)? {
+            Some(out) => Ok(out),
+            None => zip_f32(a, &b, f32::powf),
+        };
     }
     same_dtype(a, b)?;
     let dtype = a.dtype();
