@@ -652,7 +652,11 @@ impl Server {
         }
         quiet.ticks = quiet.ticks.saturating_add(1);
         if quiet.ticks >= IDLE_TICKS && crate::alloc::cached_bytes() > 0 {
-            crate::alloc::trim();
+            // On a blocking thread, where the inferences ran and the idle one
+            // picked next: mimalloc returns a page to the system only from the
+            // thread that owns it (from here the frees would wait for that
+            // thread's next allocation).
+            drop(tokio::task::spawn_blocking(crate::alloc::trim));
         }
     }
 }
