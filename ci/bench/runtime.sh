@@ -4,9 +4,10 @@
 #   ci/bench/runtime.sh            (after ci/setup.sh; BENCH_SECONDS=2 per model and side)
 #
 # 1. Latency per reference model (.cache/models), batch 1, at 1 and 2 threads:
-#    the engine in-process (the `reference_latency` test, rayon pool of N
-#    threads) and onnxruntime from .cache/venv (intra_op_num_threads = N), model
-#    by model, alternating, so a busy machine disturbs both sides alike. Medians.
+#    the engine in-process (the `reference_latency` test, built for musl
+#    like the device binary and with its allocator; N engine threads) and
+#    onnxruntime from .cache/venv (intra_op_num_threads = N), model by model,
+#    alternating, so a busy machine disturbs both sides alike. Medians.
 # 2. Idle RSS of the static musl basalt-runtime serving one model, beyond the
 #    model's bytes (the .onnx size), for each model.
 # 3. Throughput (wrk, 10 s each) at 1, 4 and 16 connections against the
@@ -30,7 +31,7 @@ server=
 . ci/bench/lib.sh
 trap 'bench_stop_runtime; rm -rf "$work"' EXIT
 
-cargo test --release --locked -p basalt-runtime --test reference --no-run 2>/dev/null
+cargo test --release --locked --target x86_64-unknown-linux-musl -p basalt-runtime --test reference --no-run 2>/dev/null
 cargo build --release --locked --target x86_64-unknown-linux-musl -p basalt-runtime --bin basalt-runtime 2>/dev/null
 cargo build --release --locked -p basalt --bin basalt 2>/dev/null
 target=${CARGO_TARGET_DIR:-$root/target}
@@ -66,7 +67,8 @@ printf '%-12s %7s %10s %12s %7s\n' model threads basalt onnxruntime ratio
 for threads in 1 2; do
     for name in "${names[@]}"; do
         ours=$(RAYON_NUM_THREADS=$threads BENCH_MODELS=$name BENCH_SECONDS=$seconds \
-            cargo test --release --locked -q -p basalt-runtime --test reference reference_latency \
+            cargo test --release --locked -q --target x86_64-unknown-linux-musl \
+            -p basalt-runtime --test reference reference_latency \
             -- --ignored --nocapture 2>/dev/null | awk '$1 == "latency" { print $3 }')
         theirs=$("$python" "$work/ort.py" "$models" "$name" "$threads" "$seconds")
         ratio=$(awk -v a="$ours" -v b="$theirs" 'BEGIN { printf "%.2f", a / b }')
