@@ -135,8 +135,9 @@ enum Command {
     /// Boot a disk image in QEMU with its serial console on this terminal.
     ///
     /// Ports the recipe lists under [run] are forwarded to 127.0.0.1.
-    /// Ctrl-C stops the machine. The image file is used directly, so boot
-    /// counters and the data partition persist between runs.
+    /// Ctrl-C (or SIGTERM) stops the machine and exits 128 + the signal.
+    /// The image file is used directly, so boot counters and the data
+    /// partition persist between runs.
     Run {
         /// The disk image (its report.json beside it names the board).
         disk: PathBuf,
@@ -431,6 +432,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 basalt::qemu::Outcome::TimedOut => {
                     eprintln!("basalt: timed out");
                     ExitCode::from(3)
+                }
+                basalt::qemu::Outcome::Stopped(signal) => {
+                    eprintln!("basalt: stopped by signal {signal}; the machine is off");
+                    ExitCode::from((128 + signal).clamp(1, 255) as u8)
                 }
             })
         }

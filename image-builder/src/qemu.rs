@@ -10,6 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -309,6 +310,39 @@ pub enum Outcome {
     MarkerSeen,
     /// The timeout passed first.
     TimedOut,
+    /// A signal (Ctrl-C, `kill`) stopped the run; the machine was stopped
+    /// and its firmware state removed.
+    Stopped(i32),
+}
+
+/// The signal that asked `basalt run` to stop, or 0.
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn note_stop_signal(signal: libc::c_int) {
+    STOP_SIGNAL.store(signal, Ordering::SeqCst);
+}
+
+/// Turns SIGINT, SIGTERM and SIGHUP into a request that the run loop sees,
+/// so the machine and its temporary firmware copies go away with us
+/// instead of being left in the temporary directory.
+fn catch_stop_signals() {
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic, which is
+        // async-signal-safe; the sigaction struct is fully initialised.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = note_stop_signal as *const () as libc::sighandler_t;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut());
+        }
+    }
+}
+
+fn stop_signal() -> Option<i32> {
+    match STOP_SIGNAL.load(Ordering::SeqCst) {
+        0 => None,
+        signal => Some(signal),
+    }
 }
 
 /// The machine a disk was built for, from `report.json` beside it or from
@@ -376,6 +410,7 @@ pub fn run_disk(opts: &RunOptions) -> Result<Outcome, QemuError> {
         );
     }
     eprintln!("basalt: booting {} under QEMU (TCG); Ctrl-C stops it", opts.disk.display());
+    catch_stop_signals();
     let mut m = Machine::start(&MachineOptions {
         spec,
         disk: opts.disk.clone(),
@@ -383,19 +418,28 @@ pub fn run_disk(opts: &RunOptions) -> Result<Outcome, QemuError> {
         echo: opts.echo,
         console_log: opts.console_log.clone(),
     })?;
-    let timeout = opts.timeout.unwrap_or(Duration::from_secs(u64::MAX / 4));
-    if let Some(marker) = &opts.until {
-        if m.wait_for(marker, timeout) {
+    let deadline = opts.timeout.map(|t| Instant::now() + t);
+    let tick = Duration::from_millis(200);
+    loop {
+        let seen = match &opts.until {
+            Some(marker) => m.wait_for(marker, tick),
+            None => false,
+        };
+        // A signal first: Ctrl-C also reaches QEMU, which then exits.
+        if let Some(signal) = stop_signal() {
+            m.kill();
+            return Ok(Outcome::Stopped(signal));
+        }
+        if seen {
             m.kill();
             return Ok(Outcome::MarkerSeen);
         }
-        return Ok(match m.wait_exit(Duration::ZERO) {
-            Some(code) => Outcome::Exited(code),
-            None => Outcome::TimedOut,
-        });
+        let wait = if opts.until.is_some() { Duration::ZERO } else { tick };
+        if let Some(code) = m.wait_exit(wait) {
+            return Ok(Outcome::Exited(code));
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(Outcome::TimedOut);
+        }
     }
-    Ok(match m.wait_exit(timeout) {
-        Some(code) => Outcome::Exited(code),
-        None => Outcome::TimedOut,
-    })
 }

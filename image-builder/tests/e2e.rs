@@ -283,7 +283,7 @@ fn alive(pid: u32) -> bool {
 
 #[test]
 #[ignore = "boots QEMU; run with --ignored (ci/test.sh does)"]
-fn e2e_001_basalt_run_killed_leaves_no_qemu_behind() {
+fn e2e_001_basalt_run_killed_leaves_nothing_behind() {
     let Scenario { disk, .. } = &scenario("recipes/minimal.toml", None);
     let log = disk.with_file_name("console.log");
     let mut run = std::process::Command::new(env!("CARGO_BIN_EXE_basalt"))
@@ -321,4 +321,34 @@ fn e2e_001_basalt_run_killed_leaves_no_qemu_behind() {
         assert!(std::time::Instant::now() < deadline, "QEMU {} outlived basalt run", qemu[0]);
         std::thread::sleep(Duration::from_millis(100));
     }
+
+    // SIGTERM (what scripts and service managers send): `basalt run` stops
+    // QEMU itself and removes the firmware copies it made.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut run = std::process::Command::new(env!("CARGO_BIN_EXE_basalt"))
+        .arg("run")
+        .arg(disk)
+        .env("TMPDIR", tmp.path())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let qemu = loop {
+        let qemu = children_of(run.id());
+        if !qemu.is_empty() {
+            break qemu;
+        }
+        assert!(std::time::Instant::now() < deadline, "basalt run started no QEMU");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _reap = Reap(qemu[0]);
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1, "no firmware state made");
+    let term =
+        std::process::Command::new("kill").args(["-TERM", &run.id().to_string()]).status().unwrap();
+    assert!(term.success());
+    let status = run.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + 15), "basalt run should exit 143 on SIGTERM");
+    assert!(!alive(qemu[0]), "QEMU {} outlived basalt run", qemu[0]);
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().flatten().map(|e| e.path()).collect();
+    assert!(left.is_empty(), "basalt run left {left:?} behind");
 }
