@@ -398,6 +398,7 @@ impl GroupedConv<'_> {
                 let bias = self.bias.and_then(|b| b.get(plane % self.m)).copied();
                 pulp::Arch::new().dispatch(Finish {
                     values,
+                    from: None,
                     bias: bias.unwrap_or(0.0),
                     act: self.activation,
                 });
@@ -567,7 +568,7 @@ impl GroupedConv<'_> {
                 // SAFETY: gemm wrote these `width` outputs of the plane above.
                 let values =
                     unsafe { std::slice::from_raw_parts_mut(out.add(plane * p + first), width) };
-                arch.dispatch(Finish { values, bias, act: self.activation });
+                arch.dispatch(Finish { values, from: None, bias, act: self.activation });
                 continue;
             }
             for r in 0..tile.row_count {
@@ -582,8 +583,7 @@ impl GroupedConv<'_> {
                         ),
                     )
                 };
-                copy_row(to, from);
-                arch.dispatch(Finish { values: to, bias, act: self.activation });
+                arch.dispatch(Finish { values: to, from: Some(from), bias, act: self.activation });
             }
         }
     }
@@ -658,9 +658,11 @@ impl Source<'_> {
 }
 
 /// Adds a bias to a run of outputs and applies the activation, compiled for the CPU's
-/// vector width.
+/// vector width: in place, or read from `from` (a product row) as it writes `values`, so
+/// a row is moved and finished in one pass.
 struct Finish<'a> {
     values: &'a mut [f32],
+    from: Option<&'a [f32]>,
     bias: f32,
     act: Option<Activation>,
 }
@@ -671,9 +673,17 @@ impl pulp::WithSimd for Finish<'_> {
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, _: S) {
         let bias = self.bias;
-        match self.act {
-            None => self.values.iter_mut().for_each(|v| *v += bias),
-            Some(act) => self.values.iter_mut().for_each(|v| *v = act.apply(*v + bias)),
+        match (self.from, self.act) {
+            (None, None) => self.values.iter_mut().for_each(|v| *v += bias),
+            (None, Some(act)) => self.values.iter_mut().for_each(|v| *v = act.apply(*v + bias)),
+            // `x + bias` even when the bias is 0: the add keeps the compiler from turning
+            // the loop into a memcpy call (musl's is slow on short rows).
+            (Some(from), None) => {
+                self.values.iter_mut().zip(from).for_each(|(v, &x)| *v = x + bias)
+            }
+            (Some(from), Some(act)) => {
+                self.values.iter_mut().zip(from).for_each(|(v, &x)| *v = act.apply(x + bias))
+            }
         }
     }
 }
@@ -1218,29 +1228,65 @@ impl pulp::WithSimd for CopyRow<'_> {
 
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, _: S) {
-        // The moves are volatile: as plain loads and stores the compiler turns the loop
-        // back into a memcpy call. Each is still one vector move (checked in the
-        // disassembly), and the loop is unrolled.
-        let lanes = std::mem::size_of::<S::f32s>() / std::mem::size_of::<f32>();
         let (len, src, dst) = (self.src.len(), self.src.as_ptr(), self.dst);
-        let mut i = 0;
-        while i + lanes <= len {
-            // SAFETY: `i + lanes <= len`, the caller's contract on `dst`, and `f32s` is a
-            // plain array of floats (alignment of f32).
-            unsafe {
-                std::ptr::write_volatile(
-                    dst.add(i).cast::<S::f32s>(),
-                    std::ptr::read_volatile(src.add(i).cast::<S::f32s>()),
-                )
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{__m256, __m512};
+            // SAFETY: the caller's contract on `dst`; the vector type is the width of the
+            // instruction set this instance is compiled for (`S`).
+            let done = unsafe {
+                match std::mem::size_of::<S::f32s>() {
+                    64 => copy_vectors::<__m512>(dst, src, len),
+                    32 => copy_vectors::<__m256>(dst, src, len),
+                    _ => 0,
+                }
             };
-            i += lanes;
+            for i in done..len {
+                // SAFETY: `i < len`, as above. Volatile, as in `copy_vectors`.
+                unsafe {
+                    std::ptr::write_volatile(dst.add(i), std::ptr::read_volatile(src.add(i)))
+                };
+            }
         }
-        while i < len {
-            // SAFETY: `i < len`, as above.
-            unsafe { std::ptr::write_volatile(dst.add(i), std::ptr::read_volatile(src.add(i))) };
-            i += 1;
-        }
+        #[cfg(not(target_arch = "x86_64"))]
+        // SAFETY: the caller's contract on `dst`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src, dst, len)
+        };
     }
+}
+
+/// A vector of floats at any alignment: a volatile access of it is one unaligned vector
+/// move.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+#[repr(C, packed)]
+struct Unaligned<V: Copy>(V);
+
+/// Copies the first whole vectors of `V` from `src` to `dst` and returns how many floats
+/// that was. The moves are volatile: as plain loads and stores the compiler turns the
+/// loop back into a memcpy call. A volatile access of a vector register type (not of
+/// pulp's `f32s`, which are structs of floats and were moved one float at a time) is one
+/// vector move.
+///
+/// # Safety
+///
+/// `src` and `dst` are valid for `len` floats and do not overlap; `V` is a vector type
+/// the running CPU supports.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn copy_vectors<V: Copy>(dst: *mut f32, src: *const f32, len: usize) -> usize {
+    let lanes = std::mem::size_of::<V>() / std::mem::size_of::<f32>();
+    let mut i = 0;
+    while i + lanes <= len {
+        // SAFETY: `i + lanes <= len`, the contract above; `Unaligned` has alignment 1.
+        unsafe {
+            let v = std::ptr::read_unaligned(src.add(i).cast::<V>());
+            std::ptr::write_volatile(dst.add(i).cast::<Unaligned<V>>(), Unaligned(v))
+        };
+        i += lanes;
+    }
+    i
 }
 
 /// Which pooling.
@@ -1619,14 +1665,48 @@ mod tests {
     /// float lands where it belongs and nothing past the row is touched.
     #[test]
     fn copy_row_copies_exactly_the_row() {
+        // Through the dispatch, and through each instruction set this CPU has, so the
+        // 256-bit moves are tested on a CPU that would dispatch to 512-bit ones.
+        type Copier = Box<dyn Fn(&mut [f32], &[f32])>;
+        let mut copiers: Vec<(&str, Copier)> = vec![("dispatch", Box::new(copy_row))];
+        #[cfg(target_arch = "x86_64")]
+        {
+            // `dst` is a whole slice and `src` is cut to its length, as `copy_row` does.
+            if let Some(v3) = pulp::x86::V3::try_new() {
+                copiers.push((
+                    "v3",
+                    Box::new(move |d: &mut [f32], s: &[f32]| {
+                        pulp::Simd::vectorize(
+                            v3,
+                            CopyRow { dst: d.as_mut_ptr(), src: &s[..d.len()] },
+                        )
+                    }),
+                ));
+            }
+            if let Some(v4) = pulp::x86::V4::try_new() {
+                copiers.push((
+                    "v4",
+                    Box::new(move |d: &mut [f32], s: &[f32]| {
+                        pulp::Simd::vectorize(
+                            v4,
+                            CopyRow { dst: d.as_mut_ptr(), src: &s[..d.len()] },
+                        )
+                    }),
+                ));
+            }
+        }
         let src: Vec<f32> = (0..200).map(|i| i as f32 * 0.5 - 7.0).collect();
-        for len in 0..70 {
-            for offset in 0..3 {
-                let mut dst = vec![-1f32; len + 8];
-                copy_row(&mut dst[offset..offset + len], &src[offset + 1..offset + 1 + len]);
-                assert!(dst[..offset].iter().all(|&v| v == -1.0), "{len} at {offset}");
-                assert_eq!(&dst[offset..offset + len], &src[offset + 1..offset + 1 + len]);
-                assert!(dst[offset + len..].iter().all(|&v| v == -1.0), "{len} at {offset}");
+        for (name, copy) in &copiers {
+            for len in 0..70 {
+                for offset in 0..3 {
+                    let mut dst = vec![-1f32; len + 8];
+                    let from = &src[offset + 1..offset + 1 + len];
+                    copy(&mut dst[offset..offset + len], from);
+                    let at = format!("{name}: {len} at {offset}");
+                    assert!(dst[..offset].iter().all(|&v| v == -1.0), "{at}");
+                    assert_eq!(&dst[offset..offset + len], from, "{at}");
+                    assert!(dst[offset + len..].iter().all(|&v| v == -1.0), "{at}");
+                }
             }
         }
     }
