@@ -933,6 +933,33 @@ fn phase_taps(geo: &Geom) -> (PhaseShape, Vec<usize>) {
     (shape, taps)
 }
 
+/// True for the most common downsampling window: 2x2, stride 2, no padding, no
+/// dilation, and no partial window at the edges.
+fn is_plain_2x2(geo: &Geom) -> bool {
+    (geo.kh, geo.kw, geo.sh, geo.sw, geo.dh, geo.dw) == (2, 2, 2, 2, 1, 1)
+        && geo.pt + geo.pb + geo.pl + geo.pr == 0
+        && 2 * geo.oh <= geo.h
+        && 2 * geo.ow <= geo.w
+}
+
+/// One output plane of a 2x2, stride-2 MaxPool ([`is_plain_2x2`]) straight from the input
+/// rows, without the stride phases: each output is the largest of its four inputs, or NaN
+/// if one is NaN (as [`MaxOrNan`]).
+fn max_pool_2x2(input: &[f32], geo: &Geom, out: &mut [f32]) {
+    let wider = |acc: f32, v: f32| if v > acc || v.is_nan() { v } else { acc };
+    for (oy, row) in out.chunks_exact_mut(geo.ow).enumerate() {
+        let (Some(top), Some(bottom)) = (
+            input.get(2 * oy * geo.w..2 * oy * geo.w + 2 * geo.ow),
+            input.get((2 * oy + 1) * geo.w..(2 * oy + 1) * geo.w + 2 * geo.ow),
+        ) else {
+            return;
+        };
+        for ((o, t), b) in row.iter_mut().zip(top.chunks_exact(2)).zip(bottom.chunks_exact(2)) {
+            *o = wider(wider(wider(t[0], t[1]), b[0]), b[1]);
+        }
+    }
+}
+
 /// One output plane of a MaxPool, on the stride phases like [`depthwise_plane`].
 struct MaxPoolPlane<'a> {
     input: &'a [f32],
@@ -1311,6 +1338,24 @@ pub(crate) fn pool(x: &Tensor, kind: PoolKind, attrs: &PoolAttrs) -> R<Tensor> {
     let p = geo.oh * geo.ow;
     let mut out = vec![0f32; n * c * p];
     let include_pad = attrs.count_include_pad;
+    if kind == PoolKind::Max && is_plain_2x2(&geo) {
+        with_f32(x, |xs| {
+            let work = n * c * p * 4;
+            for_each_chunk(
+                &mut out,
+                p.max(1),
+                work,
+                || (),
+                |_, index, out| {
+                    if let Some(input) = xs.get(index * plane_in..(index + 1) * plane_in) {
+                        max_pool_2x2(input, &geo, out);
+                    }
+                },
+            );
+            Ok(())
+        })?;
+        return Ok(Tensor::from_vec(out, out_dims, &Device::Cpu)?);
+    }
     if kind == PoolKind::Max {
         let (shape, taps) = phase_taps(&geo);
         let zeros = vec![0f32; taps.len()];

@@ -397,6 +397,10 @@ fn max_pool_matches_a_direct_loop() {
         (20, 21, 3, 3, 1),
         (17, 40, 2, 1, 0),
         (9, 9, 3, 2, 0),
+        // 2x2 stride 2 without padding runs its own loop; odd sizes drop the last row
+        // and column.
+        (15, 9, 2, 2, 0),
+        (2, 3, 2, 2, 0),
     ];
     for (i, &(h, w, k, s, p)) in cases.iter().enumerate() {
         let c = 3;
@@ -429,6 +433,24 @@ fn max_pool_matches_a_direct_loop() {
         assert_eq!(y.dims(), &[1, c, out.0, out.1], "case {i}");
         close(&vals(&y), &want);
     }
+}
+
+/// A NaN anywhere in a 2x2 window wins, as in onnxruntime; a window of -inf gives -inf.
+#[test]
+fn max_pool_2x2_takes_nan_from_any_position() {
+    let nan = f32::NAN;
+    let inf = f32::INFINITY;
+    #[rustfmt::skip]
+    let xs = [
+        nan, 1., 2., 3., 4., 5., -inf, -inf,
+        1., 2., 2., nan, 4., 5., -inf, -inf,
+        1., 2., 2., 3., 9., 5., 7., 8.,
+        nan, 2., 2., 3., 4., nan, 6., 6.,
+    ];
+    let attrs = vec![attr_ints("kernel_shape", &[2, 2]), attr_ints("strides", &[2, 2])];
+    let y = vals(&run1("MaxPool", attrs, &[t(&[1, 1, 4, 8], &xs)]));
+    assert!(y[0].is_nan() && y[1].is_nan() && y[4].is_nan() && y[6].is_nan(), "{y:?}");
+    assert_eq!((y[2], y[3], y[5], y[7]), (5., -inf, 3., 8.), "{y:?}");
 }
 
 #[test]
