@@ -1716,31 +1716,21 @@ mod tests {
         // Through the dispatch, and through each instruction set this CPU has, so the
         // 256-bit moves are tested on a CPU that would dispatch to 512-bit ones.
         type Copier = Box<dyn Fn(&mut [f32], &[f32])>;
+        // `dst` is a whole slice and `src` is cut to its length, as `copy_row` does.
+        #[cfg(target_arch = "x86_64")]
+        fn through<S: pulp::Simd>(simd: S) -> Copier {
+            Box::new(move |d: &mut [f32], s: &[f32]| {
+                simd.vectorize(CopyRow { dst: d.as_mut_ptr(), src: &s[..d.len()] })
+            })
+        }
         let mut copiers: Vec<(&str, Copier)> = vec![("dispatch", Box::new(copy_row))];
         #[cfg(target_arch = "x86_64")]
         {
-            // `dst` is a whole slice and `src` is cut to its length, as `copy_row` does.
             if let Some(v3) = pulp::x86::V3::try_new() {
-                copiers.push((
-                    "v3",
-                    Box::new(move |d: &mut [f32], s: &[f32]| {
-                        pulp::Simd::vectorize(
-                            v3,
-                            CopyRow { dst: d.as_mut_ptr(), src: &s[..d.len()] },
-                        )
-                    }),
-                ));
+                copiers.push(("v3", through(v3)));
             }
             if let Some(v4) = pulp::x86::V4::try_new() {
-                copiers.push((
-                    "v4",
-                    Box::new(move |d: &mut [f32], s: &[f32]| {
-                        pulp::Simd::vectorize(
-                            v4,
-                            CopyRow { dst: d.as_mut_ptr(), src: &s[..d.len()] },
-                        )
-                    }),
-                ));
+                copiers.push(("v4", through(v4)));
             }
         }
         let src: Vec<f32> = (0..200).map(|i| i as f32 * 0.5 - 7.0).collect();
