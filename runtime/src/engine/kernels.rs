@@ -938,8 +938,8 @@ fn phase_taps(geo: &Geom) -> (PhaseShape, Vec<usize>) {
 fn is_plain_2x2(geo: &Geom) -> bool {
     (geo.kh, geo.kw, geo.sh, geo.sw, geo.dh, geo.dw) == (2, 2, 2, 2, 1, 1)
         && geo.pt + geo.pb + geo.pl + geo.pr == 0
-        && 2 * geo.oh <= geo.h
-        && 2 * geo.ow <= geo.w
+        && (1..=geo.h / 2).contains(&geo.oh)
+        && (1..=geo.w / 2).contains(&geo.ow)
 }
 
 /// One output plane of a 2x2, stride-2 MaxPool ([`is_plain_2x2`]) straight from the input
