@@ -980,10 +980,10 @@ impl pulp::WithSimd for MaxPoolPlane<'_> {
         let MaxPoolPlane { input, taps, zeros, geo, shape, scratch, out } = self;
         let (phases, acc) = scratch;
         // Padding never wins; a NaN in the window does, as in onnxruntime.
-        pad_phases(input, geo, shape, phases, f32::MIN);
+        pad_phases(input, geo, shape, phases, f32::NEG_INFINITY);
         let len = (geo.oh - 1) * shape.w + geo.ow;
         acc.resize(len, 0.0);
-        over_taps(simd, phases, taps, zeros, acc, f32::MIN, MaxOrNan);
+        over_taps(simd, phases, taps, zeros, acc, f32::NEG_INFINITY, MaxOrNan);
         for (dst, src) in out.chunks_exact_mut(geo.ow).zip(acc.chunks(shape.w)) {
             copy_row(dst, src);
         }
@@ -1405,7 +1405,7 @@ pub(crate) fn pool(x: &Tensor, kind: PoolKind, attrs: &PoolAttrs) -> R<Tensor> {
                         let ws = (ox * geo.sw) as isize - geo.pl as isize;
                         let value = match kind {
                             PoolKind::Max => {
-                                let mut best = f32::MIN;
+                                let mut best = f32::NEG_INFINITY;
                                 for ky in 0..geo.kh {
                                     let iy = hs + (ky * geo.dh) as isize;
                                     if iy < 0 || iy >= geo.h as isize {

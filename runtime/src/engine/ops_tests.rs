@@ -410,7 +410,7 @@ fn max_pool_matches_a_direct_loop() {
         for ci in 0..c {
             for oy in 0..out.0 {
                 for ox in 0..out.1 {
-                    let mut best = f32::MIN;
+                    let mut best = f32::NEG_INFINITY;
                     for ky in 0..k {
                         for kx in 0..k {
                             let iy = (oy * s + ky) as isize - p as isize;
@@ -435,9 +435,9 @@ fn max_pool_matches_a_direct_loop() {
     }
 }
 
-/// A NaN anywhere in a 2x2 window wins, as in onnxruntime; a window of -inf gives -inf.
+/// A NaN anywhere in a window wins, as in onnxruntime; a window of -inf gives -inf.
 #[test]
-fn max_pool_2x2_takes_nan_from_any_position() {
+fn max_pool_lets_nan_win_and_keeps_minus_infinity() {
     let nan = f32::NAN;
     let inf = f32::INFINITY;
     #[rustfmt::skip]
@@ -451,6 +451,17 @@ fn max_pool_2x2_takes_nan_from_any_position() {
     let y = vals(&run1("MaxPool", attrs, &[t(&[1, 1, 4, 8], &xs)]));
     assert!(y[0].is_nan() && y[1].is_nan() && y[4].is_nan() && y[6].is_nan(), "{y:?}");
     assert_eq!((y[2], y[3], y[5], y[7]), (5., -inf, 3., 8.), "{y:?}");
+    // The general path (stride phases, padding that never wins) agrees.
+    let attrs = vec![
+        attr_ints("kernel_shape", &[3, 3]),
+        attr_ints("strides", &[2, 2]),
+        attr_ints("pads", &[1, 1, 1, 1]),
+    ];
+    let y = vals(&run1("MaxPool", attrs.clone(), &[t(&[1, 1, 4, 8], &xs)]));
+    assert!(y[0].is_nan() && y[1].is_nan(), "{y:?}");
+    assert_eq!(y[3], 5., "{y:?}");
+    let y = vals(&run1("MaxPool", attrs, &[t(&[1, 1, 2, 2], &[-inf; 4])]));
+    assert_eq!(y, [-inf], "{y:?}");
 }
 
 #[test]
