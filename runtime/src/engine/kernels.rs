@@ -979,7 +979,7 @@ impl pulp::WithSimd for MaxPoolPlane<'_> {
     fn with_simd<S: pulp::Simd>(self, simd: S) {
         let MaxPoolPlane { input, taps, zeros, geo, shape, scratch, out } = self;
         let (phases, acc) = scratch;
-        // Padding never wins; a NaN in the window does, as in onnxruntime.
+        // Padding never wins; a NaN in the window does (docs/decisions.md, MaxPool).
         pad_phases(input, geo, shape, phases, f32::NEG_INFINITY);
         let len = (geo.oh - 1) * shape.w + geo.ow;
         acc.resize(len, 0.0);

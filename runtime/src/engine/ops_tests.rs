@@ -435,7 +435,7 @@ fn max_pool_matches_a_direct_loop() {
     }
 }
 
-/// A NaN anywhere in a window wins, as in onnxruntime; a window of -inf gives -inf.
+/// A NaN anywhere in a window wins and a window of -inf gives -inf (docs/decisions.md).
 #[test]
 fn max_pool_lets_nan_win_and_keeps_minus_infinity() {
     let nan = f32::NAN;
