@@ -18,20 +18,19 @@ basalt=target/release/basalt
 
 log=$(mktemp /tmp/basalt-demo.XXXXXX.log)
 "$basalt" run out/gateway/disk.img --console-log "$log" &
-qemu=$!
-# `basalt run` keeps QEMU as its child; stop both (a signal to basalt alone
-# would leave QEMU running with the forwarded ports).
+run=$!
+# On SIGTERM `basalt run` stops QEMU (its child, holding the forwarded
+# ports) and removes the firmware copies it made.
 stop() {
-  pkill -TERM -P "$qemu" 2>/dev/null || true
-  kill "$qemu" 2>/dev/null || true
-  wait "$qemu" 2>/dev/null || true
+  kill "$run" 2>/dev/null || true
+  wait "$run" 2>/dev/null || true
   rm -f "$log"
 }
 trap stop EXIT
 
 for _ in $(seq 300); do
   grep -q "boot blessed" "$log" && break
-  kill -0 "$qemu" 2>/dev/null || break
+  kill -0 "$run" 2>/dev/null || break
   sleep 1
 done
 if ! grep -q "boot blessed" "$log"; then
@@ -46,5 +45,5 @@ curl -s http://127.0.0.1:8000/metrics | grep '^basalt_inference_requests_total' 
 
 if [ -t 0 ] && [ -t 1 ]; then
   echo "== the gateway keeps running (API on 127.0.0.1:8000); Ctrl-C stops it"
-  wait "$qemu"
+  wait "$run"
 fi

@@ -324,12 +324,20 @@ extern "C" fn note_stop_signal(signal: libc::c_int) {
 
 /// Turns SIGINT, SIGTERM and SIGHUP into a request that the run loop sees,
 /// so the machine and its temporary firmware copies go away with us
-/// instead of being left in the temporary directory.
+/// instead of being left in the temporary directory. A signal we were
+/// started with ignored (`nohup`, a background job of a script) stays
+/// ignored.
 fn catch_stop_signals() {
     for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         // SAFETY: the handler only stores to an atomic, which is
-        // async-signal-safe; the sigaction struct is fully initialised.
+        // async-signal-safe; the sigaction structs are fully initialised.
         unsafe {
+            let mut current: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(signal, std::ptr::null(), &mut current) == 0
+                && current.sa_sigaction == libc::SIG_IGN
+            {
+                continue;
+            }
             let mut action: libc::sigaction = std::mem::zeroed();
             action.sa_sigaction = note_stop_signal as *const () as libc::sighandler_t;
             libc::sigemptyset(&mut action.sa_mask);
