@@ -944,9 +944,8 @@ fn is_plain_2x2(geo: &Geom) -> bool {
 
 /// One output plane of a 2x2, stride-2 MaxPool ([`is_plain_2x2`]) straight from the input
 /// rows, without the stride phases: each output is the largest of its four inputs, or NaN
-/// if one is NaN (as [`MaxOrNan`]).
+/// if one is NaN ([`max_or_nan`]).
 fn max_pool_2x2(input: &[f32], geo: &Geom, out: &mut [f32]) {
-    let wider = |acc: f32, v: f32| if v > acc || v.is_nan() { v } else { acc };
     for (oy, row) in out.chunks_exact_mut(geo.ow).enumerate() {
         let (Some(top), Some(bottom)) = (
             input.get(2 * oy * geo.w..2 * oy * geo.w + 2 * geo.ow),
@@ -955,7 +954,7 @@ fn max_pool_2x2(input: &[f32], geo: &Geom, out: &mut [f32]) {
             return;
         };
         for ((o, t), b) in row.iter_mut().zip(top.chunks_exact(2)).zip(bottom.chunks_exact(2)) {
-            *o = wider(wider(wider(t[0], t[1]), b[0]), b[1]);
+            *o = max_or_nan(max_or_nan(max_or_nan(t[0], t[1]), b[0]), b[1]);
         }
     }
 }
@@ -1059,6 +1058,15 @@ impl TapFold for MulAdd {
 /// The larger of `acc` and `v`, and `v` when it is NaN (as onnxruntime's MaxPool).
 #[derive(Clone, Copy)]
 struct MaxOrNan;
+
+/// `v` if it is larger than `acc` or NaN, else `acc`: [`MaxOrNan`] on one float.
+fn max_or_nan(acc: f32, v: f32) -> f32 {
+    if v > acc || v.is_nan() {
+        v
+    } else {
+        acc
+    }
+}
 
 impl TapFold for MaxOrNan {
     #[inline(always)]
@@ -1419,9 +1427,7 @@ pub(crate) fn pool(x: &Tensor, kind: PoolKind, attrs: &PoolAttrs) -> R<Tensor> {
                                         if let Some(&v) =
                                             plane.get(iy as usize * geo.w + ix as usize)
                                         {
-                                            if v > best || v.is_nan() {
-                                                best = v;
-                                            }
+                                            best = max_or_nan(best, v);
                                         }
                                     }
                                 }
