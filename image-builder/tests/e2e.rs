@@ -286,11 +286,15 @@ fn alive(pid: u32) -> bool {
 fn e2e_001_basalt_run_killed_leaves_nothing_behind() {
     let Scenario { disk, .. } = &scenario("recipes/minimal.toml", None);
     let log = disk.with_file_name("console.log");
+    // SIGKILL cannot be caught, so the firmware copies stay behind: in a
+    // directory of this test's own, which it removes.
+    let killed_tmp = tempfile::tempdir().unwrap();
     let mut run = std::process::Command::new(env!("CARGO_BIN_EXE_basalt"))
         .arg("run")
         .arg(disk)
         .arg("--console-log")
         .arg(&log)
+        .env("TMPDIR", killed_tmp.path())
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();

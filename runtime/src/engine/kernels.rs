@@ -73,7 +73,7 @@ pub(crate) struct PoolAttrs {
 
 /// Resolved 2-D geometry (1-D windows use height 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Geom {
+pub(crate) struct Geom {
     h: usize,
     w: usize,
     kh: usize,
@@ -82,12 +82,12 @@ struct Geom {
     sw: usize,
     dh: usize,
     dw: usize,
-    pt: usize,
-    pl: usize,
+    pub(crate) pt: usize,
+    pub(crate) pl: usize,
     pb: usize,
     pr: usize,
-    oh: usize,
-    ow: usize,
+    pub(crate) oh: usize,
+    pub(crate) ow: usize,
 }
 
 fn err(msg: impl Into<String>) -> OpError {
@@ -143,7 +143,7 @@ fn axis_geometry(
     Ok((out, begin, end))
 }
 
-fn geometry(spatial: &[usize], kernel: &[usize], window: &Window) -> R<Geom> {
+pub(crate) fn geometry(spatial: &[usize], kernel: &[usize], window: &Window) -> R<Geom> {
     let rank = spatial.len();
     if kernel.len() != rank {
         return Err(err(format!(
@@ -820,7 +820,7 @@ unsafe fn gemm_block(
 /// `lhs` addresses `m` rows of `k` elements, `rhs` `k` rows of `n` and `dst` `m` rows of
 /// `n`, each at its row distance, and nothing else reads or writes `dst`'s elements
 /// during the call.
-unsafe fn gemm_rows(
+pub(crate) unsafe fn gemm_rows(
     (m, n, k): (usize, usize, usize),
     (dst, dst_stride): (*mut f32, usize),
     accumulate: bool,
@@ -1249,7 +1249,7 @@ unsafe fn copy_to(dst: *mut f32, src: &[f32]) {
 }
 
 /// [`copy_to`] between two slices of the same length.
-fn copy_row(dst: &mut [f32], src: &[f32]) {
+pub(crate) fn copy_row(dst: &mut [f32], src: &[f32]) {
     let src = &src[..dst.len()];
     // SAFETY: `dst` holds `src.len()` floats, and a `&mut` does not overlap a `&`.
     unsafe { copy_to(dst.as_mut_ptr(), src) }

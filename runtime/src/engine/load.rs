@@ -8,6 +8,7 @@ use prost::Message;
 use super::kernels::Activation;
 use super::ops::{self, Op, UnOp};
 use super::proto::{data_type, GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto};
+use super::winograd;
 use super::{DataType, Dim, LoadError, Model, Step, TensorSpec};
 
 /// IR versions read: 3 (ONNX 1.0 with opsets) to 11 (ONNX 1.18).
@@ -261,6 +262,7 @@ fn plan(graph: &GraphProto, opset: i64) -> Result<Model, LoadError> {
     nodes = fold_batch_norms(nodes, &mut constants, &graph_outputs)?;
     nodes = fuse_activations(nodes, &constants, &graph_outputs);
     nodes = drop_dead(nodes, &graph_outputs);
+    transform_winograd_weights(&mut nodes, &mut constants, &graph_outputs)?;
 
     // Value slots: inputs, then constants still read, then node outputs.
     let mut slot_of: HashMap<String, usize> = HashMap::new();
@@ -564,6 +566,50 @@ fn fuse_activations(
         }
     }
     nodes.into_iter().flatten().collect()
+}
+
+/// Turns each Conv that [`winograd::eligible`] accepts, and whose weight is a constant
+/// only it reads, into a [`Op::WinogradConv`], its weight replaced by the transformed one
+/// (so the model holds one copy of those weights, not two).
+fn transform_winograd_weights(
+    nodes: &mut [Pending],
+    constants: &mut HashMap<String, Tensor>,
+    graph_outputs: &[&str],
+) -> Result<(), LoadError> {
+    let mut readers: HashMap<&str, usize> = HashMap::new();
+    for n in nodes.iter() {
+        for i in n.inputs.iter().flatten() {
+            *readers.entry(i.as_str()).or_default() += 1;
+        }
+    }
+    let mut chosen = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let Op::Conv(attrs) = &n.op else { continue };
+        let Some(Some(w_name)) = n.inputs.get(1) else { continue };
+        let Some(w) = constants.get(w_name) else { continue };
+        if readers.get(w_name.as_str()) == Some(&1)
+            && !graph_outputs.contains(&w_name.as_str())
+            && w.dtype() == candle_core::DType::F32
+            && winograd::eligible(attrs, w.dims())
+        {
+            chosen.push(i);
+        }
+    }
+    for i in chosen {
+        let Some(n) = nodes.get_mut(i) else { continue };
+        let Some(Some(w_name)) = n.inputs.get(1) else { continue };
+        let Some(w) = constants.get(w_name) else { continue };
+        let u = winograd::transform_weights(w).map_err(|e| LoadError::Fold {
+            node: n.name.clone(),
+            op: n.op_type.clone(),
+            reason: e.0,
+        })?;
+        constants.insert(w_name.clone(), u);
+        if let Op::Conv(attrs) = &n.op {
+            n.op = Op::WinogradConv(attrs.clone());
+        }
+    }
+    Ok(())
 }
 
 /// Removes nodes none of whose outputs is read (after folding some may feed nothing).

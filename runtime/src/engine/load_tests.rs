@@ -486,3 +486,56 @@ fn shared_conv_weights_fold_each_batch_norm_separately() {
     let v = |i: usize| out[i].1.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
     assert!((v(0) - 2.0).abs() < 1e-5 && (v(1) - 3.0).abs() < 1e-5, "{} {}", v(0), v(1));
 }
+
+/// A 3x3 Conv whose weight is an initializer runs by Winograd's transform (loaded as
+/// such); the same Conv with the weight fed as an input runs unfolded. Both give the
+/// same outputs, and a weight two Convs share stays as it is (both read it).
+#[test]
+fn winograd_convs_match_the_unfolded_ones() {
+    let (c, m, h, w) = (16usize, 24usize, 9usize, 10usize);
+    let seq = |n: usize, k: usize| -> Vec<f32> {
+        (0..n).map(|i| (((i * 37 + k * 11) % 23) as f32 - 11.0) / 13.0).collect()
+    };
+    let weights = seq(m * c * 9, 1);
+    let weight = || tensor_f32("w", &[m as i64, c as i64, 3, 3], &weights);
+    let conv =
+        |out: &str| node("Conv", &["x", "w"], &[out], vec![attr_ints("pads", &[1, 1, 1, 1])]);
+    let x_dims = [1, c as i64, h as i64, w as i64];
+    let y = |name: &str| value(name, F, &[1, m as i64, h as i64, w as i64]);
+    let transformed =
+        Model::load(&model_bytes(vec![conv("y")], x_in(&x_dims), vec![y("y")], vec![weight()], 17))
+            .unwrap();
+    assert!(matches!(transformed.steps[0].op, super::super::ops::Op::WinogradConv(_)));
+    let unfolded = Model::load(&model_bytes(
+        vec![conv("y")],
+        vec![value("x", F, &x_dims), value("w", F, &[m as i64, c as i64, 3, 3])],
+        vec![y("y")],
+        vec![],
+        17,
+    ))
+    .unwrap();
+    let shared = Model::load(&model_bytes(
+        vec![conv("y"), conv("y2")],
+        x_in(&x_dims),
+        vec![y("y"), y("y2")],
+        vec![weight()],
+        17,
+    ))
+    .unwrap();
+    assert!(shared.steps.iter().all(|s| matches!(s.op, super::super::ops::Op::Conv(_))));
+    let dev = &Device::Cpu;
+    let x = Tensor::from_vec(seq(c * h * w, 2), x_dims.map(|d| d as usize).to_vec(), dev).unwrap();
+    let wt = Tensor::from_vec(weights.clone(), (m, c, 3, 3), dev).unwrap();
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let want = flat(&unfolded.run(&[("x", x.clone()), ("w", wt)]).unwrap()[0].1);
+    for got in [
+        &transformed.run(&[("x", x.clone())]).unwrap()[0].1,
+        &shared.run(&[("x", x)]).unwrap()[1].1,
+    ] {
+        let got = flat(got);
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{g} vs {w}");
+        }
+    }
+}

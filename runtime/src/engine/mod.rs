@@ -14,6 +14,7 @@ pub(crate) mod proto;
 mod team;
 #[cfg(test)]
 mod testutil;
+mod winograd;
 
 use std::fmt;
 

@@ -5,6 +5,7 @@ use candle_core::{DType, Device, Tensor};
 use super::kernels::{self, AutoPad, ConvAttrs, ConvTransposeAttrs, PoolAttrs, PoolKind, Window};
 use super::load::{tensor_from_proto, MAX_ELEMENTS};
 use super::proto::{attribute_type, data_type, AttributeProto, NodeProto};
+use super::winograd;
 use super::LoadError;
 
 /// Operators of the default ONNX domain the engine runs.
@@ -182,6 +183,9 @@ pub(crate) enum Op {
         log: bool,
     },
     Conv(ConvAttrs),
+    /// A Conv whose weight input was replaced at load time by its Winograd transform
+    /// (see [`winograd`]).
+    WinogradConv(ConvAttrs),
     BatchNorm {
         epsilon: f32,
     },
@@ -1955,6 +1959,9 @@ pub(crate) fn eval(op: &Op, args: &[Option<&Tensor>]) -> R<Vec<Tensor>> {
         }
         Op::Softmax { axis, legacy, log } => one(softmax(req(args, 0)?, *axis, *legacy, *log)?),
         Op::Conv(attrs) => one(kernels::conv(req(args, 0)?, req(args, 1)?, opt(args, 2), attrs)?),
+        Op::WinogradConv(attrs) => {
+            one(winograd::conv(req(args, 0)?, req(args, 1)?, opt(args, 2), attrs)?)
+        }
         Op::BatchNorm { epsilon } => one(batch_norm(args, *epsilon)?),
         Op::Pool(kind, attrs) => one(kernels::pool(req(args, 0)?, *kind, attrs)?),
         Op::GlobalPool(kind) => one(global_pool(req(args, 0)?, *kind)?),
