@@ -1784,13 +1784,13 @@ mod tests {
 /// Timing of the hand-written loops on one and on all threads. Run with
 /// `cargo test --release -p basalt-runtime thread_scaling -- --ignored --nocapture`.
 #[cfg(test)]
-mod scaling {
+pub(crate) mod scaling {
     use std::time::{Duration, Instant};
 
     use super::*;
 
     /// The median of as many runs of `f` as fit in a quarter second (at least 7).
-    fn median_time(f: impl Fn()) -> Duration {
+    pub(crate) fn median_time(f: impl Fn()) -> Duration {
         let started = Instant::now();
         let mut v = Vec::new();
         while v.len() < 7 || started.elapsed() < Duration::from_millis(250) {

@@ -776,20 +776,8 @@ mod tests {
 #[cfg(test)]
 mod timing {
     use super::*;
+    use crate::engine::kernels::scaling::median_time as median;
     use crate::engine::kernels::{AutoPad, Window};
-    use std::time::{Duration, Instant};
-
-    fn median(f: impl Fn()) -> Duration {
-        let started = Instant::now();
-        let mut v = Vec::new();
-        while v.len() < 7 || started.elapsed() < Duration::from_millis(400) {
-            let t = Instant::now();
-            f();
-            v.push(t.elapsed());
-        }
-        v.sort();
-        v[v.len() / 2]
-    }
 
     /// Direct against Winograd on the shapes of the reference models' 3x3 convolutions.
     #[test]
