@@ -9,6 +9,7 @@
 
 mod kernels;
 mod load;
+mod math;
 mod ops;
 pub(crate) mod proto;
 mod team;

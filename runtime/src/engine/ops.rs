@@ -4,6 +4,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::kernels::{self, AutoPad, ConvAttrs, ConvTransposeAttrs, PoolAttrs, PoolKind, Window};
 use super::load::{tensor_from_proto, MAX_ELEMENTS};
+use super::math;
 use super::proto::{attribute_type, data_type, AttributeProto, NodeProto};
 use super::winograd;
 use super::LoadError;
@@ -1022,6 +1023,22 @@ fn map_f32(t: &Tensor, f: impl Fn(f32) -> f32 + Sync) -> R<Tensor> {
     Ok(Tensor::from_vec(data, t.dims(), &Device::Cpu)?)
 }
 
+/// [`map_f32`] for the functions of [`math`], whose loops vectorize.
+fn map_math(t: &Tensor, func: math::Func) -> R<Tensor> {
+    let data: Vec<f32> = kernels::with_f32(t, |xs| {
+        let mut out = vec![0f32; xs.len()];
+        kernels::for_each_chunk(
+            &mut out,
+            ELEMENTWISE_CHUNK,
+            xs.len(),
+            || (),
+            |_, i, out| math::map(func, out, xs.get(i * ELEMENTWISE_CHUNK..).unwrap_or_default()),
+        );
+        Ok(out)
+    })?;
+    Ok(Tensor::from_vec(data, t.dims(), &Device::Cpu)?)
+}
+
 fn binary(op: BinOp, a: &Tensor, b: &Tensor) -> R<Tensor> {
     use BinOp::*;
     if op == Pow {
@@ -1113,13 +1130,13 @@ fn unary(op: UnOp, x: &Tensor) -> R<Tensor> {
     Ok(match op {
         // On the engine's threads (candle-core's own loops have a pool of their own).
         Relu => map_f32(x, |v| v.max(0.0))?,
-        Sigmoid => map_f32(x, |v| 1.0 / (1.0 + (-v).exp()))?,
+        Sigmoid => map_math(x, math::Func::Sigmoid)?,
         Tanh => map_f32(x, f32::tanh)?,
-        Erf => x.erf()?,
+        Erf => map_math(x, math::Func::Erf)?,
         Neg => map_f32(x, |v| -v)?,
         Abs => map_f32(x, f32::abs)?,
         Sqrt => map_f32(x, f32::sqrt)?,
-        Exp => map_f32(x, f32::exp)?,
+        Exp => map_math(x, math::Func::Exp)?,
         Log => map_f32(x, f32::ln)?,
         Reciprocal => map_f32(x, |v| 1.0 / v)?,
         Floor => map_f32(x, f32::floor)?,
@@ -1407,15 +1424,12 @@ fn softmax(x: &Tensor, axis: i64, legacy: bool, log: bool) -> R<Tensor> {
 fn softmax_row(row: &mut [f32], log: bool) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if log {
-        let sum: f32 = row.iter().map(|v| (v - max).exp()).sum();
+        let mut exps = row.to_vec();
+        let sum = math::exp_shifted_sum(&mut exps, max);
         let shift = max + sum.ln();
         row.iter_mut().for_each(|v| *v -= shift);
     } else {
-        let mut sum = 0f32;
-        for v in row.iter_mut() {
-            *v = (*v - max).exp();
-            sum += *v;
-        }
+        let sum = math::exp_shifted_sum(row, max);
         row.iter_mut().for_each(|v| *v /= sum);
     }
 }
@@ -1955,7 +1969,7 @@ pub(crate) fn eval(op: &Op, args: &[Option<&Tensor>]) -> R<Vec<Tensor>> {
         Op::Gelu { tanh } => {
             let x = req(args, 0)?;
             f32_only(x, "X")?;
-            one(if *tanh { x.gelu()? } else { x.gelu_erf()? })
+            one(if *tanh { x.gelu()? } else { map_math(x, math::Func::Gelu)? })
         }
         Op::Softmax { axis, legacy, log } => one(softmax(req(args, 0)?, *axis, *legacy, *log)?),
         Op::Conv(attrs) => one(kernels::conv(req(args, 0)?, req(args, 1)?, opt(args, 2), attrs)?),
