@@ -28,7 +28,7 @@ pub(crate) fn exp(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
     // 2^n as 2^(n - 1) * 2, so n = 128 (x near EXP_MAX) stays finite.
     let scale = f32::from_bits((((n as i32) + 126).max(0) as u32) << 23);
@@ -53,7 +53,7 @@ pub(crate) fn erf(x: f32) -> f32 {
     let series = series * x2 - 2.686_617e-2;
     let series = series * x2 + 1.128_379_2e-1;
     let series = series * x2 - 3.761_263_9e-1;
-    let series = series * x2 + 1.128_379_2;
+    let series = series * x2 + std::f32::consts::FRAC_2_SQRT_PI;
     let small = x * series;
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
     let q = 1.061_405_4;
@@ -189,7 +189,7 @@ mod tests {
         assert_eq!(erf(f32::INFINITY), 1.0);
         assert_eq!(erf(f32::NEG_INFINITY), -1.0);
         assert!(erf(f32::NAN).is_nan());
-        assert_eq!(erf(1e-30), 1.128_379_2e-30);
+        assert_eq!(erf(1e-30), std::f32::consts::FRAC_2_SQRT_PI * 1e-30);
     }
 
     #[test]
