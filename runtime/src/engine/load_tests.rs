@@ -492,7 +492,7 @@ fn shared_conv_weights_fold_each_batch_norm_separately() {
 /// same outputs, and a weight two Convs share stays as it is (both read it).
 #[test]
 fn winograd_convs_match_the_unfolded_ones() {
-    let (c, m, h, w) = (16usize, 24usize, 9usize, 10usize);
+    let (c, m, h, w) = (32usize, 40usize, 9usize, 10usize);
     let seq = |n: usize, k: usize| -> Vec<f32> {
         (0..n).map(|i| (((i * 37 + k * 11) % 23) as f32 - 11.0) / 13.0).collect()
     };
