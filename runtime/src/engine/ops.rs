@@ -1006,6 +1006,12 @@ fn repeats_over_suffix(small: &[usize], shape: &[usize]) -> Option<usize> {
 }
 
 fn map_f32(t: &Tensor, f: impl Fn(f32) -> f32 + Sync) -> R<Tensor> {
+    map_chunks(t, |out, from| out.iter_mut().zip(from).for_each(|(o, &v)| *o = f(v)))
+}
+
+/// Runs `f(out, from)` on matching chunks of a new tensor and `t`, across the engine's
+/// threads when `t` is large.
+fn map_chunks(t: &Tensor, f: impl Fn(&mut [f32], &[f32]) + Sync) -> R<Tensor> {
     let data: Vec<f32> = kernels::with_f32(t, |xs| {
         let mut out = vec![0f32; xs.len()];
         kernels::for_each_chunk(
@@ -1013,10 +1019,7 @@ fn map_f32(t: &Tensor, f: impl Fn(f32) -> f32 + Sync) -> R<Tensor> {
             ELEMENTWISE_CHUNK,
             xs.len(),
             || (),
-            |_, i, out| {
-                let from = xs.get(i * ELEMENTWISE_CHUNK..).unwrap_or_default();
-                out.iter_mut().zip(from).for_each(|(o, &v)| *o = f(v));
-            },
+            |_, i, out| f(out, xs.get(i * ELEMENTWISE_CHUNK..).unwrap_or_default()),
         );
         Ok(out)
     })?;
@@ -1025,18 +1028,7 @@ fn map_f32(t: &Tensor, f: impl Fn(f32) -> f32 + Sync) -> R<Tensor> {
 
 /// [`map_f32`] for the functions of [`math`], whose loops vectorize.
 fn map_math(t: &Tensor, func: math::Func) -> R<Tensor> {
-    let data: Vec<f32> = kernels::with_f32(t, |xs| {
-        let mut out = vec![0f32; xs.len()];
-        kernels::for_each_chunk(
-            &mut out,
-            ELEMENTWISE_CHUNK,
-            xs.len(),
-            || (),
-            |_, i, out| math::map(func, out, xs.get(i * ELEMENTWISE_CHUNK..).unwrap_or_default()),
-        );
-        Ok(out)
-    })?;
-    Ok(Tensor::from_vec(data, t.dims(), &Device::Cpu)?)
+    map_chunks(t, |out, from| math::map(func, out, from))
 }
 
 fn binary(op: BinOp, a: &Tensor, b: &Tensor) -> R<Tensor> {
