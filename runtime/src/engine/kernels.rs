@@ -820,7 +820,7 @@ unsafe fn gemm_block(
 /// `lhs` addresses `m` rows of `k` elements, `rhs` `k` rows of `n` and `dst` `m` rows of
 /// `n`, each at its row distance, and nothing else reads or writes `dst`'s elements
 /// during the call.
-pub(crate) unsafe fn gemm_rows(
+unsafe fn gemm_rows(
     (m, n, k): (usize, usize, usize),
     (dst, dst_stride): (*mut f32, usize),
     accumulate: bool,

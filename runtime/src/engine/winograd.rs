@@ -3,7 +3,7 @@
 //! Each 2x2 block of outputs ("tile") is computed from the 4x4 input patch under it as
 //! `Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`: 16 multiplies per input channel where the direct
 //! convolution needs 36, so the 16 products, one per point of the transformed 4x4, are
-//! 16 matrix products of (output channels x input channels) by (input channels x tiles)
+//! 16 matrix products of (tiles x input channels) by (input channels x output channels)
 //! with 2.25 times fewer multiply-adds than the unfolded convolution's one product.
 //!
 //! The weights are transformed once, at load time ([`transform_weights`]); the Conv
