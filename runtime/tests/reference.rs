@@ -113,6 +113,23 @@ fn check_model(name: &str, dir: &Path) -> f64 {
     worst
 }
 
+/// A model from `dir` and its reference inputs at batch 1 (the first row of each).
+fn batch_one(dir: &Path, name: &str) -> (Model, Vec<(String, Tensor)>) {
+    let bytes = std::fs::read(dir.join(format!("{name}.onnx")))
+        .unwrap_or_else(|e| panic!("{name}: {e}; run ci/setup.sh first"));
+    let model = Model::load(&bytes).unwrap_or_else(|e| panic!("{name}: load failed: {e}"));
+    let reference: Value =
+        serde_json::from_slice(&std::fs::read(dir.join(format!("{name}.ref.json"))).unwrap())
+            .unwrap();
+    let inputs = reference["inputs"]
+        .as_object()
+        .expect("inputs")
+        .iter()
+        .map(|(k, v)| (k.clone(), tensor_of(k, v).narrow(0, 0, 1).unwrap()))
+        .collect();
+    (model, inputs)
+}
+
 #[test]
 fn reference_models_match_onnxruntime() {
     let dir = models_dir();
@@ -138,19 +155,7 @@ fn reference_latency() {
     let seconds: f64 =
         std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2.0);
     for name in wanted.split(',').filter(|s| !s.is_empty()) {
-        let bytes = std::fs::read(dir.join(format!("{name}.onnx")))
-            .unwrap_or_else(|e| panic!("{name}: {e}; run ci/setup.sh first"));
-        let model = Model::load(&bytes).unwrap_or_else(|e| panic!("{name}: load failed: {e}"));
-        let reference: Value =
-            serde_json::from_slice(&std::fs::read(dir.join(format!("{name}.ref.json"))).unwrap())
-                .unwrap();
-        // Batch 1: the first row of each reference input.
-        let inputs: Vec<(String, Tensor)> = reference["inputs"]
-            .as_object()
-            .expect("inputs")
-            .iter()
-            .map(|(k, v)| (k.clone(), tensor_of(k, v).narrow(0, 0, 1).unwrap()))
-            .collect();
+        let (model, inputs) = batch_one(&dir, name);
         let feeds: Vec<(&str, Tensor)> =
             inputs.iter().map(|(k, t)| (k.as_str(), t.clone())).collect();
         for _ in 0..3 {
@@ -166,6 +171,70 @@ fn reference_latency() {
         }
         let runs = times.len();
         println!("latency {name} {:.4} {runs}", median(times).as_secs_f64() * 1e3);
+    }
+}
+
+/// Where each model's time goes, node by node: `BENCH_MODELS` (default all) at batch 1,
+/// profiled for `BENCH_SECONDS` each. Prints the nodes that take the most time (median per
+/// node over the runs), then the time per operator. A tool for the engine's speed work.
+#[test]
+#[ignore = "timing, not a check: a profile to read"]
+fn reference_profile() {
+    let dir = models_dir();
+    let wanted = std::env::var("BENCH_MODELS").unwrap_or_else(|_| MODELS.join(","));
+    let seconds: f64 =
+        std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2.0);
+    for name in wanted.split(',').filter(|s| !s.is_empty()) {
+        let (model, inputs) = batch_one(&dir, name);
+        let feeds: Vec<(&str, Tensor)> =
+            inputs.iter().map(|(k, t)| (k.as_str(), t.clone())).collect();
+        let mut per_node: Vec<Vec<Duration>> = Vec::new();
+        let mut nodes = Vec::new();
+        let started = Instant::now();
+        let mut runs = 0;
+        while runs < 10 || started.elapsed() < Duration::from_secs_f64(seconds) {
+            let times = model.profile(&feeds).unwrap().nodes;
+            per_node.resize(times.len(), Vec::new());
+            for (all, t) in per_node.iter_mut().zip(&times) {
+                all.push(t.elapsed);
+            }
+            nodes = times;
+            runs += 1;
+        }
+        let medians: Vec<f64> =
+            per_node.into_iter().map(|t| median(t).as_secs_f64() * 1e3).collect();
+        let total: f64 = medians.iter().sum();
+        println!(
+            "profile {name}: {total:.4} ms in {} nodes (median per node, {runs} runs)",
+            nodes.len()
+        );
+        let mut order: Vec<usize> = (0..nodes.len()).collect();
+        order.sort_by(|&a, &b| medians[b].total_cmp(&medians[a]));
+        for &i in order.iter().take(25) {
+            let n = &nodes[i];
+            println!(
+                "  {:>8.4} ms {:>5.1}%  {:<14} {:<28} {:?}",
+                medians[i],
+                100.0 * medians[i] / total,
+                n.op,
+                n.node,
+                n.shape
+            );
+        }
+        let mut by_op: Vec<(String, f64, usize)> = Vec::new();
+        for (n, ms) in nodes.iter().zip(&medians) {
+            match by_op.iter_mut().find(|(op, _, _)| *op == n.op) {
+                Some(entry) => {
+                    entry.1 += ms;
+                    entry.2 += 1;
+                }
+                None => by_op.push((n.op.clone(), *ms, 1)),
+            }
+        }
+        by_op.sort_by(|a, b| b.1.total_cmp(&a.1));
+        for (op, ms, count) in by_op {
+            println!("  {ms:>8.4} ms {:>5.1}%  {op} x{count}", 100.0 * ms / total);
+        }
     }
 }
 

@@ -5,8 +5,8 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use candle_core::{Device, Tensor};
 use prost::Message;
 
-use super::kernels::Activation;
-use super::ops::{self, Op, UnOp};
+use super::kernels::{self, Activation};
+use super::ops::{self, Op, OpError, UnOp};
 use super::proto::{data_type, GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto};
 use super::winograd;
 use super::{DataType, Dim, LoadError, Model, Step, TensorSpec};
@@ -262,7 +262,7 @@ fn plan(graph: &GraphProto, opset: i64) -> Result<Model, LoadError> {
     nodes = fold_batch_norms(nodes, &mut constants, &graph_outputs)?;
     nodes = fuse_activations(nodes, &constants, &graph_outputs);
     nodes = drop_dead(nodes, &graph_outputs);
-    transform_winograd_weights(&mut nodes, &mut constants, &graph_outputs)?;
+    prepare_conv_weights(&mut nodes, &mut constants, &graph_outputs)?;
 
     // Value slots: inputs, then constants still read, then node outputs.
     let mut slot_of: HashMap<String, usize> = HashMap::new();
@@ -416,12 +416,7 @@ fn fold_batch_norms(
     constants: &mut HashMap<String, Tensor>,
     graph_outputs: &[&str],
 ) -> Result<Vec<Pending>, LoadError> {
-    let mut readers: HashMap<String, usize> = HashMap::new();
-    for n in &nodes {
-        for i in n.inputs.iter().flatten() {
-            *readers.entry(i.clone()).or_default() += 1;
-        }
-    }
+    let readers = reader_counts(&nodes);
     let mut producer: HashMap<String, usize> = HashMap::new();
     for (i, n) in nodes.iter().enumerate() {
         for o in n.outputs.iter().flatten() {
@@ -436,7 +431,7 @@ fn fold_batch_norms(
         let Op::BatchNorm { epsilon } = bn.op else { continue };
         let Some(Some(x)) = bn.inputs.first() else { continue };
         let Some(&conv_index) = producer.get(x) else { continue };
-        if readers.get(x).copied() != Some(1) || graph_outputs.contains(&x.as_str()) {
+        if readers.get(x.as_str()).copied() != Some(1) || graph_outputs.contains(&x.as_str()) {
             continue;
         }
         let Some(Some(conv)) = nodes.get(conv_index) else { continue };
@@ -532,12 +527,7 @@ fn fuse_activations(
     constants: &HashMap<String, Tensor>,
     graph_outputs: &[&str],
 ) -> Vec<Pending> {
-    let mut readers: HashMap<String, usize> = HashMap::new();
-    for n in &nodes {
-        for i in n.inputs.iter().flatten() {
-            *readers.entry(i.clone()).or_default() += 1;
-        }
-    }
+    let readers = reader_counts(&nodes);
     let mut producer: HashMap<String, usize> = HashMap::new();
     for (i, n) in nodes.iter().enumerate() {
         for o in n.outputs.iter().flatten() {
@@ -550,7 +540,7 @@ fn fuse_activations(
         let Some(act) = activation_of(act_node, constants) else { continue };
         let Some(Some(x)) = act_node.inputs.first() else { continue };
         let Some(&conv_index) = producer.get(x) else { continue };
-        if readers.get(x).copied() != Some(1) || graph_outputs.contains(&x.as_str()) {
+        if readers.get(x.as_str()).copied() != Some(1) || graph_outputs.contains(&x.as_str()) {
             continue;
         }
         let out = act_node.outputs.first().cloned().flatten();
@@ -568,46 +558,57 @@ fn fuse_activations(
     nodes.into_iter().flatten().collect()
 }
 
-/// Turns each Conv that [`winograd::eligible`] accepts, and whose weight is a constant
-/// only it reads, into a [`Op::WinogradConv`], its weight replaced by the transformed one
-/// (so the model holds one copy of those weights, not two).
-fn transform_winograd_weights(
+/// How many node inputs read each value.
+fn reader_counts(nodes: &[Pending]) -> HashMap<String, usize> {
+    let mut readers: HashMap<String, usize> = HashMap::new();
+    for n in nodes {
+        for i in n.inputs.iter().flatten() {
+            *readers.entry(i.clone()).or_default() += 1;
+        }
+    }
+    readers
+}
+
+/// Lays out the weights of each Conv whose weight is a constant only it reads, once, for
+/// the kernel that will run it (so the model holds one copy of those weights, not two):
+/// the ones [`winograd::eligible`] accepts become [`Op::WinogradConv`] with transformed
+/// weights, the others (but depthwise) [`Op::PackedConv`] with weights in panels.
+fn prepare_conv_weights(
     nodes: &mut [Pending],
     constants: &mut HashMap<String, Tensor>,
     graph_outputs: &[&str],
 ) -> Result<(), LoadError> {
-    let mut readers: HashMap<&str, usize> = HashMap::new();
-    for n in nodes.iter() {
-        for i in n.inputs.iter().flatten() {
-            *readers.entry(i.as_str()).or_default() += 1;
-        }
-    }
+    let readers = reader_counts(nodes);
     let mut chosen = Vec::new();
     for (i, n) in nodes.iter().enumerate() {
-        let Op::Conv(attrs) = &n.op else { continue };
+        let Op::Conv(_) = &n.op else { continue };
         let Some(Some(w_name)) = n.inputs.get(1) else { continue };
-        let Some(w) = constants.get(w_name) else { continue };
         if readers.get(w_name.as_str()) == Some(&1)
             && !graph_outputs.contains(&w_name.as_str())
-            && w.dtype() == candle_core::DType::F32
-            && winograd::eligible(attrs, w.dims())
+            && constants.get(w_name).is_some_and(|w| w.dtype() == candle_core::DType::F32)
         {
             chosen.push(i);
         }
     }
     for i in chosen {
         let Some(n) = nodes.get_mut(i) else { continue };
-        let Some(Some(w_name)) = n.inputs.get(1) else { continue };
+        let (Op::Conv(attrs), Some(Some(w_name))) = (&n.op, n.inputs.get(1)) else { continue };
         let Some(w) = constants.get(w_name) else { continue };
-        let u = winograd::transform_weights(w).map_err(|e| LoadError::Fold {
+        let fold_err = |e: OpError| LoadError::Fold {
             node: n.name.clone(),
             op: n.op_type.clone(),
             reason: e.0,
-        })?;
-        constants.insert(w_name.clone(), u);
-        if let Op::Conv(attrs) = &n.op {
-            n.op = Op::WinogradConv(attrs.clone());
-        }
+        };
+        let (op, weight) = if winograd::eligible(attrs, w.dims()) {
+            (Op::WinogradConv(attrs.clone()), winograd::transform_weights(w).map_err(fold_err)?)
+        } else {
+            match kernels::pack_weights(w, attrs).map_err(fold_err)? {
+                Some(packed) => (Op::PackedConv(attrs.clone()), packed),
+                None => continue,
+            }
+        };
+        constants.insert(w_name.clone(), weight);
+        n.op = op;
     }
     Ok(())
 }

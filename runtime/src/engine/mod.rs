@@ -11,6 +11,7 @@ mod kernels;
 mod load;
 mod math;
 mod ops;
+mod panels;
 pub(crate) mod proto;
 mod team;
 #[cfg(test)]
@@ -277,6 +278,28 @@ pub enum RunError {
 /// length of a run (see [`Model::run`]).
 const HOT_MIN_INPUT: usize = 1 << 16;
 
+/// What [`Model::profile`] returns.
+#[derive(Debug)]
+pub struct Profile {
+    /// The graph outputs, as [`Model::run`] returns them.
+    pub outputs: Vec<(String, Tensor)>,
+    /// How long each node took, in the order the nodes ran.
+    pub nodes: Vec<NodeTime>,
+}
+
+/// How long one node took in [`Model::profile`].
+#[derive(Debug, Clone)]
+pub struct NodeTime {
+    /// The node's name (a fused node keeps the name of its first node).
+    pub node: String,
+    /// The operator as the engine runs it, after fusion (`Conv`, `WinogradConv`, ...).
+    pub op: String,
+    /// The shape of its first output.
+    pub shape: Vec<usize>,
+    /// Wall time of the node's evaluation.
+    pub elapsed: std::time::Duration,
+}
+
 /// One node of the execution plan.
 #[derive(Debug)]
 struct Step {
@@ -335,10 +358,31 @@ impl Model {
         // small model does not wake them at all: its loops run on the calling thread.
         let elements: usize = inputs.iter().map(|(_, t)| t.elem_count()).sum();
         let _hot = (elements >= HOT_MIN_INPUT).then(|| Team::current(Team::hot));
-        self.run_here(inputs)
+        self.run_here(inputs, &mut |_, _, _| ())
     }
 
-    fn run_here(&self, inputs: &[(&str, Tensor)]) -> Result<Vec<(String, Tensor)>, RunError> {
+    /// Runs the graph as [`Model::run`] does and also returns how long each node took, in
+    /// the order the nodes ran: where a model's time goes, node by node.
+    pub fn profile(&self, inputs: &[(&str, Tensor)]) -> Result<Profile, RunError> {
+        let elements: usize = inputs.iter().map(|(_, t)| t.elem_count()).sum();
+        let _hot = (elements >= HOT_MIN_INPUT).then(|| Team::current(Team::hot));
+        let mut times = Vec::with_capacity(self.steps.len());
+        let outputs = self.run_here(inputs, &mut |step, shape, elapsed| {
+            times.push(NodeTime {
+                node: step.name.clone(),
+                op: step.op.label(),
+                shape: shape.to_vec(),
+                elapsed,
+            })
+        })?;
+        Ok(Profile { outputs, nodes: times })
+    }
+
+    fn run_here(
+        &self,
+        inputs: &[(&str, Tensor)],
+        observe: &mut dyn FnMut(&Step, &[usize], std::time::Duration),
+    ) -> Result<Vec<(String, Tensor)>, RunError> {
         let mut slots: Vec<Option<Tensor>> = vec![None; self.slot_count];
         for (slot, tensor) in &self.constants {
             if let Some(s) = slots.get_mut(*slot) {
@@ -360,7 +404,10 @@ impl Model {
             if step.inputs.iter().zip(&args).any(|(i, a)| i.is_some() && a.is_none()) {
                 return Err(op_err("an input value was released too early".into()));
             }
+            let started = std::time::Instant::now();
             let results = ops::eval(&step.op, &args).map_err(|e| op_err(e.0))?;
+            let elapsed = started.elapsed();
+            observe(step, results.first().map_or(&[], |t| t.dims()), elapsed);
             let mut results = results.into_iter();
             for out in &step.outputs {
                 let value = results.next();

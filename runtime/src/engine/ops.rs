@@ -187,6 +187,9 @@ pub(crate) enum Op {
     /// A Conv whose weight input was replaced at load time by its Winograd transform
     /// (see [`winograd`]).
     WinogradConv(ConvAttrs),
+    /// A Conv whose weight input was laid out at load time for its products (see
+    /// [`kernels::pack_weights`]).
+    PackedConv(ConvAttrs),
     BatchNorm {
         epsilon: f32,
     },
@@ -272,6 +275,20 @@ pub(crate) enum Op {
         axis: i64,
         largest: bool,
     },
+}
+
+impl Op {
+    /// The operator's name as the engine runs it, with the kind of a Binary or Unary
+    /// (`Conv`, `WinogradConv`, `Binary(Add)`): for [`super::Model::profile`].
+    pub(crate) fn label(&self) -> String {
+        let text = format!("{self:?}");
+        let end = text.find([' ', '{', ',']).unwrap_or(text.len());
+        let head = &text[..end];
+        match head.find('(') {
+            Some(open) if !head.ends_with(')') => head[..open].to_string(),
+            _ => head.to_string(),
+        }
+    }
 }
 
 /// Resize's interpolation.
@@ -1964,7 +1981,12 @@ pub(crate) fn eval(op: &Op, args: &[Option<&Tensor>]) -> R<Vec<Tensor>> {
             one(if *tanh { x.gelu()? } else { map_math(x, math::Func::Gelu)? })
         }
         Op::Softmax { axis, legacy, log } => one(softmax(req(args, 0)?, *axis, *legacy, *log)?),
-        Op::Conv(attrs) => one(kernels::conv(req(args, 0)?, req(args, 1)?, opt(args, 2), attrs)?),
+        Op::Conv(attrs) => {
+            one(kernels::conv(req(args, 0)?, req(args, 1)?, opt(args, 2), attrs, false)?)
+        }
+        Op::PackedConv(attrs) => {
+            one(kernels::conv(req(args, 0)?, req(args, 1)?, opt(args, 2), attrs, true)?)
+        }
         Op::WinogradConv(attrs) => {
             one(winograd::conv(req(args, 0)?, req(args, 1)?, opt(args, 2), attrs)?)
         }

@@ -278,6 +278,7 @@ fn conv_matches_a_direct_convolution() {
         (1, 3, 20, 23, 3, 3, 3, 3, 1, 1),
         (1, 5, 40, 40, 5, 3, 5, 1, 1, 1),
         (1, 2, 17, 18, 2, 3, 2, 2, 2, 3),
+        (1, 1, 4, 4, 2, 3, 1, 1, 1, 1),
         // Products large enough for several tiles: by output rows, and by channels in
         // blocks of 8 with a shorter last one (in groups, and 1x1 read in place).
         (1, 4, 60, 60, 24, 3, 1, 1, 1, 1),

@@ -727,7 +727,7 @@ mod tests {
                 let u = transform_weights(&wt).unwrap();
                 let (want, got) = team.install(|| {
                     (
-                        kernels::conv(&x, &wt, Some(&b), &attrs).unwrap(),
+                        kernels::conv(&x, &wt, Some(&b), &attrs, false).unwrap(),
                         conv(&x, &u, Some(&b), &attrs).unwrap(),
                     )
                 });
@@ -805,8 +805,9 @@ mod timing {
             let x = Tensor::ones((1, c, hw, hw), candle_core::DType::F32, &Device::Cpu).unwrap();
             let w = Tensor::ones((m, c, 3, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
             let u = transform_weights(&w).unwrap();
-            let direct =
-                median(|| drop(team.install(|| kernels::conv(&x, &w, None, &attrs).unwrap())));
+            let direct = median(|| {
+                drop(team.install(|| kernels::conv(&x, &w, None, &attrs, false).unwrap()))
+            });
             let wino = median(|| drop(team.install(|| conv(&x, &u, None, &attrs).unwrap())));
             println!("{c}->{m} {hw}x{hw}: direct {direct:?}, winograd {wino:?}");
         }

@@ -1,0 +1,245 @@
+//! Register-blocked matrix products for the convolutions, on operands laid out for them.
+//!
+//! A product `dst[j][i] = Σ_r a[r][i] · b[r][j]` is computed in blocks of `MR` vectors of
+//! columns `i` by `NR` rows `j`: up to 24 accumulators stay in registers through the sum
+//! over `r`, and each step loads `MR` vectors of a row of `a` and broadcasts `NR` values of
+//! a row of `b`. Both operands are read as they lie, so whoever calls lays them out for
+//! this once: weights at load time, in panels ([`pack`]), inputs as they are unfolded or
+//! transformed.
+//!
+//! - The unfolded convolution (`kernels.rs`) runs output positions along the lanes: `a` is
+//!   the unfolded input, `b` the weights in panels of [`ROWS`] output channels, and each
+//!   row of `dst` is a row of an output plane.
+//! - The Winograd products (`winograd.rs`) run output channels along the lanes: `a` is the
+//!   transformed weights in panels of 64 channels, `b` the transformed input.
+
+use pulp::{MemMask, Simd};
+
+/// The most rows of `dst` one block computes: with 4 vectors of columns, 24 accumulators
+/// of the 32 vector registers AVX-512 has.
+pub(crate) const ROWS: usize = 6;
+
+/// Where element (`row`, `col`) of a `depth x cols` matrix sits when it is laid out in
+/// panels of `width` columns: each panel is `depth` rows of its width (the last may be
+/// narrower), one panel after the other.
+pub(crate) fn panel_index(
+    row: usize,
+    col: usize,
+    depth: usize,
+    cols: usize,
+    width: usize,
+) -> usize {
+    let start = col / width * width;
+    let panel_width = width.min(cols - start);
+    start * depth + row * panel_width + (col - start)
+}
+
+/// Lays out `weights` (`cols` rows of `depth`: one row per output channel, as ONNX
+/// stores a group's convolution weights) as the panels of their transpose, `width`
+/// columns (output channels) each: the `b` operand of a product whose rows are channels.
+pub(crate) fn pack(weights: &[f32], cols: usize, depth: usize, width: usize) -> Vec<f32> {
+    let mut packed = vec![0f32; cols * depth];
+    for (col, row) in weights.chunks_exact(depth.max(1)).take(cols).enumerate() {
+        for (r, &v) in row.iter().enumerate() {
+            packed[panel_index(r, col, depth, cols, width)] = v;
+        }
+    }
+    packed
+}
+
+/// The operands of a product, from its first row on.
+#[derive(Clone, Copy)]
+pub(crate) struct Operands<'a> {
+    /// Element (`r`, `i`) at `a[r * a_stride + i]`.
+    pub a: &'a [f32],
+    pub a_stride: usize,
+    /// Element (`r`, `j`) at `b[r * b_stride + j * b_step]`.
+    pub b: &'a [f32],
+    pub b_stride: usize,
+    pub b_step: usize,
+    /// Rows summed over.
+    pub depth: usize,
+}
+
+/// Where a product's sums go: element (`j`, `i`) at `ptr + j * stride + i`, added to
+/// what is there when `accumulate`.
+#[derive(Clone, Copy)]
+pub(crate) struct Dst {
+    pub ptr: *mut f32,
+    pub stride: usize,
+    pub accumulate: bool,
+}
+
+/// The block of `dst` at columns `i .. i + MR * lanes` (or `i .. i + tail` when `MASKED`,
+/// `MR` = 1) and rows `j .. j + NR`, summed over all `depth` rows of the operands.
+///
+/// # Panics
+///
+/// If the block reaches past the end of `a` or `b`.
+///
+/// # Safety
+///
+/// `dst` must be valid for the block's elements, which nothing else touches during the
+/// call; when `accumulate`, they must have been written.
+#[inline(always)]
+pub(crate) unsafe fn block<S: Simd, const MR: usize, const NR: usize, const MASKED: bool>(
+    simd: S,
+    ops: Operands<'_>,
+    (i, j): (usize, usize),
+    tail: usize,
+    dst: Dst,
+) {
+    let lanes = S::F32_LANES;
+    let width = if MASKED { tail.min(lanes) } else { MR * lanes };
+    let mask: MemMask<S::m32s> = simd.mask_between_m32s(0, width as u32);
+    let mut acc = [[simd.splat_f32s(0.0); MR]; NR];
+    if dst.accumulate {
+        for (row, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: the block's elements of `dst` are valid and written (the contract).
+            let at = unsafe { dst.ptr.add((j + row) * dst.stride + i) };
+            for (v, a) in acc.iter_mut().enumerate() {
+                *a = if MASKED {
+                    // SAFETY: as above; only the first `width` lanes are read.
+                    unsafe { simd.mask_load_ptr_f32s(mask, at) }
+                } else {
+                    // SAFETY: as above.
+                    unsafe { at.add(v * lanes).cast::<S::f32s>().read_unaligned() }
+                };
+            }
+        }
+    }
+    let b_span = (NR - 1) * ops.b_step + 1;
+    let (mut a_at, mut b_at) = (i, j * ops.b_step);
+    for _ in 0..ops.depth {
+        let a_row = &ops.a[a_at..a_at + width];
+        let b_row = &ops.b[b_at..b_at + b_span];
+        let mut vectors = [simd.splat_f32s(0.0); MR];
+        if MASKED {
+            // SAFETY: `a_row` holds the `width` floats the mask reads.
+            vectors[0] = unsafe { simd.mask_load_ptr_f32s(mask, a_row.as_ptr()) };
+        } else {
+            let (full, _) = S::as_simd_f32s(a_row);
+            vectors.copy_from_slice(&full[..MR]);
+        }
+        for (row, acc) in acc.iter_mut().enumerate() {
+            let x = simd.splat_f32s(b_row[row * ops.b_step]);
+            for (a, &v) in acc.iter_mut().zip(&vectors) {
+                *a = simd.mul_add_e_f32s(v, x, *a);
+            }
+        }
+        a_at += ops.a_stride;
+        b_at += ops.b_stride;
+    }
+    for (row, acc) in acc.iter().enumerate() {
+        // SAFETY: the block's elements of `dst` are valid for writes (the contract).
+        let at = unsafe { dst.ptr.add((j + row) * dst.stride + i) };
+        for (v, a) in acc.iter().enumerate() {
+            if MASKED {
+                // SAFETY: as above; only the first `width` lanes are written.
+                unsafe { simd.mask_store_ptr_f32s(mask, at, *a) };
+            } else {
+                // SAFETY: as above.
+                unsafe { at.add(v * lanes).cast::<S::f32s>().write_unaligned(*a) };
+            }
+        }
+    }
+}
+
+/// [`block`] with `nr` (1 to [`ROWS`]) rows chosen at run time.
+///
+/// # Safety
+///
+/// As for [`block`].
+#[inline(always)]
+pub(crate) unsafe fn block_rows<S: Simd, const MR: usize, const MASKED: bool>(
+    simd: S,
+    ops: Operands<'_>,
+    at: (usize, usize),
+    nr: usize,
+    tail: usize,
+    dst: Dst,
+) {
+    // SAFETY: passed on from the caller.
+    unsafe {
+        match nr {
+            6 => block::<S, MR, 6, MASKED>(simd, ops, at, tail, dst),
+            5 => block::<S, MR, 5, MASKED>(simd, ops, at, tail, dst),
+            4 => block::<S, MR, 4, MASKED>(simd, ops, at, tail, dst),
+            3 => block::<S, MR, 3, MASKED>(simd, ops, at, tail, dst),
+            2 => block::<S, MR, 2, MASKED>(simd, ops, at, tail, dst),
+            1 => block::<S, MR, 1, MASKED>(simd, ops, at, tail, dst),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pulp::WithSimd;
+
+    #[test]
+    fn panels_hold_every_element_once() {
+        let (depth, cols, width) = (5, 14, 6);
+        let mut seen = vec![false; depth * cols];
+        for r in 0..depth {
+            for c in 0..cols {
+                let at = panel_index(r, c, depth, cols, width);
+                assert!(!seen[at], "({r}, {c}) lands on a taken slot");
+                seen[at] = true;
+            }
+        }
+        assert!(seen.iter().all(|&s| s));
+        // The last panel is 2 wide: row 1 of it starts 2 after row 0.
+        assert_eq!(
+            panel_index(1, 12, depth, cols, width) - panel_index(0, 12, depth, cols, width),
+            2
+        );
+    }
+
+    /// Every block shape, plain and accumulating, against a scalar sum.
+    #[test]
+    fn blocks_match_the_scalar_product() {
+        struct Run;
+        impl pulp::WithSimd for Run {
+            type Output = ();
+            #[inline(always)]
+            fn with_simd<S: Simd>(self, simd: S) {
+                let lanes = S::F32_LANES;
+                let tail = 3.min(lanes);
+                let (depth, cols, rows) = (7, 7 * lanes + tail, ROWS);
+                let a: Vec<f32> = (0..depth * cols).map(|v| ((v * 7) % 13) as f32 - 6.0).collect();
+                // `b` read with a step of 2, as the Winograd products read their input.
+                let b_stride = 2 * rows + 1;
+                let b: Vec<f32> =
+                    (0..depth * b_stride).map(|v| ((v * 5) % 11) as f32 * 0.5).collect();
+                let ops = Operands { a: &a, a_stride: cols, b: &b, b_stride, b_step: 2, depth };
+                let want = |j: usize, i: usize| -> f32 {
+                    (0..depth).map(|r| a[r * cols + i] * b[r * b_stride + 2 * j]).sum()
+                };
+                for accumulate in [false, true] {
+                    let mut dst = vec![1f32; rows * cols];
+                    let d = Dst { ptr: dst.as_mut_ptr(), stride: cols, accumulate };
+                    // SAFETY: `dst` holds `rows x cols` written floats, and the blocks
+                    // below cover each of them once.
+                    unsafe {
+                        block_rows::<S, 4, false>(simd, ops, (0, 0), rows, 0, d);
+                        block_rows::<S, 2, false>(simd, ops, (4 * lanes, 0), rows, 0, d);
+                        block_rows::<S, 1, false>(simd, ops, (6 * lanes, 0), 3, 0, d);
+                        block_rows::<S, 1, false>(simd, ops, (6 * lanes, 3), 3, 0, d);
+                        block_rows::<S, 1, true>(simd, ops, (7 * lanes, 0), rows, tail, d);
+                    }
+                    let base = if accumulate { 1.0 } else { 0.0 };
+                    for j in 0..rows {
+                        for i in 0..cols {
+                            let (got, want) = (dst[j * cols + i], base + want(j, i));
+                            assert_eq!(got, want, "row {j}, column {i}, accumulate {accumulate}");
+                        }
+                    }
+                }
+            }
+        }
+        pulp::Arch::new().dispatch(Run);
+        Run.with_simd(pulp::Scalar::new());
+    }
+}
