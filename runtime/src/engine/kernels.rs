@@ -584,15 +584,12 @@ impl GroupedConv<'_> {
         let first = tile.rows * pw;
         let width = (tile.row_count - 1) * pw + geo.ow;
         let first_plane = tile.image * self.c + tile.group * cg;
-        // Our products read in place only rows that start on 64-byte boundaries; the gemm
+        // Our products read whole vectors on rows padded to them, which only `unfold`
+        // makes (and 1x1 kernels, the only ones read in place, are not packed); the gemm
         // crate packs what it reads.
-        let aligned = |o: &Operand<'_>| {
-            !self.packed
-                || (o.row_stride.is_multiple_of(ALIGN_FLOATS)
-                    && o.data.as_ptr().align_offset(64) == 0)
-        };
+        let in_place = (!self.packed).then(|| source.in_place(first_plane, cg, first, width));
         let key = Some((tile.image, tile.group, tile.rows));
-        let rhs = match source.in_place(first_plane, cg, first, width).filter(aligned) {
+        let rhs = match in_place.flatten() {
             Some(rhs) => rhs,
             None if scratch.unfolded_for == key => {
                 let start = scratch.unfolded.as_ptr().align_offset(64).min(ALIGN_FLOATS);
@@ -611,7 +608,9 @@ impl GroupedConv<'_> {
         let direct_at = unsafe { out.add(out_plane * p + first) };
         let direct = pw == geo.ow
             && (!self.packed
-                || (p.is_multiple_of(ALIGN_FLOATS) && direct_at.align_offset(64) == 0));
+                || (p.is_multiple_of(ALIGN_FLOATS)
+                    && width.is_multiple_of(ALIGN_FLOATS)
+                    && direct_at.align_offset(64) == 0));
         let (dst, dst_stride) = if direct {
             // Rows as wide as the output's (and aligned, for ours): the product goes
             // straight into it.
@@ -637,7 +636,9 @@ impl GroupedConv<'_> {
                 dst: Dst { ptr: dst, stride: dst_stride, accumulate: false },
             };
             // SAFETY: `dst` holds a `channel_count x width` block with rows `dst_stride`
-            // apart, in the output or in `product`, that only this call touches.
+            // apart, in the output (whole vectors wide) or in `product` (rows padded to
+            // whole vectors), that only this call touches; `rhs` was unfolded with padded
+            // rows (1x1 kernels, which could be read in place, are not packed).
             unsafe { product.run() };
         } else {
             let lhs = ws[first_channel * k..].as_ptr();
@@ -773,8 +774,8 @@ const DEPTH_BLOCK: usize = 128;
 /// channels of a group, from its channel `first` on (the group's `mg x k` weights in
 /// panels, see [`pack_weights`]), times the tile's unfolded input `x` (`k x width`).
 ///
-/// Output positions run along the vector lanes: 4, 2 and 1 vectors at a time, then a
-/// masked one; each panel of weights gives a block's rows. The sum over `k` is cut into
+/// Output positions run along the vector lanes: 4, 2 and 1 vectors at a time, the last
+/// reaching into the rows' padding; each panel of weights gives a block's rows. The sum over `k` is cut into
 /// [`DEPTH_BLOCK`]s, each added to the last, so a block of the input stays in L1.
 struct TileProduct<'a> {
     x: Operand<'a>,
@@ -790,22 +791,23 @@ struct TileProduct<'a> {
 impl TileProduct<'_> {
     /// # Safety
     ///
-    /// `dst` must be valid for writes of `channels` rows of `width` floats, rows
-    /// `dst.stride` apart, which nothing else touches during the call.
+    /// `dst` must be valid for writes of `channels` rows of `width` floats rounded up to
+    /// whole vectors of 16, rows `dst.stride` apart, which nothing else touches during the
+    /// call; each row of `x` must have as many floats (the padding is read, and its sums
+    /// land in `dst`'s padding).
     unsafe fn run(self) {
         pulp::Arch::new().dispatch(self);
     }
 
-    /// Columns `i ..` (`MR` vectors, or `tail` floats when `MASKED`) of every channel, for
-    /// the operands' rows `k0 .. k0 + depth`: that block of the input stays in L1 while
-    /// every panel of weights is applied to it.
+    /// Columns `i .. i + MR * lanes` of every channel, for the operands' rows `k0 .. k0 +
+    /// depth`: that block of the input stays in L1 while every panel of weights is applied
+    /// to it.
     #[inline(always)]
-    fn columns<S: pulp::Simd, const MR: usize, const MASKED: bool>(
+    fn columns<S: pulp::Simd, const MR: usize>(
         &self,
         simd: S,
         (k0, depth): (usize, usize),
         i: usize,
-        tail: usize,
     ) {
         let a = &self.x.data[k0 * self.x.row_stride..];
         let end = self.first + self.channels;
@@ -828,7 +830,7 @@ impl TileProduct<'_> {
             let rows = panel_width.min(end - start);
             // SAFETY: the block lies within the rows and columns `run` was given, and
             // when `k0 > 0` the pass over the earlier rows wrote it.
-            unsafe { panels::block_rows::<S, MR, MASKED>(simd, ops, (i, 0), rows, tail, dst) };
+            unsafe { panels::block_rows::<S, MR>(simd, ops, (i, 0), rows, dst) };
         }
     }
 }
@@ -845,19 +847,17 @@ impl pulp::WithSimd for TileProduct<'_> {
             let rows = (k0, self.k.div_ceil(passes).min(self.k - k0));
             let mut i = 0;
             while i + 4 * lanes <= self.width {
-                self.columns::<S, 4, false>(simd, rows, i, 0);
+                self.columns::<S, 4>(simd, rows, i);
                 i += 4 * lanes;
             }
             if i + 2 * lanes <= self.width {
-                self.columns::<S, 2, false>(simd, rows, i, 0);
+                self.columns::<S, 2>(simd, rows, i);
                 i += 2 * lanes;
             }
-            if i + lanes <= self.width {
-                self.columns::<S, 1, false>(simd, rows, i, 0);
+            // The last vector may reach into the rows' padding (see `run`).
+            while i < self.width {
+                self.columns::<S, 1>(simd, rows, i);
                 i += lanes;
-            }
-            if i < self.width {
-                self.columns::<S, 1, true>(simd, rows, i, self.width - i);
             }
             k0 += rows.1;
         }
@@ -1187,7 +1187,7 @@ impl pulp::WithSimd for MaxPoolPlane<'_> {
         // Padding never wins; a NaN in the window does (docs/decisions.md, MaxPool).
         pad_phases(input, geo, shape, phases, f32::NEG_INFINITY);
         let len = (geo.oh - 1) * shape.w + geo.ow;
-        acc.resize(len, 0.0);
+        acc.resize(len.next_multiple_of(S::F32_LANES), 0.0);
         over_taps(simd, phases, taps, zeros, acc, f32::NEG_INFINITY, MaxOrNan);
         for (dst, src) in out.chunks_exact_mut(geo.ow).zip(acc.chunks(shape.w)) {
             copy_row(dst, src);
@@ -1232,7 +1232,7 @@ fn depthwise_plane<S: pulp::Simd>(simd: S, job: DepthwisePlane<'_>) {
     let (phases, acc) = scratch;
     pad_phases(input, geo, shape, phases, 0.0);
     let len = (geo.oh - 1) * shape.w + geo.ow;
-    acc.resize(len, 0.0);
+    acc.resize(len.next_multiple_of(S::F32_LANES), 0.0);
     over_taps(simd, phases, taps, weights, acc, bias, MulAdd);
     for (dst, src) in out.chunks_exact_mut(geo.ow).zip(acc.chunks(shape.w)) {
         for (d, s) in dst.iter_mut().zip(src) {
@@ -1286,7 +1286,8 @@ impl TapFold for MaxOrNan {
 /// Folds every tap's run of `phases` into `acc`: `acc[o] = fold(.. fold(fold(init,
 /// params[0], phases[taps[0] + o]), params[1], phases[taps[1] + o]) ..)`. Outputs are taken
 /// four vectors at a time, held in registers across all taps, so each tap costs one load
-/// per vector and no store; then one vector at a time, then a partial vector.
+/// per vector and no store; then one vector at a time. `acc` is whole vectors long, and
+/// `phases` must have [`PHASE_SLACK`] floats after the last tap's run.
 #[inline(always)]
 fn over_taps<S: pulp::Simd>(
     simd: S,
@@ -1320,19 +1321,27 @@ fn over_taps<S: pulp::Simd>(
         }
         o += 4 * lanes;
     }
+    // The rest one vector at a time, whole vectors even past `len`: `acc` is rounded up to
+    // whole vectors and the phases have slack after them, so the few extra sums are read
+    // from the padding and never copied out (pulp's partial loads are calls, one per
+    // vector, and cost small planes most of their time).
     while o < len {
-        let n = lanes.min(len - o);
         let mut a = start_value;
         for (&start, &param) in taps.iter().zip(params) {
-            let Some(src) = phases.get(start + o..start + o + n) else { continue };
-            a = fold.vector(simd, a, simd.splat_f32s(param), simd.partial_load_f32s(src));
+            let Some(src) = phases.get(start + o..start + o + lanes) else { continue };
+            let (v, _) = S::as_simd_f32s(src);
+            a = fold.vector(simd, a, simd.splat_f32s(param), v[0]);
         }
-        if let Some(dst) = acc.get_mut(o..o + n) {
-            simd.partial_store_f32s(dst, a);
+        if let Some((d, _)) = acc.get_mut(o..o + lanes).map(|d| S::as_mut_simd_f32s(d)) {
+            d[0] = a;
         }
-        o += n;
+        o += lanes;
     }
 }
+
+/// Floats after the stride phases of [`pad_phases`] (the widest vector's lanes), so the
+/// last taps of [`over_taps`] read whole vectors.
+const PHASE_SLACK: usize = 16;
 
 /// The stride phases of one plane (see [`pad_phases`]), kept between the planes of one
 /// operator: their padding is the same for every plane, so it is written once.
@@ -1362,7 +1371,9 @@ fn pad_phases(input: &[f32], geo: &Geom, shape: PhaseShape, phases: &mut Phases,
     let key = Some((*geo, shape, fill.to_bits()));
     if phases.padded_for != key {
         phases.data.clear();
-        phases.data.resize(geo.sh * geo.sw * phase_len, fill);
+        // Slack after the last phase: [`over_taps`] reads whole vectors past the end of
+        // its outputs.
+        phases.data.resize(geo.sh * geo.sw * phase_len + PHASE_SLACK, fill);
         phases.padded_for = key;
     }
     write_phases(input, geo, shape, &mut phases.data);
@@ -1371,6 +1382,30 @@ fn pad_phases(input: &[f32], geo: &Geom, shape: PhaseShape, phases: &mut Phases,
 /// The data part of [`pad_phases`]: writes every element of the phases `dst` that holds
 /// an input element, and leaves the padding as it is.
 fn write_phases(input: &[f32], geo: &Geom, shape: PhaseShape, phases: &mut [f32]) {
+    pulp::Arch::new().dispatch(WritePhases { input, geo, shape, phases });
+}
+
+/// [`write_phases`], compiled for the CPU's vector width: the even/odd split of stride 2
+/// (every stem and stride-2 depthwise layer) vectorizes as shuffles.
+struct WritePhases<'a> {
+    input: &'a [f32],
+    geo: &'a Geom,
+    shape: PhaseShape,
+    phases: &'a mut [f32],
+}
+
+impl pulp::WithSimd for WritePhases<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        let WritePhases { input, geo, shape, phases } = self;
+        write_phases_here(input, geo, shape, phases);
+    }
+}
+
+#[inline(always)]
+fn write_phases_here(input: &[f32], geo: &Geom, shape: PhaseShape, phases: &mut [f32]) {
     let phase_len = shape.h * shape.w;
     for (iy, src) in input.chunks_exact(geo.w.max(1)).take(geo.h).enumerate() {
         // Padded row py = iy + pt is row py / sh of the phases in row py % sh.
@@ -1407,12 +1442,12 @@ fn write_phases(input: &[f32], geo: &Geom, shape: PhaseShape, phases: &mut [f32]
                 let pairs = (rest.len() / 2).min(shape.w.saturating_sub(j0));
                 let (r0, r1) = (row(0) + j0, row(1) + j0);
                 let (head, tail) = phases.split_at_mut(r1);
-                if let (Some(even), Some(odd)) =
-                    (head.get_mut(r0..r0 + pairs), tail.get_mut(..pairs))
+                if let (Some(even), Some(odd), Some(rest)) =
+                    (head.get_mut(r0..r0 + pairs), tail.get_mut(..pairs), rest.get(..2 * pairs))
                 {
-                    for ((e, o), pair) in even.iter_mut().zip(odd).zip(rest.chunks_exact(2)) {
-                        *e = pair[0];
-                        *o = pair[1];
+                    for j in 0..pairs {
+                        even[j] = rest[2 * j];
+                        odd[j] = rest[2 * j + 1];
                     }
                 }
                 // An odd count leaves one last column, an even padded one, for phase 0.

@@ -13,7 +13,7 @@
 //! - The Winograd products (`winograd.rs`) run output channels along the lanes: `a` is the
 //!   transformed weights in panels of 64 channels, `b` the transformed input.
 
-use pulp::{MemMask, Simd};
+use pulp::Simd;
 
 /// The most rows of `dst` one block computes: with 4 vectors of columns, 24 accumulators
 /// of the 32 vector registers AVX-512 has.
@@ -70,8 +70,8 @@ pub(crate) struct Dst {
     pub accumulate: bool,
 }
 
-/// The block of `dst` at columns `i .. i + MR * lanes` (or `i .. i + tail` when `MASKED`,
-/// `MR` = 1) and rows `j .. j + NR`, summed over all `depth` rows of the operands.
+/// The block of `dst` at columns `i .. i + MR * lanes` and rows `j .. j + NR`, summed
+/// over all `depth` rows of the operands.
 ///
 /// # Panics
 ///
@@ -82,48 +82,33 @@ pub(crate) struct Dst {
 /// `dst` must be valid for the block's elements, which nothing else touches during the
 /// call; when `accumulate`, they must have been written.
 #[inline(always)]
-pub(crate) unsafe fn block<S: Simd, const MR: usize, const NR: usize, const MASKED: bool>(
+pub(crate) unsafe fn block<S: Simd, const MR: usize, const NR: usize>(
     simd: S,
     ops: Operands<'_>,
     (i, j): (usize, usize),
-    tail: usize,
     dst: Dst,
 ) {
     let lanes = S::F32_LANES;
-    let width = if MASKED { tail.min(lanes) } else { MR * lanes };
-    let mask: MemMask<S::m32s> = simd.mask_between_m32s(0, width as u32);
+    let width = MR * lanes;
     let mut acc = [[simd.splat_f32s(0.0); MR]; NR];
     if dst.accumulate {
         for (row, acc) in acc.iter_mut().enumerate() {
             // SAFETY: the block's elements of `dst` are valid and written (the contract).
             let at = unsafe { dst.ptr.add((j + row) * dst.stride + i) };
             for (v, a) in acc.iter_mut().enumerate() {
-                *a = if MASKED {
-                    // SAFETY: as above; only the first `width` lanes are read.
-                    unsafe { simd.mask_load_ptr_f32s(mask, at) }
-                } else {
-                    // SAFETY: as above.
-                    unsafe { at.add(v * lanes).cast::<S::f32s>().read_unaligned() }
-                };
+                // SAFETY: as above.
+                *a = unsafe { at.add(v * lanes).cast::<S::f32s>().read_unaligned() };
             }
         }
     }
     let b_span = (NR - 1) * ops.b_step + 1;
     let (mut a_at, mut b_at) = (i, j * ops.b_step);
     for _ in 0..ops.depth {
-        let a_row = &ops.a[a_at..a_at + width];
+        let (vectors, _) = S::as_simd_f32s(&ops.a[a_at..a_at + width]);
         let b_row = &ops.b[b_at..b_at + b_span];
-        let mut vectors = [simd.splat_f32s(0.0); MR];
-        if MASKED {
-            // SAFETY: `a_row` holds the `width` floats the mask reads.
-            vectors[0] = unsafe { simd.mask_load_ptr_f32s(mask, a_row.as_ptr()) };
-        } else {
-            let (full, _) = S::as_simd_f32s(a_row);
-            vectors.copy_from_slice(&full[..MR]);
-        }
         for (row, acc) in acc.iter_mut().enumerate() {
             let x = simd.splat_f32s(b_row[row * ops.b_step]);
-            for (a, &v) in acc.iter_mut().zip(&vectors) {
+            for (a, &v) in acc.iter_mut().zip(vectors) {
                 *a = simd.mul_add_e_f32s(v, x, *a);
             }
         }
@@ -134,13 +119,8 @@ pub(crate) unsafe fn block<S: Simd, const MR: usize, const NR: usize, const MASK
         // SAFETY: the block's elements of `dst` are valid for writes (the contract).
         let at = unsafe { dst.ptr.add((j + row) * dst.stride + i) };
         for (v, a) in acc.iter().enumerate() {
-            if MASKED {
-                // SAFETY: as above; only the first `width` lanes are written.
-                unsafe { simd.mask_store_ptr_f32s(mask, at, *a) };
-            } else {
-                // SAFETY: as above.
-                unsafe { at.add(v * lanes).cast::<S::f32s>().write_unaligned(*a) };
-            }
+            // SAFETY: as above.
+            unsafe { at.add(v * lanes).cast::<S::f32s>().write_unaligned(*a) };
         }
     }
 }
@@ -151,23 +131,22 @@ pub(crate) unsafe fn block<S: Simd, const MR: usize, const NR: usize, const MASK
 ///
 /// As for [`block`].
 #[inline(always)]
-pub(crate) unsafe fn block_rows<S: Simd, const MR: usize, const MASKED: bool>(
+pub(crate) unsafe fn block_rows<S: Simd, const MR: usize>(
     simd: S,
     ops: Operands<'_>,
     at: (usize, usize),
     nr: usize,
-    tail: usize,
     dst: Dst,
 ) {
     // SAFETY: passed on from the caller.
     unsafe {
         match nr {
-            6 => block::<S, MR, 6, MASKED>(simd, ops, at, tail, dst),
-            5 => block::<S, MR, 5, MASKED>(simd, ops, at, tail, dst),
-            4 => block::<S, MR, 4, MASKED>(simd, ops, at, tail, dst),
-            3 => block::<S, MR, 3, MASKED>(simd, ops, at, tail, dst),
-            2 => block::<S, MR, 2, MASKED>(simd, ops, at, tail, dst),
-            1 => block::<S, MR, 1, MASKED>(simd, ops, at, tail, dst),
+            6 => block::<S, MR, 6>(simd, ops, at, dst),
+            5 => block::<S, MR, 5>(simd, ops, at, dst),
+            4 => block::<S, MR, 4>(simd, ops, at, dst),
+            3 => block::<S, MR, 3>(simd, ops, at, dst),
+            2 => block::<S, MR, 2>(simd, ops, at, dst),
+            1 => block::<S, MR, 1>(simd, ops, at, dst),
             _ => {}
         }
     }
@@ -206,8 +185,7 @@ mod tests {
             #[inline(always)]
             fn with_simd<S: Simd>(self, simd: S) {
                 let lanes = S::F32_LANES;
-                let tail = 3.min(lanes);
-                let (depth, cols, rows) = (7, 7 * lanes + tail, ROWS);
+                let (depth, cols, rows) = (7, 7 * lanes, ROWS);
                 let a: Vec<f32> = (0..depth * cols).map(|v| ((v * 7) % 13) as f32 - 6.0).collect();
                 // `b` read with a step of 2, as the Winograd products read their input.
                 let b_stride = 2 * rows + 1;
@@ -223,11 +201,10 @@ mod tests {
                     // SAFETY: `dst` holds `rows x cols` written floats, and the blocks
                     // below cover each of them once.
                     unsafe {
-                        block_rows::<S, 4, false>(simd, ops, (0, 0), rows, 0, d);
-                        block_rows::<S, 2, false>(simd, ops, (4 * lanes, 0), rows, 0, d);
-                        block_rows::<S, 1, false>(simd, ops, (6 * lanes, 0), 3, 0, d);
-                        block_rows::<S, 1, false>(simd, ops, (6 * lanes, 3), 3, 0, d);
-                        block_rows::<S, 1, true>(simd, ops, (7 * lanes, 0), rows, tail, d);
+                        block_rows::<S, 4>(simd, ops, (0, 0), rows, d);
+                        block_rows::<S, 2>(simd, ops, (4 * lanes, 0), rows, d);
+                        block_rows::<S, 1>(simd, ops, (6 * lanes, 0), 3, d);
+                        block_rows::<S, 1>(simd, ops, (6 * lanes, 3), 3, d);
                     }
                     let base = if accumulate { 1.0 } else { 0.0 };
                     for j in 0..rows {
