@@ -437,8 +437,11 @@ struct TileScratch {
     unfolded: Vec<f32>,
     unfolded_for: Option<(usize, usize, usize)>,
     /// The product of the tile, before its extra columns are dropped. Only its capacity
-    /// is used, through a pointer: gemm fills it.
+    /// is used, through a pointer: the product fills it.
     product: Vec<f32>,
+    /// Where each row of the tile's unfolded input starts in the phases (our products read
+    /// them there instead of unfolding).
+    rows: Vec<usize>,
 }
 
 impl GroupedConv<'_> {
@@ -484,10 +487,12 @@ impl GroupedConv<'_> {
             Vec::new()
         } else {
             let phase_len = geo.sh * geo.sw * shape.h * shape.w;
-            let mut phases = vec![0f32; self.n * self.c * phase_len];
-            let work = phases.len();
+            // Slack after the last plane: our products read whole vectors past a row's end.
+            let mut phases = vec![0f32; self.n * self.c * phase_len + PHASE_SLACK];
+            let (planes, _) = phases.split_at_mut(self.n * self.c * phase_len);
+            let work = planes.len();
             for_each_chunk(
-                &mut phases,
+                planes,
                 phase_len,
                 work,
                 || (),
@@ -501,7 +506,7 @@ impl GroupedConv<'_> {
         };
         let source = Source {
             planes: if pointwise { xs } else { &phases },
-            plane_len: if pointwise { plane_in } else { phases.len() / (self.n * self.c) },
+            plane_len: if pointwise { plane_in } else { geo.sh * geo.sw * shape.h * shape.w },
             taps: &taps,
             phase_width: shape.w,
         };
@@ -591,6 +596,15 @@ impl GroupedConv<'_> {
         let key = Some((tile.image, tile.group, tile.rows));
         let rhs = match in_place.flatten() {
             Some(rhs) => rhs,
+            // Our products read each row where it lies in the phases.
+            None if self.packed => {
+                scratch.rows.clear();
+                for plane in first_plane..first_plane + cg {
+                    let base = plane * source.plane_len + first;
+                    scratch.rows.extend(source.taps.iter().map(|&tap| base + tap));
+                }
+                Operand { data: source.planes, row_stride: 0 }
+            }
             None if scratch.unfolded_for == key => {
                 let start = scratch.unfolded.as_ptr().align_offset(64).min(ALIGN_FLOATS);
                 let row_stride = width.next_multiple_of(ALIGN_FLOATS);
@@ -626,7 +640,8 @@ impl GroupedConv<'_> {
         };
         if self.packed {
             let product = TileProduct {
-                x: rhs,
+                x: rhs.data,
+                rows: &scratch.rows,
                 width,
                 weights: &ws[tile.group * mg * k..][..mg * k],
                 mg,
@@ -637,8 +652,8 @@ impl GroupedConv<'_> {
             };
             // SAFETY: `dst` holds a `channel_count x width` block with rows `dst_stride`
             // apart, in the output (whole vectors wide) or in `product` (rows padded to
-            // whole vectors), that only this call touches; `rhs` was unfolded with padded
-            // rows (1x1 kernels, which could be read in place, are not packed).
+            // whole vectors), that only this call touches; `rhs` is the phases, with slack
+            // after them for the whole vectors read past a row's end.
             unsafe { product.run() };
         } else {
             let lhs = ws[first_channel * k..].as_ptr();
@@ -772,13 +787,16 @@ const DEPTH_BLOCK: usize = 128;
 
 /// One tile's product: `dst` (`channels x width`) = the weights of `channels` output
 /// channels of a group, from its channel `first` on (the group's `mg x k` weights in
-/// panels, see [`pack_weights`]), times the tile's unfolded input `x` (`k x width`).
+/// panels, see [`pack_weights`]), times the tile's unfolded input (`k x width`), whose
+/// rows are read where they lie in the stride phases, not copied out first.
 ///
 /// Output positions run along the vector lanes: 4, 2 and 1 vectors at a time, the last
 /// reaching into the rows' padding; each panel of weights gives a block's rows. The sum over `k` is cut into
 /// [`DEPTH_BLOCK`]s, each added to the last, so a block of the input stays in L1.
 struct TileProduct<'a> {
-    x: Operand<'a>,
+    /// The phases: row `r` of the unfolded input starts at `x[rows[r]]`.
+    x: &'a [f32],
+    rows: &'a [usize],
     width: usize,
     weights: &'a [f32],
     mg: usize,
@@ -793,8 +811,9 @@ impl TileProduct<'_> {
     ///
     /// `dst` must be valid for writes of `channels` rows of `width` floats rounded up to
     /// whole vectors of 16, rows `dst.stride` apart, which nothing else touches during the
-    /// call; each row of `x` must have as many floats (the padding is read, and its sums
-    /// land in `dst`'s padding).
+    /// call. (Each row of `x` is read as far: past its end when `width` is not whole
+    /// vectors, and those sums land in `dst`'s padding; a read past the end of `x`
+    /// panics.)
     unsafe fn run(self) {
         pulp::Arch::new().dispatch(self);
     }
@@ -809,13 +828,13 @@ impl TileProduct<'_> {
         (k0, depth): (usize, usize),
         i: usize,
     ) {
-        let a = &self.x.data[k0 * self.x.row_stride..];
         let end = self.first + self.channels;
         for start in (self.first..end).step_by(panels::ROWS) {
             let panel_width = panels::ROWS.min(self.mg - start);
             let ops = Operands {
-                a,
-                a_stride: self.x.row_stride,
+                a: self.x,
+                a_stride: 0,
+                a_rows: Some(&self.rows[k0..k0 + depth]),
                 b: &self.weights[start * self.k + k0 * panel_width..],
                 b_stride: panel_width,
                 b_step: 1,
@@ -1185,12 +1204,12 @@ impl pulp::WithSimd for MaxPoolPlane<'_> {
         let MaxPoolPlane { input, taps, zeros, geo, shape, scratch, out } = self;
         let (phases, acc) = scratch;
         // Padding never wins; a NaN in the window does (docs/decisions.md, MaxPool).
-        pad_phases(input, geo, shape, phases, f32::NEG_INFINITY);
+        pad_phases(simd, input, geo, shape, phases, f32::NEG_INFINITY);
         let len = (geo.oh - 1) * shape.w + geo.ow;
         acc.resize(len.next_multiple_of(S::F32_LANES), 0.0);
         over_taps(simd, phases, taps, zeros, acc, f32::NEG_INFINITY, MaxOrNan);
         for (dst, src) in out.chunks_exact_mut(geo.ow).zip(acc.chunks(shape.w)) {
-            copy_row(dst, src);
+            copy_row_in(simd, dst, src);
         }
     }
 }
@@ -1230,7 +1249,7 @@ impl pulp::WithSimd for DepthwisePlane<'_> {
 fn depthwise_plane<S: pulp::Simd>(simd: S, job: DepthwisePlane<'_>) {
     let DepthwisePlane { input, weights, taps, bias, geo, shape, scratch, out, activation } = job;
     let (phases, acc) = scratch;
-    pad_phases(input, geo, shape, phases, 0.0);
+    pad_phases(simd, input, geo, shape, phases, 0.0);
     let len = (geo.oh - 1) * shape.w + geo.ow;
     acc.resize(len.next_multiple_of(S::F32_LANES), 0.0);
     over_taps(simd, phases, taps, weights, acc, bias, MulAdd);
@@ -1366,7 +1385,15 @@ impl std::ops::Deref for Phases {
 /// row copy and stride 2 a de-interleave, both vectorized. The padding is written only
 /// when `phases` last held another geometry or fill: every other element is written here
 /// for each plane.
-fn pad_phases(input: &[f32], geo: &Geom, shape: PhaseShape, phases: &mut Phases, fill: f32) {
+#[inline(always)]
+fn pad_phases<S: pulp::Simd>(
+    simd: S,
+    input: &[f32],
+    geo: &Geom,
+    shape: PhaseShape,
+    phases: &mut Phases,
+    fill: f32,
+) {
     let phase_len = shape.h * shape.w;
     let key = Some((*geo, shape, fill.to_bits()));
     if phases.padded_for != key {
@@ -1376,7 +1403,7 @@ fn pad_phases(input: &[f32], geo: &Geom, shape: PhaseShape, phases: &mut Phases,
         phases.data.resize(geo.sh * geo.sw * phase_len + PHASE_SLACK, fill);
         phases.padded_for = key;
     }
-    write_phases(input, geo, shape, &mut phases.data);
+    write_phases_in(simd, input, geo, shape, &mut phases.data);
 }
 
 /// The data part of [`pad_phases`]: writes every element of the phases `dst` that holds
@@ -1398,14 +1425,22 @@ impl pulp::WithSimd for WritePhases<'_> {
     type Output = ();
 
     #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, _: S) {
+    fn with_simd<S: pulp::Simd>(self, simd: S) {
         let WritePhases { input, geo, shape, phases } = self;
-        write_phases_here(input, geo, shape, phases);
+        write_phases_in(simd, input, geo, shape, phases);
     }
 }
 
+/// [`write_phases`] within code already compiled for the CPU's vector width (`S`), with
+/// no dispatch per row.
 #[inline(always)]
-fn write_phases_here(input: &[f32], geo: &Geom, shape: PhaseShape, phases: &mut [f32]) {
+fn write_phases_in<S: pulp::Simd>(
+    simd: S,
+    input: &[f32],
+    geo: &Geom,
+    shape: PhaseShape,
+    phases: &mut [f32],
+) {
     let phase_len = shape.h * shape.w;
     for (iy, src) in input.chunks_exact(geo.w.max(1)).take(geo.h).enumerate() {
         // Padded row py = iy + pt is row py / sh of the phases in row py % sh.
@@ -1422,7 +1457,7 @@ fn write_phases_here(input: &[f32], geo: &Geom, shape: PhaseShape, phases: &mut 
                 if let (Some(dst), Some(src)) =
                     (phases.get_mut(base + lo..base + lo + n), src.get(..n))
                 {
-                    copy_row(dst, src);
+                    copy_row_in(simd, dst, src);
                 }
             }
             2 => {
@@ -1487,6 +1522,14 @@ fn write_phases_here(input: &[f32], geo: &Geom, shape: PhaseShape, phases: &mut 
 /// `dst` is valid for writes of `src.len()` floats and does not overlap `src`.
 unsafe fn copy_to(dst: *mut f32, src: &[f32]) {
     pulp::Arch::new().dispatch(CopyRow { dst, src });
+}
+
+/// [`copy_row`] within code already compiled for the CPU's vector width (`S`).
+#[inline(always)]
+fn copy_row_in<S: pulp::Simd>(simd: S, dst: &mut [f32], src: &[f32]) {
+    let src = &src[..dst.len()];
+    // A `&mut` does not overlap a `&`, and `dst` holds `src.len()` floats.
+    pulp::WithSimd::with_simd(CopyRow { dst: dst.as_mut_ptr(), src }, simd);
 }
 
 /// [`copy_to`] between two slices of the same length.

@@ -50,9 +50,11 @@ pub(crate) fn pack(weights: &[f32], cols: usize, depth: usize, width: usize) -> 
 /// The operands of a product, from its first row on.
 #[derive(Clone, Copy)]
 pub(crate) struct Operands<'a> {
-    /// Element (`r`, `i`) at `a[r * a_stride + i]`.
+    /// Element (`r`, `i`) at `a[r * a_stride + i]`, or at `a[a_rows[r] + i]` when the rows
+    /// are listed (a convolution's input rows, read where they lie in the input).
     pub a: &'a [f32],
     pub a_stride: usize,
+    pub a_rows: Option<&'a [usize]>,
     /// Element (`r`, `j`) at `b[r * b_stride + j * b_step]`.
     pub b: &'a [f32],
     pub b_stride: usize,
@@ -102,8 +104,8 @@ pub(crate) unsafe fn block<S: Simd, const MR: usize, const NR: usize>(
         }
     }
     let b_span = (NR - 1) * ops.b_step + 1;
-    let (mut a_at, mut b_at) = (i, j * ops.b_step);
-    for _ in 0..ops.depth {
+    let mut b_at = j * ops.b_step;
+    let mut step = |a_at: usize| {
         let (vectors, _) = S::as_simd_f32s(&ops.a[a_at..a_at + width]);
         let b_row = &ops.b[b_at..b_at + b_span];
         for (row, acc) in acc.iter_mut().enumerate() {
@@ -112,8 +114,11 @@ pub(crate) unsafe fn block<S: Simd, const MR: usize, const NR: usize>(
                 *a = simd.mul_add_e_f32s(v, x, *a);
             }
         }
-        a_at += ops.a_stride;
         b_at += ops.b_stride;
+    };
+    match ops.a_rows {
+        Some(rows) => rows[..ops.depth].iter().for_each(|&at| step(at + i)),
+        None => (0..ops.depth).for_each(|r| step(r * ops.a_stride + i)),
     }
     for (row, acc) in acc.iter().enumerate() {
         // SAFETY: the block's elements of `dst` are valid for writes (the contract).
@@ -191,7 +196,15 @@ mod tests {
                 let b_stride = 2 * rows + 1;
                 let b: Vec<f32> =
                     (0..depth * b_stride).map(|v| ((v * 5) % 11) as f32 * 0.5).collect();
-                let ops = Operands { a: &a, a_stride: cols, b: &b, b_stride, b_step: 2, depth };
+                let ops = Operands {
+                    a: &a,
+                    a_stride: cols,
+                    a_rows: None,
+                    b: &b,
+                    b_stride,
+                    b_step: 2,
+                    depth,
+                };
                 let want = |j: usize, i: usize| -> f32 {
                     (0..depth).map(|r| a[r * cols + i] * b[r * b_stride + 2 * j]).sum()
                 };
