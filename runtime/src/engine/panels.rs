@@ -103,22 +103,33 @@ pub(crate) unsafe fn block<S: Simd, const MR: usize, const NR: usize>(
             }
         }
     }
+    let b_first = j * ops.b_step;
     let b_span = (NR - 1) * ops.b_step + 1;
-    let mut b_at = j * ops.b_step;
-    let mut step = |a_at: usize| {
-        let (vectors, _) = S::as_simd_f32s(&ops.a[a_at..a_at + width]);
-        let b_row = &ops.b[b_at..b_at + b_span];
+    let mut step = |a_row: &[f32], b_row: &[f32]| {
+        let (vectors, _) = S::as_simd_f32s(&a_row[..width]);
+        let b_row = &b_row[..b_span];
         for (row, acc) in acc.iter_mut().enumerate() {
             let x = simd.splat_f32s(b_row[row * ops.b_step]);
             for (a, &v) in acc.iter_mut().zip(vectors) {
                 *a = simd.mul_add_e_f32s(v, x, *a);
             }
         }
-        b_at += ops.b_stride;
     };
     match ops.a_rows {
-        Some(rows) => rows[..ops.depth].iter().for_each(|&at| step(at + i)),
-        None => (0..ops.depth).for_each(|r| step(r * ops.a_stride + i)),
+        Some(rows) => {
+            let mut b_at = b_first;
+            for &at in &rows[..ops.depth] {
+                step(&ops.a[at + i..at + i + width], &ops.b[b_at..b_at + b_span]);
+                b_at += ops.b_stride;
+            }
+        }
+        None => {
+            let a_rows = ops.a[i..].chunks(ops.a_stride.max(1));
+            let b_rows = ops.b[b_first..].chunks(ops.b_stride.max(1));
+            for (a_row, b_row) in a_rows.zip(b_rows).take(ops.depth) {
+                step(a_row, b_row);
+            }
+        }
     }
     for (row, acc) in acc.iter().enumerate() {
         // SAFETY: the block's elements of `dst` are valid for writes (the contract).

@@ -22,6 +22,7 @@ use candle_core::{Device, Tensor};
 
 use super::kernels::{self, Activation, ConvAttrs};
 use super::ops::{OpError, R};
+use super::panels;
 use super::team::Team;
 
 /// Points of the transformed 4x4 patch: one matrix product each.
@@ -413,7 +414,7 @@ fn panel_tiles<S: pulp::Simd, const MR: usize>(
 }
 
 /// `MR` vectors of channels by `NR` tiles from tile `t` on, summed over all input
-/// channels in registers, then stored.
+/// channels in registers ([`panels::block`]), then stored.
 #[inline(always)]
 fn step<S: pulp::Simd, const MR: usize, const NR: usize>(
     simd: S,
@@ -422,30 +423,30 @@ fn step<S: pulp::Simd, const MR: usize, const NR: usize>(
     t: usize,
     dst: &mut [MaybeUninit<f32>],
 ) {
+    let c = p.v.len() / (2 * p.tiles);
+    let width = p.u.len() / c;
+    let ops = panels::Operands {
+        a: p.u,
+        a_stride: width,
+        a_rows: None,
+        b: &p.v[p.offset..],
+        b_stride: 2 * p.tiles,
+        b_step: 2,
+        depth: c,
+    };
+    // The block's rows are tiles `t .. t + NR`, `channels` apart in `dst`; its columns
+    // the panel's channels `ch ..`, counted from the panel's first.
     let lanes = S::F32_LANES;
-    let width = p.u.len() / (p.v.len() / (2 * p.tiles));
-    let columns = ch..ch + MR * lanes;
-    let first_input = p.offset + 2 * t;
-    let mut acc = [[simd.splat_f32s(0.0); MR]; NR];
-    for (u_row, v_row) in p.u.chunks_exact(width).zip(p.v.chunks_exact(2 * p.tiles)) {
-        let (weights, _) = S::as_simd_f32s(&u_row[columns.clone()]);
-        let inputs = &v_row[first_input..first_input + 2 * NR - 1];
-        for (j, acc) in acc.iter_mut().enumerate() {
-            let x = simd.splat_f32s(inputs[2 * j]);
-            for (a, &w) in acc.iter_mut().zip(weights) {
-                *a = simd.mul_add_e_f32s(w, x, *a);
-            }
-        }
-    }
-    for (j, acc) in acc.iter().enumerate() {
-        let row = &mut dst[(t + j) * p.channels + p.first + ch..][..MR * lanes];
-        let row = row.as_mut_ptr().cast::<S::f32s>();
-        for (i, a) in acc.iter().enumerate() {
-            // SAFETY: `row` holds `MR * lanes` floats (the slice above), so vector `i` of
-            // it lies within; the write is unaligned.
-            unsafe { row.add(i).write_unaligned(*a) };
-        }
-    }
+    let last = (t + NR - 1) * p.channels + p.first + ch + MR * lanes;
+    assert!(last <= dst.len(), "a Winograd block reaches past its product");
+    let dst = panels::Dst {
+        ptr: dst[p.first..].as_mut_ptr().cast::<f32>(),
+        stride: p.channels,
+        accumulate: false,
+    };
+    // SAFETY: the block's elements lie within `dst` (the assertion above), which this
+    // call borrows mutably; they are written, not read.
+    unsafe { panels::block::<S, MR, NR>(simd, ops, (ch, t), dst) };
 }
 
 /// Which image, first tile row and first output channel one block covers.
