@@ -20,7 +20,8 @@ pub(crate) fn exp(x: f32) -> f32 {
     // Rounds to the nearest integer by adding and taking off 1.5 * 2^23. A NaN stays NaN
     // through `clamp` and the polynomial (and `as` turns it into 0, not undefined).
     let v = x.clamp(EXP_MIN, EXP_MAX);
-    let n = (v * LOG2_E + 12_582_912.0) - 12_582_912.0;
+    let shifted = v * LOG2_E + 12_582_912.0;
+    let n = shifted - 12_582_912.0;
     // ln 2 in two parts, so `r` keeps its low bits.
     let r = v - n * 0.693_359_4 - n * -2.121_944_4e-4;
     let p = 1.987_569_1e-4;
@@ -30,8 +31,12 @@ pub(crate) fn exp(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
-    // 2^n as 2^(n - 1) * 2, so n = 128 (x near EXP_MAX) stays finite.
-    let scale = f32::from_bits((((n as i32) + 126).max(0) as u32) << 23);
+    // 2^n as 2^(n - 1) * 2, so n = 128 (x near EXP_MAX) stays finite. The integer n is
+    // in the low bits of `shifted` (1.5 * 2^23 + n): integer arithmetic on its bits, not
+    // a float-to-int conversion, which does not vectorize. With `v` clamped, n + 126 is
+    // 1 to 254, a normal exponent (a NaN gives some finite scale; `y` keeps it NaN).
+    let n_plus_126 = shifted.to_bits().wrapping_sub(0x4B40_0000).wrapping_add(126);
+    let scale = f32::from_bits(n_plus_126 << 23);
     let e = y * scale * 2.0;
     if x > EXP_MAX {
         f32::INFINITY
@@ -110,32 +115,63 @@ impl pulp::WithSimd for Map<'_> {
     }
 }
 
-/// `values[i] = exp(values[i] - shift)`, and their sum.
-pub(crate) fn exp_shifted_sum(values: &mut [f32], shift: f32) -> f32 {
-    pulp::Arch::new().dispatch(ExpShifted { values, shift })
+/// Softmax (or log-softmax when `log`) of each run of `len` values in `values`, in place:
+/// all rows in one pass compiled for the CPU's vector width.
+pub(crate) fn softmax_rows(values: &mut [f32], len: usize, log: bool) {
+    pulp::Arch::new().dispatch(SoftmaxRows { values, len, log });
 }
 
-struct ExpShifted<'a> {
+struct SoftmaxRows<'a> {
     values: &'a mut [f32],
-    shift: f32,
+    len: usize,
+    log: bool,
 }
 
-impl pulp::WithSimd for ExpShifted<'_> {
-    type Output = f32;
+impl pulp::WithSimd for SoftmaxRows<'_> {
+    type Output = ();
 
     #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, _: S) -> f32 {
-        let shift = self.shift;
-        self.values.iter_mut().for_each(|v| *v = exp(*v - shift));
-        // Sixteen running sums, so the additions vectorize (their order differs from a
-        // plain left-to-right sum only by rounding).
-        let mut sums = [0f32; 16];
-        let mut chunks = self.values.chunks_exact(16);
-        for chunk in &mut chunks {
-            sums.iter_mut().zip(chunk).for_each(|(s, v)| *s += v);
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        let SoftmaxRows { values, len, log } = self;
+        for row in values.chunks_exact_mut(len.max(1)) {
+            let max = lane_max(row);
+            if log {
+                // The sum of the exponentials without keeping them.
+                let sum = lane_sum_of(row, |v| exp(v - max));
+                let shift = max + sum.ln();
+                row.iter_mut().for_each(|v| *v -= shift);
+            } else {
+                row.iter_mut().for_each(|v| *v = exp(*v - max));
+                let sum = lane_sum_of(row, |v| v);
+                row.iter_mut().for_each(|v| *v /= sum);
+            }
         }
-        sums.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
     }
+}
+
+/// The largest of `values` (NaNs ignored, as `f32::max` does; -inf when empty), in
+/// sixteen lanes so the comparisons vectorize.
+#[inline(always)]
+fn lane_max(values: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut chunks = values.chunks_exact(16);
+    for chunk in &mut chunks {
+        lanes.iter_mut().zip(chunk).for_each(|(m, &v)| *m = m.max(v));
+    }
+    let rest = chunks.remainder().iter().copied();
+    lanes.into_iter().chain(rest).fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// The sum of `f(v)` over `values`, in sixteen running sums so the additions vectorize
+/// (their order differs from a plain left-to-right sum only by rounding).
+#[inline(always)]
+fn lane_sum_of(values: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut sums = [0f32; 16];
+    let mut chunks = values.chunks_exact(16);
+    for chunk in &mut chunks {
+        sums.iter_mut().zip(chunk).for_each(|(s, &v)| *s += f(v));
+    }
+    sums.iter().sum::<f32>() + chunks.remainder().iter().map(|&v| f(v)).sum::<f32>()
 }
 
 #[cfg(test)]
@@ -207,10 +243,25 @@ mod tests {
                 assert!((o - want(v)).abs() <= 1e-6 * (1.0 + want(v).abs()), "{func:?}({v})");
             }
         }
-        let mut values = from.clone();
-        let sum = exp_shifted_sum(&mut values, 1.5);
-        let want: f32 = from.iter().map(|v| (v - 1.5).exp()).sum();
-        assert!((sum - want).abs() <= 1e-6 * want, "{sum} vs {want}");
-        assert!((values[3] - (from[3] - 1.5).exp()).abs() < 1e-7);
+    }
+
+    #[test]
+    fn softmax_rows_match_f64() {
+        // Rows of 37: two vectors of lanes and a remainder.
+        let len = 37;
+        let from: Vec<f32> = (0..3 * len).map(|i| ((i * 29) % 41) as f32 * 0.37 - 6.0).collect();
+        for log in [false, true] {
+            let mut got = from.clone();
+            softmax_rows(&mut got, len, log);
+            for (row, want_row) in got.chunks(len).zip(from.chunks(len)) {
+                let max = want_row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+                let sum: f64 = want_row.iter().map(|&v| (v as f64 - max).exp()).sum();
+                for (&g, &v) in row.iter().zip(want_row) {
+                    let want =
+                        if log { v as f64 - max - sum.ln() } else { (v as f64 - max).exp() / sum };
+                    assert!((g as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()), "{g} vs {want}");
+                }
+            }
+        }
     }
 }

@@ -1413,7 +1413,10 @@ fn softmax(x: &Tensor, axis: i64, legacy: bool, log: bool) -> R<Tensor> {
     };
     let mut out = kernels::with_f32(x, |xs| Ok(xs.to_vec()))?;
     let block = len * inner;
-    if block > 0 {
+    if block > 0 && inner == 1 {
+        // Rows of consecutive values (the last axis): in place, all in one pass.
+        math::softmax_rows(&mut out, len, log);
+    } else if block > 0 {
         let mut row = vec![0f32; len];
         for values in out.chunks_exact_mut(block) {
             for i in 0..inner {
@@ -1431,16 +1434,7 @@ fn softmax(x: &Tensor, axis: i64, legacy: bool, log: bool) -> R<Tensor> {
 }
 
 fn softmax_row(row: &mut [f32], log: bool) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    if log {
-        let mut exps = row.to_vec();
-        let sum = math::exp_shifted_sum(&mut exps, max);
-        let shift = max + sum.ln();
-        row.iter_mut().for_each(|v| *v -= shift);
-    } else {
-        let sum = math::exp_shifted_sum(row, max);
-        row.iter_mut().for_each(|v| *v /= sum);
-    }
+    math::softmax_rows(row, row.len(), log);
 }
 
 /// Per-channel scale and shift of an inference-mode BatchNormalization.
