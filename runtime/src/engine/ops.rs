@@ -1692,18 +1692,7 @@ fn layer_norm(args: &[Option<&Tensor>], axis: i64, epsilon: f32) -> R<Vec<Tensor
             None => vec![0.0; inner],
         };
         let mut out = kernels::with_f32(x, |xs| Ok(xs.to_vec()))?;
-        let mut means = Vec::with_capacity(outer);
-        let mut invs = Vec::with_capacity(outer);
-        for row in out.chunks_exact_mut(inner) {
-            let mean = row.iter().sum::<f32>() / inner as f32;
-            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / inner as f32;
-            let inv = 1.0 / (var + epsilon).sqrt();
-            for ((v, g), b) in row.iter_mut().zip(&gamma).zip(&beta) {
-                *v = (*v - mean) * inv * g + b;
-            }
-            means.push(mean);
-            invs.push(inv);
-        }
+        let (means, invs) = math::layer_norm_rows(&mut out, &gamma, &beta, epsilon);
         return Ok(vec![
             Tensor::from_vec(out, dims.as_slice(), &Device::Cpu)?,
             Tensor::from_vec(means, stat_dims.as_slice(), &Device::Cpu)?,
