@@ -1253,13 +1253,10 @@ fn depthwise_plane<S: pulp::Simd>(simd: S, job: DepthwisePlane<'_>) {
     let len = (geo.oh - 1) * shape.w + geo.ow;
     acc.resize(len.next_multiple_of(S::F32_LANES), 0.0);
     over_taps(simd, phases, taps, weights, acc, bias, MulAdd);
-    for (dst, src) in out.chunks_exact_mut(geo.ow).zip(acc.chunks(shape.w)) {
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d = match activation {
-                Some(act) => act.apply(*s),
-                None => *s,
-            };
-        }
+    // The activation chosen once per row, not per element, so each row's loop vectorizes.
+    for (values, from) in out.chunks_exact_mut(geo.ow).zip(acc.chunks(shape.w)) {
+        let from = Some(&from[..geo.ow]);
+        pulp::WithSimd::with_simd(Finish { values, from, bias: 0.0, act: activation }, simd);
     }
 }
 

@@ -950,16 +950,18 @@ fn zip_broadcast_f32(
     f: impl Fn(f32, f32) -> f32 + Sync + Copy,
 ) -> R<Option<Tensor>> {
     let shape = broadcast_shape(a.dims(), b.dims())?;
-    // Which operand is full, and over how many trailing elements the other repeats.
+    // Which operand is full, and how the other covers it: each of its values repeated over
+    // `inner` trailing elements, or (`inner` = 0) the whole of it repeated along the
+    // leading dimensions (a bias over the last axes).
     let (full_is_a, inner) = if a.dims() == b.dims() {
         (true, 1)
     } else if a.dims() == shape.as_slice() {
-        match repeats_over_suffix(b.dims(), &shape) {
+        match repeats_over_suffix(b.dims(), &shape).or(tiles_suffix(b.dims(), &shape)) {
             Some(inner) => (true, inner),
             None => return Ok(None),
         }
     } else if b.dims() == shape.as_slice() {
-        match repeats_over_suffix(a.dims(), &shape) {
+        match repeats_over_suffix(a.dims(), &shape).or(tiles_suffix(a.dims(), &shape)) {
             Some(inner) => (false, inner),
             None => return Ok(None),
         }
@@ -986,6 +988,24 @@ fn zip_broadcast_f32(
                         }
                         return;
                     }
+                    if inner == 0 {
+                        // Runs of the small operand's length, read from its start.
+                        let period = ys.len().max(1);
+                        let mut done = 0;
+                        while done < out.len() {
+                            let at = (start + done) % period;
+                            let run = (period - at).min(out.len() - done);
+                            let (o, x) = (&mut out[done..done + run], &xs[done..done + run]);
+                            let y = ys.get(at..at + run).unwrap_or_default();
+                            if full_is_a {
+                                o.iter_mut().zip(x).zip(y).for_each(|((o, &x), &y)| *o = f(x, y));
+                            } else {
+                                o.iter_mut().zip(x).zip(y).for_each(|((o, &x), &y)| *o = f(y, x));
+                            }
+                            done += run;
+                        }
+                        return;
+                    }
                     // Runs of `inner` elements that share one value of the small operand.
                     let mut done = 0;
                     while done < out.len() {
@@ -1006,6 +1026,15 @@ fn zip_broadcast_f32(
         })
     })?;
     Ok(Some(Tensor::from_vec(data, shape, &Device::Cpu)?))
+}
+
+/// When `small` (leading 1s aside) is the trailing dimensions of `shape`, so that broadcast
+/// it repeats whole along the leading ones: `Some(0)`, the marker for that pattern in
+/// [`zip_broadcast_f32`].
+fn tiles_suffix(small: &[usize], shape: &[usize]) -> Option<usize> {
+    let first = small.iter().position(|&d| d != 1).unwrap_or(small.len());
+    let tail = &small[first..];
+    (!tail.is_empty() && shape.ends_with(tail)).then_some(0)
 }
 
 /// When `small`, broadcast to `shape`, repeats each of its elements over the trailing

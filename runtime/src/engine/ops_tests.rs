@@ -869,7 +869,11 @@ fn every_listed_op_is_parsed() {
 /// candle's broadcast ops.
 #[test]
 fn elementwise_arithmetic_matches_candle_broadcasting() {
-    let pairs: [(&[usize], &[usize]); 7] = [
+    let pairs: [(&[usize], &[usize]); 10] = [
+        // A bias over the last axes, either side, and over many chunks of the loop.
+        (&[1, 4, 5], &[2, 3, 4, 5]),
+        (&[7, 300, 13], &[300, 13]),
+        (&[1, 13], &[7, 300, 13]),
         (&[2, 3, 4, 5], &[2, 3, 4, 5]),
         (&[2, 3, 4, 5], &[1, 3, 1, 1]),
         (&[3, 1, 1], &[2, 3, 4, 5]),
