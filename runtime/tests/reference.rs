@@ -113,6 +113,21 @@ fn check_model(name: &str, dir: &Path) -> f64 {
     worst
 }
 
+/// Calls `f` with each model `BENCH_MODELS` names (comma-separated; default all), loaded,
+/// its reference inputs at batch 1, and the seconds `BENCH_SECONDS` gives it (default 2).
+fn each_bench_model(mut f: impl FnMut(&str, &Model, &[(&str, Tensor)], f64)) {
+    let dir = models_dir();
+    let wanted = std::env::var("BENCH_MODELS").unwrap_or_else(|_| MODELS.join(","));
+    let seconds: f64 =
+        std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2.0);
+    for name in wanted.split(',').filter(|s| !s.is_empty()) {
+        let (model, inputs) = batch_one(&dir, name);
+        let feeds: Vec<(&str, Tensor)> =
+            inputs.iter().map(|(k, t)| (k.as_str(), t.clone())).collect();
+        f(name, &model, &feeds, seconds);
+    }
+}
+
 /// A model from `dir` and its reference inputs at batch 1 (the first row of each).
 fn batch_one(dir: &Path, name: &str) -> (Model, Vec<(String, Tensor)>) {
     let bytes = std::fs::read(dir.join(format!("{name}.onnx")))
@@ -150,28 +165,21 @@ fn reference_models_match_onnxruntime() {
 #[test]
 #[ignore = "timing, not a check: run by ci/bench/runtime.sh"]
 fn reference_latency() {
-    let dir = models_dir();
-    let wanted = std::env::var("BENCH_MODELS").unwrap_or_else(|_| MODELS.join(","));
-    let seconds: f64 =
-        std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2.0);
-    for name in wanted.split(',').filter(|s| !s.is_empty()) {
-        let (model, inputs) = batch_one(&dir, name);
-        let feeds: Vec<(&str, Tensor)> =
-            inputs.iter().map(|(k, t)| (k.as_str(), t.clone())).collect();
+    each_bench_model(|name, model, feeds, seconds| {
         for _ in 0..3 {
-            model.run(&feeds).unwrap();
+            model.run(feeds).unwrap();
         }
         let budget = Duration::from_secs_f64(seconds);
         let started = Instant::now();
         let mut times = Vec::new();
         while times.len() < 10 || (started.elapsed() < budget && times.len() < 5000) {
             let t = Instant::now();
-            model.run(&feeds).unwrap();
+            model.run(feeds).unwrap();
             times.push(t.elapsed());
         }
         let runs = times.len();
         println!("latency {name} {:.4} {runs}", median(times).as_secs_f64() * 1e3);
-    }
+    });
 }
 
 /// Where each model's time goes, node by node: `BENCH_MODELS` (default all) at batch 1,
@@ -180,20 +188,13 @@ fn reference_latency() {
 #[test]
 #[ignore = "timing, not a check: a profile to read"]
 fn reference_profile() {
-    let dir = models_dir();
-    let wanted = std::env::var("BENCH_MODELS").unwrap_or_else(|_| MODELS.join(","));
-    let seconds: f64 =
-        std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2.0);
-    for name in wanted.split(',').filter(|s| !s.is_empty()) {
-        let (model, inputs) = batch_one(&dir, name);
-        let feeds: Vec<(&str, Tensor)> =
-            inputs.iter().map(|(k, t)| (k.as_str(), t.clone())).collect();
+    each_bench_model(|name, model, feeds, seconds| {
         let mut per_node: Vec<Vec<Duration>> = Vec::new();
         let mut nodes = Vec::new();
         let started = Instant::now();
         let mut runs = 0;
         while runs < 10 || started.elapsed() < Duration::from_secs_f64(seconds) {
-            let times = model.profile(&feeds).unwrap().nodes;
+            let times = model.profile(feeds).unwrap().nodes;
             per_node.resize(times.len(), Vec::new());
             for (all, t) in per_node.iter_mut().zip(&times) {
                 all.push(t.elapsed);
@@ -235,7 +236,7 @@ fn reference_profile() {
         for (op, ms, count) in by_op {
             println!("  {ms:>8.4} ms {:>5.1}%  {op} x{count}", 100.0 * ms / total);
         }
-    }
+    });
 }
 
 /// What the per-version statistics cost on the served path (`backend.infer` on protocol
