@@ -675,7 +675,7 @@ impl GroupedConv<'_> {
             let bias = bias(ch).unwrap_or(0.0);
             let plane = out_plane + ch;
             if direct {
-                // SAFETY: gemm wrote these `width` outputs of the plane above.
+                // SAFETY: the product wrote these `width` outputs of the plane above.
                 let values =
                     unsafe { std::slice::from_raw_parts_mut(out.add(plane * p + first), width) };
                 arch.dispatch(Finish { values, from: None, bias, act: self.activation });
@@ -2175,8 +2175,9 @@ mod packed_tests {
     #[test]
     fn packed_products_match_the_gemm_crates() {
         // (n, c, h, w, m, k, stride, dilation, pads, group): channel counts that are not
-        // multiples of a panel, widths with masked tails, depths over one pass (3 * 7 * 7
-        // and 80 * 9 > DEPTH_BLOCK), groups, stride 2, dilation, asymmetric pads, batch 2.
+        // multiples of a panel, widths whose last vector reaches into the padding, depths
+        // over one pass (3 * 7 * 7 and 80 * 9 > DEPTH_BLOCK), groups, stride 2, dilation,
+        // asymmetric pads, batch 2.
         let cases = [
             (1, 3, 32, 32, 16, 3, 1, 1, [1; 4], 1),
             (1, 3, 40, 38, 13, 7, 2, 1, [3; 4], 1),
