@@ -589,32 +589,6 @@ impl GroupedConv<'_> {
         let first = tile.rows * pw;
         let width = (tile.row_count - 1) * pw + geo.ow;
         let first_plane = tile.image * self.c + tile.group * cg;
-        // Our products read whole vectors on rows padded to them, which only `unfold`
-        // makes (and 1x1 kernels, the only ones read in place, are not packed); the gemm
-        // crate packs what it reads.
-        let in_place = (!self.packed).then(|| source.in_place(first_plane, cg, first, width));
-        let key = Some((tile.image, tile.group, tile.rows));
-        let rhs = match in_place.flatten() {
-            Some(rhs) => rhs,
-            // Our products read each row where it lies in the phases.
-            None if self.packed => {
-                scratch.rows.clear();
-                for plane in first_plane..first_plane + cg {
-                    let base = plane * source.plane_len + first;
-                    scratch.rows.extend(source.taps.iter().map(|&tap| base + tap));
-                }
-                Operand { data: source.planes, row_stride: 0 }
-            }
-            None if scratch.unfolded_for == key => {
-                let start = scratch.unfolded.as_ptr().align_offset(64).min(ALIGN_FLOATS);
-                let row_stride = width.next_multiple_of(ALIGN_FLOATS);
-                Operand { data: &scratch.unfolded[start..], row_stride }
-            }
-            None => {
-                scratch.unfolded_for = key;
-                source.unfold(first_plane, cg, first, width, &mut scratch.unfolded)
-            }
-        };
         let first_channel = tile.group * mg + tile.channels;
         let out_plane = tile.image * self.m + first_channel;
         let bias = |ch: usize| self.bias.and_then(|b| b.get(first_channel + ch)).copied();
@@ -639,8 +613,15 @@ impl GroupedConv<'_> {
             (unsafe { scratch.product.as_mut_ptr().add(start) }, row_stride)
         };
         if self.packed {
+            // Our products read each row where it lies in the phases (1x1 kernels, the
+            // only ones read in place, are not packed).
+            scratch.rows.clear();
+            for plane in first_plane..first_plane + cg {
+                let base = plane * source.plane_len + first;
+                scratch.rows.extend(source.taps.iter().map(|&tap| base + tap));
+            }
             let product = TileProduct {
-                x: rhs.data,
+                x: source.planes,
                 rows: &scratch.rows,
                 width,
                 weights: &ws[tile.group * mg * k..][..mg * k],
@@ -656,6 +637,17 @@ impl GroupedConv<'_> {
             // after them for the whole vectors read past a row's end.
             unsafe { product.run() };
         } else {
+            let rhs = match source.in_place(first_plane, cg, first, width) {
+                Some(rhs) => rhs,
+                None => {
+                    let key = Some((tile.image, tile.group, tile.rows));
+                    if scratch.unfolded_for != key {
+                        source.unfold(first_plane, cg, first, width, &mut scratch.unfolded);
+                        scratch.unfolded_for = key;
+                    }
+                    Operand { data: &scratch.unfolded, row_stride: width }
+                }
+            };
             let lhs = ws[first_channel * k..].as_ptr();
             // SAFETY: `lhs` holds `channel_count x k` weights from `first_channel` on
             // (checked in `run`), `rhs` a `k x width` operand (checked by `in_place` or made
@@ -734,28 +726,23 @@ impl Source<'_> {
 
     /// Columns `first .. first + width` of the unfolded input of `planes` planes from
     /// `first_plane` on, into `into` (`planes * taps` rows of `width`).
-    fn unfold<'v>(
+    fn unfold(
         &self,
         first_plane: usize,
         planes: usize,
         first: usize,
         width: usize,
-        into: &'v mut Vec<f32>,
-    ) -> Operand<'v> {
-        let row_stride = width.next_multiple_of(ALIGN_FLOATS);
-        let total = planes * self.taps.len() * row_stride;
+        into: &mut Vec<f32>,
+    ) {
+        let total = planes * self.taps.len() * width;
         into.clear();
-        into.reserve(total + ALIGN_FLOATS);
-        let offset = into.as_ptr().align_offset(ALIGN_FLOATS * 4).min(ALIGN_FLOATS);
+        into.reserve(total);
         let dst = into.spare_capacity_mut().as_mut_ptr().cast::<f32>();
-        // SAFETY: the `offset` floats before the first row are within the capacity.
-        (0..offset).for_each(|i| unsafe { dst.add(i).write(0.0) });
-        let mut at = offset;
+        let mut at = 0;
         for plane in first_plane..first_plane + planes {
             let base = plane * self.plane_len + first;
             for &tap in self.taps {
-                // SAFETY: rows `at .. at + row_stride` are within the capacity reserved
-                // above (`offset + total`).
+                // SAFETY: rows `at .. at + width` are within the `total` reserved above.
                 let row = unsafe { dst.add(at) };
                 match self.planes.get(base + tap..base + tap + width) {
                     // SAFETY: as above; `into`'s buffer is not `self.planes`.
@@ -764,25 +751,21 @@ impl Source<'_> {
                     // SAFETY: as above.
                     None => (0..width).for_each(|i| unsafe { row.add(i).write(0.0) }),
                 }
-                // The padding after the row, read by no product but initialized.
-                // SAFETY: as above.
-                (width..row_stride).for_each(|i| unsafe { row.add(i).write(0.0) });
-                at += row_stride;
+                at += width;
             }
         }
-        // SAFETY: every one of the `offset + total` floats was written above.
-        unsafe { into.set_len(offset + total) };
-        Operand { data: &into[offset..], row_stride }
+        // SAFETY: every one of the `total` floats was written above.
+        unsafe { into.set_len(total) };
     }
 }
 
-/// Floats in 64 bytes: the unfolded input's and the product's rows start this far apart
-/// (or a multiple of it) on a 64-byte boundary, so a vector load never straddles two
-/// cache lines.
+/// Floats in 64 bytes: the rows of our products' output start this far apart (or a
+/// multiple of it) on a 64-byte boundary, so a vector store never straddles two cache
+/// lines, and whole vectors past a row's end land in its padding.
 const ALIGN_FLOATS: usize = 16;
 
-/// Rows of the operands summed per pass over a tile's product: a block of 64 unfolded
-/// columns is 32 KiB and stays in L1 while every panel of weights is applied to it.
+/// Rows of the operands summed per pass over a tile's product: 64 columns of that many
+/// input rows are 32 KiB and stay in L1 while every panel of weights is applied to them.
 const DEPTH_BLOCK: usize = 128;
 
 /// One tile's product: `dst` (`channels x width`) = the weights of `channels` output
@@ -791,8 +774,9 @@ const DEPTH_BLOCK: usize = 128;
 /// rows are read where they lie in the stride phases, not copied out first.
 ///
 /// Output positions run along the vector lanes: 4, 2 and 1 vectors at a time, the last
-/// reaching into the rows' padding; each panel of weights gives a block's rows. The sum over `k` is cut into
-/// [`DEPTH_BLOCK`]s, each added to the last, so a block of the input stays in L1.
+/// reaching into the rows' padding; each panel of weights gives a block's rows. The sum
+/// over `k` is cut into [`DEPTH_BLOCK`]s, each added to the last, so a block of the
+/// input stays in L1.
 struct TileProduct<'a> {
     /// The phases: row `r` of the unfolded input starts at `x[rows[r]]`.
     x: &'a [f32],
@@ -1409,8 +1393,8 @@ fn write_phases(input: &[f32], geo: &Geom, shape: PhaseShape, phases: &mut [f32]
     pulp::Arch::new().dispatch(WritePhases { input, geo, shape, phases });
 }
 
-/// [`write_phases`], compiled for the CPU's vector width: the even/odd split of stride 2
-/// (every stem and stride-2 depthwise layer) vectorizes as shuffles.
+/// [`write_phases`], compiled for the CPU's vector width, so its row copies run inline
+/// (one dispatch per plane, not one per row).
 struct WritePhases<'a> {
     input: &'a [f32],
     geo: &'a Geom,

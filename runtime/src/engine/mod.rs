@@ -287,6 +287,9 @@ pub struct Profile {
     pub nodes: Vec<NodeTime>,
 }
 
+/// What [`Model::profile`] hands each node's step, output shape and time to.
+type NodeObserver<'a> = dyn FnMut(&Step, &[usize], std::time::Duration) + 'a;
+
 /// How long one node took in [`Model::profile`].
 #[derive(Debug, Clone)]
 pub struct NodeTime {
@@ -352,37 +355,40 @@ impl Model {
     ///
     /// Returns every graph output, in the order of [`Model::outputs`].
     pub fn run(&self, inputs: &[(&str, Tensor)]) -> Result<Vec<(String, Tensor)>, RunError> {
+        self.run_here(inputs, None)
+    }
+
+    /// Runs the graph as [`Model::run`] does and also returns how long each node took, in
+    /// the order the nodes ran: where a model's time goes, node by node.
+    pub fn profile(&self, inputs: &[(&str, Tensor)]) -> Result<Profile, RunError> {
+        let mut times = Vec::with_capacity(self.steps.len());
+        let outputs = self.run_here(
+            inputs,
+            Some(&mut |step, shape, elapsed| {
+                times.push(NodeTime {
+                    node: step.name.clone(),
+                    op: step.op.label(),
+                    shape: shape.to_vec(),
+                    elapsed,
+                })
+            }),
+        )?;
+        Ok(Profile { outputs, nodes: times })
+    }
+
+    /// Runs the graph, timing each node for `observe` when it is given (a plain run
+    /// reads no clock).
+    fn run_here(
+        &self,
+        inputs: &[(&str, Tensor)],
+        mut observe: Option<&mut NodeObserver<'_>>,
+    ) -> Result<Vec<(String, Tensor)>, RunError> {
         // A model whose inputs are large enough for its loops to be split keeps the
         // engine's workers spinning for the whole run, so each loop is handed out in about
         // a microsecond instead of waking a sleeping thread (50-100 us on a small VM). A
         // small model does not wake them at all: its loops run on the calling thread.
         let elements: usize = inputs.iter().map(|(_, t)| t.elem_count()).sum();
         let _hot = (elements >= HOT_MIN_INPUT).then(|| Team::current(Team::hot));
-        self.run_here(inputs, &mut |_, _, _| ())
-    }
-
-    /// Runs the graph as [`Model::run`] does and also returns how long each node took, in
-    /// the order the nodes ran: where a model's time goes, node by node.
-    pub fn profile(&self, inputs: &[(&str, Tensor)]) -> Result<Profile, RunError> {
-        let elements: usize = inputs.iter().map(|(_, t)| t.elem_count()).sum();
-        let _hot = (elements >= HOT_MIN_INPUT).then(|| Team::current(Team::hot));
-        let mut times = Vec::with_capacity(self.steps.len());
-        let outputs = self.run_here(inputs, &mut |step, shape, elapsed| {
-            times.push(NodeTime {
-                node: step.name.clone(),
-                op: step.op.label(),
-                shape: shape.to_vec(),
-                elapsed,
-            })
-        })?;
-        Ok(Profile { outputs, nodes: times })
-    }
-
-    fn run_here(
-        &self,
-        inputs: &[(&str, Tensor)],
-        observe: &mut dyn FnMut(&Step, &[usize], std::time::Duration),
-    ) -> Result<Vec<(String, Tensor)>, RunError> {
         let mut slots: Vec<Option<Tensor>> = vec![None; self.slot_count];
         for (slot, tensor) in &self.constants {
             if let Some(s) = slots.get_mut(*slot) {
@@ -404,10 +410,11 @@ impl Model {
             if step.inputs.iter().zip(&args).any(|(i, a)| i.is_some() && a.is_none()) {
                 return Err(op_err("an input value was released too early".into()));
             }
-            let started = std::time::Instant::now();
+            let started = observe.is_some().then(std::time::Instant::now);
             let results = ops::eval(&step.op, &args).map_err(|e| op_err(e.0))?;
-            let elapsed = started.elapsed();
-            observe(step, results.first().map_or(&[], |t| t.dims()), elapsed);
+            if let (Some(observe), Some(started)) = (observe.as_mut(), started) {
+                observe(step, results.first().map_or(&[], |t| t.dims()), started.elapsed());
+            }
             let mut results = results.into_iter();
             for out in &step.outputs {
                 let value = results.next();
