@@ -10,6 +10,9 @@ use super::ops::{OpError, R};
 use super::panels::{self, Dst, Operands};
 use super::team::Team;
 
+#[cfg(target_arch = "x86_64")]
+mod blocked;
+
 /// How padding is chosen (`auto_pad`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum AutoPad {
@@ -591,7 +594,6 @@ impl GroupedConv<'_> {
         let first_plane = tile.image * self.c + tile.group * cg;
         let first_channel = tile.group * mg + tile.channels;
         let out_plane = tile.image * self.m + first_channel;
-        let bias = |ch: usize| self.bias.and_then(|b| b.get(first_channel + ch)).copied();
         // SAFETY: within the output, by the contract above.
         let direct_at = unsafe { out.add(out_plane * p + first) };
         let direct = pw == geo.ow
@@ -662,30 +664,96 @@ impl GroupedConv<'_> {
                 )
             };
         }
-        let arch = pulp::Arch::new();
-        for ch in 0..tile.channel_count {
-            let bias = bias(ch).unwrap_or(0.0);
-            let plane = out_plane + ch;
-            if direct {
-                // SAFETY: the product wrote these `width` outputs of the plane above.
-                let values =
-                    unsafe { std::slice::from_raw_parts_mut(out.add(plane * p + first), width) };
-                arch.dispatch(Finish { values, from: None, bias, act: self.activation });
-                continue;
-            }
-            for r in 0..tile.row_count {
-                // SAFETY: the product wrote row `ch` of `dst`, `width` columns; output row
-                // `tile.rows + r` of the plane is this tile's.
-                let (from, to) = unsafe {
-                    (
-                        std::slice::from_raw_parts(dst.add(ch * dst_stride + r * pw), geo.ow),
-                        std::slice::from_raw_parts_mut(
-                            out.add(plane * p + (tile.rows + r) * geo.ow),
-                            geo.ow,
-                        ),
-                    )
-                };
-                arch.dispatch(Finish { values: to, from: Some(from), bias, act: self.activation });
+        let finish = FinishTile {
+            // SAFETY: the output plane of the tile's first channel (the contract above).
+            out: unsafe { out.add(out_plane * p) },
+            plane: p,
+            first_row: tile.rows,
+            width: geo.ow,
+            from: (!direct).then_some((dst, dst_stride, pw)),
+            rows: tile.row_count,
+            channels: tile.channel_count,
+            bias: self.bias.and_then(|b| b.get(first_channel..first_channel + tile.channel_count)),
+            act: self.activation,
+        };
+        // SAFETY: the product wrote `dst` (in the output when `direct`); the tile's outputs
+        // are this call's alone.
+        unsafe { finish.run() };
+    }
+}
+
+/// Adds the bias and applies the activation to one tile's outputs of a [`GroupedConv`]:
+/// in place when its product went straight into the output, else copied from the
+/// product's rows. One dispatch for the whole tile, so a 7x7 map's short rows do not
+/// each pay for one.
+struct FinishTile<'a> {
+    /// The output plane of the tile's first channel; each channel's `plane` floats apart.
+    out: *mut f32,
+    plane: usize,
+    /// The tile's first output row, and how many it has of `width` outputs each.
+    first_row: usize,
+    rows: usize,
+    width: usize,
+    /// The product when it is not in the output: its first element, the distance
+    /// between channels, and between output rows (the phase width).
+    from: Option<(*const f32, usize, usize)>,
+    channels: usize,
+    /// One per channel of the tile, or none.
+    bias: Option<&'a [f32]>,
+    act: Option<Activation>,
+}
+
+impl FinishTile<'_> {
+    /// # Safety
+    ///
+    /// `out` must be valid for the tile's outputs (`channels` planes, rows `first_row ..
+    /// first_row + rows`), which nothing else touches during the call; `from`, when
+    /// given, valid for reads of every product element that becomes an output.
+    unsafe fn run(self) {
+        pulp::Arch::new().dispatch(self);
+    }
+}
+
+impl pulp::WithSimd for FinishTile<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, simd: S) {
+        let span = self.rows * self.width;
+        for ch in 0..self.channels {
+            let bias = self.bias.and_then(|b| b.get(ch)).copied().unwrap_or(0.0);
+            // SAFETY: this channel's rows of the tile (the contract of `run`).
+            let at = unsafe { self.out.add(ch * self.plane + self.first_row * self.width) };
+            let finish = |values, from| Finish { values, from, bias, act: self.act };
+            match self.from {
+                None => {
+                    // SAFETY: as above; the product left the tile's outputs here.
+                    let values = unsafe { std::slice::from_raw_parts_mut(at, span) };
+                    pulp::WithSimd::with_simd(finish(values, None), simd);
+                }
+                Some((from, stride, pitch)) => {
+                    // Rows of the product as wide as the output's follow one another, so
+                    // the channel's rows move in one run.
+                    let (row_len, count, step) = if pitch == self.width {
+                        (span, 1, 0)
+                    } else {
+                        (self.width, self.rows, pitch)
+                    };
+                    for r in 0..count {
+                        // SAFETY: row `r` of the channel, in the product and in the output
+                        // (the contract of `run`).
+                        let (src, dst) = unsafe {
+                            (
+                                std::slice::from_raw_parts(
+                                    from.add(ch * stride + r * step),
+                                    row_len,
+                                ),
+                                std::slice::from_raw_parts_mut(at.add(r * self.width), row_len),
+                            )
+                        };
+                        pulp::WithSimd::with_simd(finish(dst, Some(src)), simd);
+                    }
+                }
             }
         }
     }
@@ -1089,9 +1157,42 @@ fn depthwise(
         Some(b) => b.to_vec1()?,
         None => vec![0.0; m],
     };
-    let (shape, taps) = phase_taps(&geo);
     let mut out = vec![0f32; n * m * p];
     let arch = pulp::Arch::new();
+    #[cfg(target_arch = "x86_64")]
+    if mult == 1 && blocked::supports(&geo) {
+        let lanes = blocked::lanes();
+        with_f32(w, |weights| {
+            with_f32(x, |xs| {
+                let (Some(xs), Some(weights)) = (xs.get(..n * c * plane_in), weights.get(..c * kk))
+                else {
+                    return Err(err("Conv input or weight is shorter than its shape"));
+                };
+                for (image, out) in out.chunks_exact_mut(m * p).enumerate() {
+                    let xs = &xs[image * c * plane_in..][..c * plane_in];
+                    let block = |_: &mut (), index: usize, out: &mut [f32]| {
+                        let first = index * lanes;
+                        let channels = out.len() / p;
+                        blocked::with_scratch(|scratch| {
+                            arch.dispatch(blocked::Block {
+                                input: &xs[first * plane_in..][..channels * plane_in],
+                                weights: &weights[first * kk..][..channels * kk],
+                                bias: &bias[first..first + channels],
+                                geo: &geo,
+                                scratch,
+                                out,
+                                activation,
+                            })
+                        });
+                    };
+                    for_each_chunk(out, lanes * p, m * p * kk, || (), block);
+                }
+                Ok(())
+            })
+        })?;
+        return Ok(Tensor::from_vec(out, out_dims, &Device::Cpu)?);
+    }
+    let (shape, taps) = phase_taps(&geo);
     with_f32(w, |weights| {
         with_f32(x, |xs| {
             if p == 0 {
@@ -2273,6 +2374,55 @@ mod layer_timing {
                 "{c}->{m} {hw}x{hw} k{k} s{s}: packed {}, gemm crate {}",
                 time(&packed, true),
                 time(&w, false)
+            );
+        }
+    }
+}
+
+/// Per-layer timing of MobileNetV3's depthwise layers, on one thread:
+/// `cargo test --release -p basalt-runtime --lib depthwise_layers -- --ignored --nocapture`.
+#[cfg(test)]
+mod depthwise_timing {
+    use super::*;
+
+    #[test]
+    #[ignore = "timing, not a check"]
+    fn depthwise_layers() {
+        let one = Team::new(1);
+        // (channels, input size, kernel, stride)
+        let layers = [
+            (16, 112, 3, 2),
+            (72, 56, 3, 2),
+            (88, 28, 3, 1),
+            (96, 28, 5, 2),
+            (240, 14, 5, 1),
+            (288, 14, 5, 2),
+            (576, 7, 5, 1),
+        ];
+        for (c, hw, k, s) in layers {
+            let attrs = ConvAttrs {
+                window: Window {
+                    auto_pad: AutoPad::NotSet,
+                    kernel_shape: Some(vec![k, k]),
+                    strides: Some(vec![s, s]),
+                    dilations: None,
+                    pads: Some(vec![k / 2; 4]),
+                    ceil_mode: false,
+                },
+                group: c,
+                activation: Some(Activation::Relu),
+            };
+            let x = Tensor::ones((1, c, hw, hw), candle_core::DType::F32, &Device::Cpu).unwrap();
+            let w = Tensor::ones((c, 1, k, k), candle_core::DType::F32, &Device::Cpu).unwrap();
+            let t = scaling::median_time(|| {
+                drop(one.install(|| conv(&x, &w, None, &attrs, false).unwrap()))
+            });
+            let out = hw.div_ceil(s);
+            let macs = (c * k * k * out * out) as f64;
+            println!(
+                "depthwise {c} {hw}x{hw} k{k} s{s}: {:.4} ms ({:.1} GMAC/s)",
+                t.as_secs_f64() * 1e3,
+                macs / t.as_secs_f64() / 1e9
             );
         }
     }

@@ -1,0 +1,396 @@
+//! Depthwise convolution with channels along the vector lanes.
+//!
+//! The planar kernel ([`super::depthwise_plane`]) runs one channel's plane at a time, its
+//! output positions along the lanes: on MobileNet's 7x7 and 14x14 maps most of its time
+//! goes to work done once per plane and to lanes past the end of a row. Here a block of as
+//! many channels as a vector has lanes is laid out position by position (`[y][x][lane]`,
+//! padded), so each tap of each output is one multiply-add of whole vectors, no lane is
+//! wasted, and the per-block work is shared by all its channels. The sums are written
+//! back channel by channel.
+
+use super::{Activation, Finish, Geom};
+
+/// How many channels one block holds on this CPU: a vector's lanes.
+pub(super) fn lanes() -> usize {
+    struct Lanes;
+    impl pulp::WithSimd for Lanes {
+        type Output = usize;
+        #[inline(always)]
+        fn with_simd<S: pulp::Simd>(self, _: S) -> usize {
+            S::F32_LANES
+        }
+    }
+    pulp::Arch::new().dispatch(Lanes)
+}
+
+/// Whether [`Block`] runs on this CPU: one with AVX-512, whose 16 lanes the blocks are
+/// moved in and out of with transposes in registers. Others take the planar path.
+pub(super) fn supports(geo: &Geom) -> bool {
+    std::arch::is_x86_feature_detected!("avx512f") && lanes() == 16 && geo.oh > 0 && geo.ow > 0
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+}
+
+/// Runs `f` with this thread's [`Scratch`], kept from call to call: a layer's padding is
+/// written only when the geometry changes, and nothing is allocated once the largest
+/// layer has run.
+pub(super) fn with_scratch<T>(f: impl FnOnce(&mut Scratch) -> T) -> T {
+    SCRATCH.with_borrow_mut(f)
+}
+
+/// One thread's buffers, kept from block to block.
+#[derive(Default)]
+pub(super) struct Scratch {
+    /// The block's input, position-major and padded, from `padded_at` on (64-byte
+    /// aligned); its padding is written only when the geometry or lane count changes.
+    padded: Vec<f32>,
+    padded_at: usize,
+    padded_for: Option<(Geom, usize)>,
+    /// The block's weights, tap-major (one vector per tap), then its bias vector.
+    weights: Vec<f32>,
+    /// Where each tap reads, in positions from the window's first.
+    taps: Vec<usize>,
+    /// Where each output's window starts, in positions; rounded up to whole groups of
+    /// [`GROUP`] by repeating the last.
+    bases: Vec<usize>,
+    /// The sums, position-major.
+    sums: Vec<f32>,
+}
+
+/// One block of channels of a depthwise convolution: `out` (its channels' output planes,
+/// `out.len() / (oh * ow)` of them, at most the lanes of a vector) from `input` (their
+/// `h x w` planes) and `weights` (their `kh x kw` kernels).
+pub(super) struct Block<'a> {
+    pub input: &'a [f32],
+    pub weights: &'a [f32],
+    /// One per channel.
+    pub bias: &'a [f32],
+    pub geo: &'a Geom,
+    pub scratch: &'a mut Scratch,
+    pub out: &'a mut [f32],
+    pub activation: Option<Activation>,
+}
+
+impl pulp::WithSimd for Block<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, simd: S) {
+        let Block { input, weights, bias, geo, scratch, out, activation } = self;
+        let l = S::F32_LANES;
+        let (hw, p, kk) = (geo.h * geo.w, geo.oh * geo.ow, geo.kh * geo.kw);
+        let channels = out.len() / p;
+        // Padded rows and columns: the input's, and as far as the last window reads.
+        let hp = (geo.h + geo.pt).max((geo.oh - 1) * geo.sh + (geo.kh - 1) * geo.dh + 1);
+        let wp = (geo.w + geo.pl).max((geo.ow - 1) * geo.sw + (geo.kw - 1) * geo.dw + 1);
+        let key = Some((*geo, l));
+        if scratch.padded_for != key {
+            let len = hp * wp * l;
+            if scratch.padded.len() < len + 16 {
+                scratch.padded.resize(len + 16, 0.0);
+            }
+            scratch.padded_at = scratch.padded.as_ptr().align_offset(64).min(16);
+            let padded = &mut scratch.padded[scratch.padded_at..][..len];
+            // Only the border: every position inside it is written for each block.
+            for (y, row) in padded.chunks_exact_mut(wp * l).enumerate() {
+                if y < geo.pt || y >= geo.pt + geo.h {
+                    row.fill(0.0);
+                } else {
+                    row[..geo.pl * l].fill(0.0);
+                    row[(geo.pl + geo.w) * l..].fill(0.0);
+                }
+            }
+            scratch.padded_for = key;
+            scratch.bases.clear();
+            scratch.bases.extend(
+                (0..geo.oh)
+                    .flat_map(|oy| (0..geo.ow).map(move |ox| oy * geo.sh * wp + ox * geo.sw)),
+            );
+            let last = scratch.bases.last().copied().unwrap_or(0);
+            scratch.bases.resize(p.next_multiple_of(GROUP), last);
+            scratch.taps.clear();
+            scratch
+                .taps
+                .extend((0..kk).map(|t| (t / geo.kw) * geo.dh * wp + (t % geo.kw) * geo.dw));
+        }
+        let padded = &mut scratch.padded[scratch.padded_at..][..hp * wp * l];
+        // In: lane `c` of position (y + pt, x + pl) is channel c's (y, x). The lanes past
+        // `channels` of a partial block hold zeros or what they held: their weights are
+        // zero and their sums are not written out.
+        let at = |q: usize| ((q / geo.w + geo.pt) * wp + geo.pl + q % geo.w) * l;
+        if l == 16 {
+            let interior = &mut padded[at(0)..];
+            // SAFETY: 16 lanes are AVX-512's (pulp dispatched to it).
+            unsafe { x86::to_positions(input, channels, hw, interior, (geo.w, wp)) };
+        } else {
+            for (c, plane) in input.chunks_exact(hw).take(channels).enumerate() {
+                for (q, &v) in plane.iter().enumerate() {
+                    padded[at(q) + c] = v;
+                }
+            }
+        }
+        let w = &mut scratch.weights;
+        w.clear();
+        w.resize((kk + 1) * l, 0.0);
+        for (c, kernel) in weights.chunks_exact(kk).take(channels).enumerate() {
+            for (t, &v) in kernel.iter().enumerate() {
+                w[t * l + c] = v;
+            }
+            w[kk * l + c] = bias.get(c).copied().unwrap_or(0.0);
+        }
+        // Not cleared: every sum is written before it is read.
+        let groups = scratch.bases.len();
+        if scratch.sums.len() < groups * l {
+            scratch.sums.resize(groups * l, 0.0);
+        }
+        let (wv, _) = S::as_simd_f32s(w);
+        let (xs, _) = S::as_simd_f32s(padded);
+        let (sums, _) = S::as_mut_simd_f32s(&mut scratch.sums[..groups * l]);
+        let (Some((&b, wv)), Some(&last_tap), Some(&last_base)) =
+            (wv.split_last(), scratch.taps.last(), scratch.bases.last())
+        else {
+            return;
+        };
+        if last_base + last_tap >= xs.len() || wv.len() < kk {
+            return;
+        }
+        let taps = &scratch.taps[..kk];
+        let wv = &wv[..kk];
+        // GROUP outputs at a time, across rows: as many independent sums as hide the
+        // multiply-add's latency, each tap's weight loaded once for all of them.
+        for (bases, out) in scratch.bases.chunks_exact(GROUP).zip(sums.chunks_exact_mut(GROUP)) {
+            let mut a = [b; GROUP];
+            for (&tap, &w) in taps.iter().zip(wv) {
+                for (a, &base) in a.iter_mut().zip(bases) {
+                    // SAFETY: `base + tap <= last_base + last_tap < xs.len()` (checked
+                    // above; the bases and taps grow).
+                    let x = unsafe { *xs.get_unchecked(base + tap) };
+                    *a = simd.mul_add_e_f32s(x, w, *a);
+                }
+            }
+            for (o, a) in out.iter_mut().zip(a) {
+                *o = a;
+            }
+        }
+        // Out: channel by channel, then the activation over each plane.
+        let sums = &scratch.sums[..p * l];
+        if l == 16 {
+            // SAFETY: as above.
+            unsafe { x86::to_planes(sums, p, out, channels) };
+        } else {
+            for (c, plane) in out.chunks_exact_mut(p).enumerate() {
+                for (dst, &v) in plane.iter_mut().zip(sums[c..].iter().step_by(l)) {
+                    *dst = v;
+                }
+            }
+        }
+        if activation.is_some() {
+            for plane in out.chunks_exact_mut(p) {
+                let finish = Finish { values: plane, from: None, bias: 0.0, act: activation };
+                pulp::WithSimd::with_simd(finish, simd);
+            }
+        }
+    }
+}
+
+/// Outputs summed together by [`Block`].
+const GROUP: usize = 8;
+
+/// The moves between planes and blocks as 16 x 16 transposes in registers, on CPUs
+/// with AVX-512 (where a block is 16 channels).
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::{
+        __m512i, _mm512_loadu_si512, _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps,
+        _mm512_permutex2var_ps, _mm512_setzero_ps, _mm512_storeu_ps,
+    };
+
+    /// The lanes of one butterfly stage of [`transpose`]: blocks of `b` swapped across
+    /// rows `b` apart. For the lower row of a pair (`low`): its own lane `k`, or lane `k -
+    /// b` of the other row; for the upper: lane `k + b` of the lower row, or its own.
+    const fn stage(b: usize, low: bool) -> [i32; 16] {
+        let mut lanes = [0i32; 16];
+        let mut k = 0;
+        while k < 16 {
+            let own_half = k & b == 0;
+            lanes[k] = match (low, own_half) {
+                (true, true) => k as i32,
+                (true, false) => (16 + k - b) as i32,
+                (false, true) => (k + b) as i32,
+                (false, false) => (16 + k) as i32,
+            };
+            k += 1;
+        }
+        lanes
+    }
+
+    const STAGES: [(usize, [i32; 16], [i32; 16]); 4] = [
+        (8, stage(8, true), stage(8, false)),
+        (4, stage(4, true), stage(4, false)),
+        (2, stage(2, true), stage(2, false)),
+        (1, stage(1, true), stage(1, false)),
+    ];
+
+    /// `$body` 16 times, with `$i` a constant 0 to 15 in each: so arrays indexed by it
+    /// stay in registers.
+    macro_rules! unroll16 {
+        ($i:ident => $body:block) => {
+            unroll16!(@ $i $body; 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15)
+        };
+        (@ $i:ident $body:block; $($n:literal)*) => {
+            $({
+                const $i: usize = $n;
+                $body
+            })*
+        };
+    }
+
+    /// Transposes 16 rows of 16 floats (`[__m512; 16]`) in registers: four stages, each
+    /// swapping the off-diagonal blocks of every 2b x 2b block. Macros, so the rows never
+    /// go through memory.
+    macro_rules! transpose {
+        ($rows:ident) => {
+            transpose!(@stage $rows, 0, 8; 0 1 2 3 4 5 6 7);
+            transpose!(@stage $rows, 1, 4; 0 1 2 3 8 9 10 11);
+            transpose!(@stage $rows, 2, 2; 0 1 4 5 8 9 12 13);
+            transpose!(@stage $rows, 3, 1; 0 2 4 6 8 10 12 14);
+        };
+        (@stage $rows:ident, $s:literal, $b:literal; $($i:literal)*) => {
+            let (_, low, high) = STAGES[$s];
+            // SAFETY: 64-byte reads of 16 i32s.
+            let (low, high): (__m512i, __m512i) = unsafe {
+                (_mm512_loadu_si512(low.as_ptr().cast()), _mm512_loadu_si512(high.as_ptr().cast()))
+            };
+            $({
+                let (x, y) = ($rows[$i], $rows[$i + $b]);
+                $rows[$i] = _mm512_permutex2var_ps(x, low, y);
+                $rows[$i + $b] = _mm512_permutex2var_ps(x, high, y);
+            })*
+        };
+    }
+
+    /// The mask of the first `n` (at most 16) lanes.
+    fn first(n: usize) -> u16 {
+        if n >= 16 {
+            u16::MAX
+        } else {
+            (1u16 << n) - 1
+        }
+    }
+
+    /// Block in: for every position `q < len` of the planes, lane `c` of
+    /// `dst[to(q) .. to(q) + 16]` = `planes[c * len + q]` for each of the `channels` (at
+    /// most 16) planes, 0 past them, where position `q` (row `q / width`, column `q %
+    /// width`) goes to `to(q) = (q / width * pitch + q % width) * 16`.
+    ///
+    /// # Panics
+    ///
+    /// If `planes` is shorter than `channels * len`, `channels` is over 16 or a position
+    /// is past the end of `dst`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn to_positions(
+        planes: &[f32],
+        channels: usize,
+        len: usize,
+        dst: &mut [f32],
+        (width, pitch): (usize, usize),
+    ) {
+        assert!(channels <= 16 && planes.len() >= channels * len && width > 0);
+        let (mut row, mut col) = (0, 0);
+        let mut q0 = 0;
+        while q0 < len {
+            let n = (len - q0).min(16);
+            let mut rows = [_mm512_setzero_ps(); 16];
+            unroll16!(C => {
+                if C < channels {
+                    // SAFETY: lanes `C * len + q0 .. + n` of `planes` (checked above).
+                    rows[C] = unsafe {
+                        _mm512_maskz_loadu_ps(first(n), planes[C * len + q0..].as_ptr())
+                    };
+                }
+            });
+            transpose!(rows);
+            unroll16!(Q => {
+                if Q < n {
+                    let to = (row * pitch + col) * 16;
+                    let dst = &mut dst[to..to + 16];
+                    // SAFETY: 16 floats of `dst`.
+                    unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), rows[Q]) };
+                    col += 1;
+                    if col == width {
+                        (row, col) = (row + 1, 0);
+                    }
+                }
+            });
+            q0 += n;
+        }
+    }
+
+    /// Block out: `planes[c * len + q]` = lane `c` of `src[q * 16 .. q * 16 + 16]`, for
+    /// each of the first `channels` lanes and every `q < len`.
+    ///
+    /// # Panics
+    ///
+    /// If `src` is shorter than `len * 16`, `channels` is over 16 or `planes` is shorter
+    /// than `channels * len`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn to_planes(src: &[f32], len: usize, planes: &mut [f32], channels: usize) {
+        assert!(channels <= 16 && src.len() >= len * 16 && planes.len() >= channels * len);
+        let mut q0 = 0;
+        while q0 < len {
+            let n = (len - q0).min(16);
+            let mut rows = [_mm512_setzero_ps(); 16];
+            unroll16!(Q => {
+                if Q < n {
+                    // SAFETY: 16 floats of `src` (checked above).
+                    rows[Q] = unsafe { _mm512_maskz_loadu_ps(u16::MAX, src[(q0 + Q) * 16..].as_ptr()) };
+                }
+            });
+            transpose!(rows);
+            unroll16!(C => {
+                if C < channels {
+                    // SAFETY: lanes `C * len + q0 .. + n` of `planes` (checked above).
+                    unsafe {
+                        _mm512_mask_storeu_ps(planes[C * len + q0..].as_mut_ptr(), first(n), rows[C])
+                    };
+                }
+            });
+            q0 += n;
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn blocks_round_trip_through_positions() {
+            if !std::arch::is_x86_feature_detected!("avx512f") {
+                return;
+            }
+            // 11 channels of 37 positions: a partial block and a partial last chunk.
+            let (channels, len) = (11, 37);
+            let planes: Vec<f32> = (0..channels * len).map(|v| v as f32).collect();
+            // SAFETY: the CPU has AVX-512 (checked above).
+            // Rows of 5 positions, 7 apart, from position 3 on.
+            let at = |q: usize| (3 + q / 5 * 7 + q % 5) * 16;
+            let mut block = vec![-1f32; at(len) + 16];
+            // SAFETY: the CPU has AVX-512 (checked above).
+            unsafe { to_positions(&planes, channels, len, &mut block[3 * 16..], (5, 7)) };
+            for q in 0..len {
+                for c in 0..16 {
+                    let want = if c < channels { (c * len + q) as f32 } else { 0.0 };
+                    assert_eq!(block[at(q) + c], want, "position {q}, lane {c}");
+                }
+            }
+            let dense: Vec<f32> = (0..len).flat_map(|q| block[at(q)..][..16].to_vec()).collect();
+            let mut back = vec![0f32; channels * len + 5];
+            // SAFETY: as above.
+            unsafe { to_planes(&dense, len, &mut back, channels) };
+            assert_eq!(&back[..channels * len], &planes[..]);
+            assert!(back[channels * len..].iter().all(|&v| v == 0.0), "wrote past the planes");
+        }
+    }
+}
