@@ -1273,10 +1273,8 @@ fn gemm_by_rows(
                     n * k,
                     || (),
                     |_, i, out| {
-                        let cols = bv.chunks_exact(k.max(1)).skip(i * DOTS_PER_TASK);
-                        for (o, col) in out.iter_mut().zip(cols) {
-                            *o = alpha * dot(row, col);
-                        }
+                        let cols = bv.get(i * DOTS_PER_TASK * k..).unwrap_or_default();
+                        pulp::Arch::new().dispatch(Dots { row, cols, alpha, out });
                     },
                 );
             }
@@ -1294,43 +1292,48 @@ fn gemm_by_rows(
 /// Outputs of a [`gemm_by_rows`] row per task when it is split across threads.
 const DOTS_PER_TASK: usize = 64;
 
-/// The dot product of two equally long rows, in 64 partial sums: it vectorizes, and four
-/// independent vector sums keep the multiply-adds from waiting on each other. Short rows
-/// take [`dot16`], which costs less to sum up.
-fn dot(x: &[f32], y: &[f32]) -> f32 {
-    if x.len() < 256 {
-        return dot16(x, y);
-    }
-    let mut sums = [[0f32; 16]; 4];
-    let (xc, yc) = (x.chunks_exact(64), y.chunks_exact(64));
-    let tail: f32 = dot16(xc.remainder(), yc.remainder());
-    for (a, b) in xc.zip(yc) {
-        for ((sums, a), b) in sums.iter_mut().zip(a.chunks_exact(16)).zip(b.chunks_exact(16)) {
-            for ((s, a), b) in sums.iter_mut().zip(a).zip(b) {
-                *s += a * b;
-            }
-        }
-    }
-    let mut total = [0f32; 16];
-    for sums in &sums {
-        for (t, s) in total.iter_mut().zip(sums) {
-            *t += s;
-        }
-    }
-    total.iter().sum::<f32>() + tail
+/// `out[j] = alpha * dot(row, cols[j])` for B's rows `cols` (each as long as `row`),
+/// compiled for the CPU's vector width: outside such a dispatch the loops of [`dot`]
+/// build for the baseline x86-64 (4 lanes, no fused multiply-add), and a classifier's
+/// weights are read twice as slowly.
+struct Dots<'a> {
+    row: &'a [f32],
+    cols: &'a [f32],
+    alpha: f32,
+    out: &'a mut [f32],
 }
 
-/// [`dot`] on short rows, in 16 partial sums.
-fn dot16(x: &[f32], y: &[f32]) -> f32 {
-    let mut sums = [0f32; 16];
-    let (xc, yc) = (x.chunks_exact(16), y.chunks_exact(16));
-    let tail: f32 = xc.remainder().iter().zip(yc.remainder()).map(|(a, b)| a * b).sum();
-    for (a, b) in xc.zip(yc) {
-        for ((s, a), b) in sums.iter_mut().zip(a).zip(b) {
-            *s += a * b;
+impl pulp::WithSimd for Dots<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, simd: S) {
+        let Dots { row, cols, alpha, out } = self;
+        for (o, col) in out.iter_mut().zip(cols.chunks_exact(row.len().max(1))) {
+            *o = alpha * dot_in(simd, row, col);
         }
     }
-    sums.iter().sum::<f32>() + tail
+}
+
+/// The dot product of two equally long rows in four vector sums, so the multiply-adds
+/// do not wait on each other.
+#[inline(always)]
+fn dot_in<S: pulp::Simd>(simd: S, x: &[f32], y: &[f32]) -> f32 {
+    let ((xv, xt), (yv, yt)) = (S::as_simd_f32s(x), S::as_simd_f32s(y));
+    let zero = simd.splat_f32s(0.0);
+    let mut sums = [zero; 4];
+    let (xc, yc) = (xv.chunks_exact(4), yv.chunks_exact(4));
+    for (x, y) in xc.remainder().iter().zip(yc.remainder()) {
+        sums[0] = simd.mul_add_e_f32s(*x, *y, sums[0]);
+    }
+    for (x, y) in xc.zip(yc) {
+        for ((s, &x), &y) in sums.iter_mut().zip(x).zip(y) {
+            *s = simd.mul_add_e_f32s(x, y, *s);
+        }
+    }
+    let total = simd.add_f32s(simd.add_f32s(sums[0], sums[1]), simd.add_f32s(sums[2], sums[3]));
+    let tail: f32 = xt.iter().zip(yt).map(|(a, b)| a * b).sum();
+    simd.reduce_sum_f32s(total) + tail
 }
 
 /// The most multiply-adds [`small_batched_matmul`] takes: beyond it, candle's matmul, which

@@ -810,7 +810,18 @@ mod timing {
                 drop(team.install(|| kernels::conv(&x, &w, None, &attrs, false).unwrap()))
             });
             let wino = median(|| drop(team.install(|| conv(&x, &u, None, &attrs).unwrap())));
-            println!("{c}->{m} {hw}x{hw}: direct {direct:?}, winograd {wino:?}");
+            let packed = match kernels::pack_weights(&w, &attrs).unwrap() {
+                Some(p) => {
+                    let t = median(|| {
+                        drop(team.install(|| kernels::conv(&x, &p, None, &attrs, true).unwrap()))
+                    });
+                    format!("{t:?}")
+                }
+                None => "-".into(),
+            };
+            println!(
+                "{c}->{m} {hw}x{hw}: gemm crate {direct:?}, packed {packed}, winograd {wino:?}"
+            );
         }
     }
 }
