@@ -2319,12 +2319,39 @@ mod packed_tests {
     }
 }
 
-/// Per-layer timing of the unfolded convolution's two product loops, ours on packed
-/// weights and the gemm crate's, on one thread (what [`PACKED_MAX_DEPTH`] was chosen by):
-/// `cargo test --release -p basalt-runtime --lib conv_layers -- --ignored --nocapture`.
+/// Per-layer timing of the convolutions, on one thread: the unfolded convolution's two
+/// product loops, ours on packed weights and the gemm crate's (what [`PACKED_MAX_DEPTH`]
+/// was chosen by), and MobileNetV3's depthwise layers:
+/// `cargo test --release -p basalt-runtime --lib _layers -- --ignored --nocapture`.
 #[cfg(test)]
 mod layer_timing {
     use super::*;
+
+    /// A square `k x k` window of stride `s`, padded by `k / 2` on every side.
+    fn square(k: usize, s: usize, group: usize, activation: Option<Activation>) -> ConvAttrs {
+        ConvAttrs {
+            window: Window {
+                auto_pad: AutoPad::NotSet,
+                kernel_shape: Some(vec![k, k]),
+                strides: Some(vec![s, s]),
+                dilations: None,
+                pads: Some(vec![k / 2; 4]),
+                ceil_mode: false,
+            },
+            group,
+            activation,
+        }
+    }
+
+    /// The median time of `conv` on one thread and its rate for `macs` multiply-adds.
+    fn timed(one: &Team, macs: usize, conv: impl Fn() -> Tensor) -> String {
+        let t = scaling::median_time(|| drop(one.install(&conv)));
+        format!(
+            "{:.4} ms ({:.1} GMAC/s)",
+            t.as_secs_f64() * 1e3,
+            macs as f64 / t.as_secs_f64() / 1e9
+        )
+    }
 
     #[test]
     #[ignore = "timing, not a check"]
@@ -2341,18 +2368,7 @@ mod layer_timing {
             (3, 16, 32, 3, 1),
         ];
         for (c, m, hw, k, s) in layers {
-            let attrs = ConvAttrs {
-                window: Window {
-                    auto_pad: AutoPad::NotSet,
-                    kernel_shape: Some(vec![k, k]),
-                    strides: Some(vec![s, s]),
-                    dilations: None,
-                    pads: Some(vec![k / 2; 4]),
-                    ceil_mode: false,
-                },
-                group: 1,
-                activation: None,
-            };
+            let attrs = square(k, s, 1, None);
             let x = Tensor::ones((1, c, hw, hw), candle_core::DType::F32, &Device::Cpu).unwrap();
             let w = Tensor::ones((m, c, k, k), candle_core::DType::F32, &Device::Cpu).unwrap();
             let packed = Tensor::from_vec(
@@ -2361,16 +2377,9 @@ mod layer_timing {
                 &Device::Cpu,
             )
             .unwrap();
+            let macs = m * c * k * k * (hw / s) * (hw / s);
             let time = |w: &Tensor, packed: bool| {
-                let t = scaling::median_time(|| {
-                    drop(one.install(|| conv(&x, w, None, &attrs, packed).unwrap()))
-                });
-                let macs = (m * c * k * k * (hw / s) * (hw / s)) as f64;
-                format!(
-                    "{:.3} ms ({:.1} GMAC/s)",
-                    t.as_secs_f64() * 1e3,
-                    macs / t.as_secs_f64() / 1e9
-                )
+                timed(&one, macs, || conv(&x, w, None, &attrs, packed).unwrap())
             };
             println!(
                 "{c}->{m} {hw}x{hw} k{k} s{s}: packed {}, gemm crate {}",
@@ -2379,13 +2388,6 @@ mod layer_timing {
             );
         }
     }
-}
-
-/// Per-layer timing of MobileNetV3's depthwise layers, on one thread:
-/// `cargo test --release -p basalt-runtime --lib depthwise_layers -- --ignored --nocapture`.
-#[cfg(test)]
-mod depthwise_timing {
-    use super::*;
 
     #[test]
     #[ignore = "timing, not a check"]
@@ -2402,30 +2404,13 @@ mod depthwise_timing {
             (576, 7, 5, 1),
         ];
         for (c, hw, k, s) in layers {
-            let attrs = ConvAttrs {
-                window: Window {
-                    auto_pad: AutoPad::NotSet,
-                    kernel_shape: Some(vec![k, k]),
-                    strides: Some(vec![s, s]),
-                    dilations: None,
-                    pads: Some(vec![k / 2; 4]),
-                    ceil_mode: false,
-                },
-                group: c,
-                activation: Some(Activation::Relu),
-            };
+            let attrs = square(k, s, c, Some(Activation::Relu));
             let x = Tensor::ones((1, c, hw, hw), candle_core::DType::F32, &Device::Cpu).unwrap();
             let w = Tensor::ones((c, 1, k, k), candle_core::DType::F32, &Device::Cpu).unwrap();
-            let t = scaling::median_time(|| {
-                drop(one.install(|| conv(&x, &w, None, &attrs, false).unwrap()))
-            });
             let out = hw.div_ceil(s);
-            let macs = (c * k * k * out * out) as f64;
-            println!(
-                "depthwise {c} {hw}x{hw} k{k} s{s}: {:.4} ms ({:.1} GMAC/s)",
-                t.as_secs_f64() * 1e3,
-                macs / t.as_secs_f64() / 1e9
-            );
+            let time =
+                timed(&one, c * k * k * out * out, || conv(&x, &w, None, &attrs, false).unwrap());
+            println!("depthwise {c} {hw}x{hw} k{k} s{s}: {time}");
         }
     }
 }
