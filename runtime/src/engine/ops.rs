@@ -1293,9 +1293,9 @@ fn gemm_by_rows(
 const DOTS_PER_TASK: usize = 64;
 
 /// `out[j] = alpha * dot(row, cols[j])` for B's rows `cols` (each as long as `row`),
-/// compiled for the CPU's vector width: outside such a dispatch the loops of [`dot`]
-/// build for the baseline x86-64 (4 lanes, no fused multiply-add), and a classifier's
-/// weights are read twice as slowly.
+/// compiled for the CPU's vector width: outside such a dispatch an auto-vectorized dot
+/// builds for the baseline x86-64 (4 lanes, no fused multiply-add), and a classifier's
+/// weights were read twice as slowly.
 struct Dots<'a> {
     row: &'a [f32],
     cols: &'a [f32],
