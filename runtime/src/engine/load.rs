@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor};
 use prost::Message;
 
 use super::kernels::{self, Activation};
-use super::ops::{self, Op, OpError, UnOp};
+use super::ops::{self, BinOp, Op, OpError, UnOp};
 use super::proto::{data_type, GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto};
 use super::winograd;
 use super::{DataType, Dim, LoadError, Model, Step, TensorSpec};
@@ -260,6 +260,7 @@ fn plan(graph: &GraphProto, opset: i64) -> Result<Model, LoadError> {
     let graph_outputs: Vec<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
     let mut nodes = fold_constants(sorted, &mut constants)?;
     nodes = fold_batch_norms(nodes, &mut constants, &graph_outputs)?;
+    nodes = fuse_residual_adds(nodes, &graph_outputs);
     nodes = fuse_activations(nodes, &constants, &graph_outputs);
     nodes = drop_dead(nodes, &graph_outputs);
     prepare_conv_weights(&mut nodes, &mut constants, &graph_outputs)?;
@@ -552,6 +553,55 @@ fn fuse_activations(
         attrs.activation = Some(act);
         conv.outputs = vec![out];
         if let Some(slot) = nodes.get_mut(act_index) {
+            *slot = None;
+        }
+    }
+    nodes.into_iter().flatten().collect()
+}
+
+/// Fuses `Add(Conv(..), r)` (either operand order) into the Conv, as its fourth input, when
+/// the Conv's output feeds only the Add and `r` is ready before the Conv runs: the Conv adds
+/// `r` in its output pass, before an activation that [`fuse_activations`] then fuses too
+/// (a ResNet block's `Relu(Add(Conv(..), shortcut))` becomes one node). The shapes are
+/// checked when it runs; an `r` the Add would broadcast is added as the Add would (see
+/// `ops::conv_with_residual`).
+fn fuse_residual_adds(nodes: Vec<Pending>, graph_outputs: &[&str]) -> Vec<Pending> {
+    let readers = reader_counts(&nodes);
+    let mut producer: HashMap<String, usize> = HashMap::new();
+    for (i, n) in nodes.iter().enumerate() {
+        for o in n.outputs.iter().flatten() {
+            producer.insert(o.clone(), i);
+        }
+    }
+    let mut nodes: Vec<Option<Pending>> = nodes.into_iter().map(Some).collect();
+    for add_index in 0..nodes.len() {
+        let Some(Some(add)) = nodes.get(add_index) else { continue };
+        let (Op::Binary(BinOp::Add), [Some(a), Some(b)]) = (&add.op, add.inputs.as_slice()) else {
+            continue;
+        };
+        let fusable = |conv_out: &String, other: &String| -> Option<usize> {
+            let &conv_index = producer.get(conv_out)?;
+            let Some(Some(conv)) = nodes.get(conv_index) else { return None };
+            let Op::Conv(attrs) = &conv.op else { return None };
+            let ready = producer.get(other).is_none_or(|&p| p < conv_index);
+            (attrs.activation.is_none()
+                && conv.inputs.len() <= 3
+                && readers.get(conv_out.as_str()) == Some(&1)
+                && !graph_outputs.contains(&conv_out.as_str())
+                && ready)
+                .then_some(conv_index)
+        };
+        let Some((conv_index, residual)) =
+            fusable(a, b).map(|i| (i, b.clone())).or_else(|| fusable(b, a).map(|i| (i, a.clone())))
+        else {
+            continue;
+        };
+        let out = add.outputs.first().cloned().flatten();
+        let Some(Some(conv)) = nodes.get_mut(conv_index) else { continue };
+        conv.inputs.resize(3, None);
+        conv.inputs.push(Some(residual));
+        conv.outputs = vec![out];
+        if let Some(slot) = nodes.get_mut(add_index) {
             *slot = None;
         }
     }

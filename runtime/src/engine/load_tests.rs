@@ -539,3 +539,139 @@ fn winograd_convs_match_the_unfolded_ones() {
         }
     }
 }
+
+/// `Relu(Add(Conv(x), r))` loads as one node on every Conv kernel (Winograd, packed, the
+/// gemm crate's, depthwise), with the Conv's output on either side of the Add, and gives
+/// exactly what the three nodes give; a residual the Add broadcasts (to the Conv's shape
+/// or beyond it) gives the broadcast sum.
+#[test]
+fn residual_adds_fuse_into_conv_with_the_same_result() {
+    use super::super::ops::Op;
+    let seq = |n: usize, k: usize| -> Vec<f32> {
+        (0..n).map(|i| (((i * 37 + k * 11) % 23) as f32 - 11.0) / 13.0).collect()
+    };
+    struct Case {
+        c: usize,
+        m: usize,
+        k: usize,
+        group: usize,
+        residual: Vec<usize>,
+        conv_first: bool,
+        relu: bool,
+        /// The form the Conv loads as.
+        kind: fn(&Op) -> bool,
+    }
+    let winograd = |op: &Op| matches!(op, Op::WinogradConv(_));
+    let packed = |op: &Op| matches!(op, Op::PackedConv(_));
+    let plain = |op: &Op| matches!(op, Op::Conv(_));
+    let (h, w) = (9usize, 10usize);
+    let case = |c, m, k, group, residual: &[usize], conv_first, relu, kind| Case {
+        c,
+        m,
+        k,
+        group,
+        residual: residual.to_vec(),
+        conv_first,
+        relu,
+        kind,
+    };
+    let cases = [
+        case(32, 32, 3, 1, &[1, 32, h, w], true, true, winograd),
+        case(4, 6, 3, 1, &[1, 6, h, w], false, true, packed),
+        case(8, 12, 1, 1, &[1, 12, h, w], true, false, plain),
+        case(8, 8, 3, 8, &[1, 8, h, w], false, true, plain),
+        // Residuals the Add broadcasts: to the Conv's shape, and beyond it.
+        case(32, 32, 3, 1, &[1, 32, 1, 1], true, true, winograd),
+        case(4, 6, 3, 1, &[2, 6, h, w], true, true, packed),
+        case(8, 8, 3, 8, &[1, 1, 1, w], true, false, plain),
+    ];
+    for (i, Case { c, m, k, group, residual: r_dims, conv_first, relu, kind }) in
+        cases.into_iter().enumerate()
+    {
+        let add_inputs: [&str; 2] = if conv_first { ["c", "r"] } else { ["r", "c"] };
+        let nodes = || {
+            let attrs = vec![attr_i("group", group as i64), attr_ints("pads", &[k as i64 / 2; 4])];
+            let mut nodes = vec![
+                node("Conv", &["x", "w", "b"], &["c"], attrs),
+                node("Add", &add_inputs, &[if relu { "s" } else { "y" }], vec![]),
+            ];
+            if relu {
+                nodes.push(node("Relu", &["s"], &["y"], vec![]));
+            }
+            nodes
+        };
+        let w_dims = [m as i64, (c / group) as i64, k as i64, k as i64];
+        let inits = || {
+            vec![
+                tensor_f32("w", &w_dims, &seq(m * c / group * k * k, i)),
+                tensor_f32("b", &[m as i64], &seq(m, i + 1)),
+            ]
+        };
+        let dims = |d: &[usize]| d.iter().map(|&d| d as i64).collect::<Vec<_>>();
+        let inputs = || {
+            vec![value("x", F, &[1, c as i64, h as i64, w as i64]), value("r", F, &dims(&r_dims))]
+        };
+        let y = || value("y", F, &[-1, m as i64, h as i64, w as i64]);
+        let fused = Model::load(&model_bytes(nodes(), inputs(), vec![y()], inits(), 17)).unwrap();
+        assert_eq!(fused.node_count(), 1, "case {i}: Add and Relu fused into the Conv");
+        assert!(kind(&fused.steps[0].op), "case {i}: {:?}", fused.steps[0].op);
+        let apart = Model::load(&model_bytes(
+            nodes(),
+            inputs(),
+            vec![y(), value("c", F, &[1, m as i64, h as i64, w as i64])],
+            inits(),
+            17,
+        ))
+        .unwrap();
+        assert_eq!(apart.node_count(), 2 + relu as usize, "case {i}");
+        let dev = &Device::Cpu;
+        let x = Tensor::from_vec(seq(c * h * w, i + 2), (1, c, h, w), dev).unwrap();
+        let r = Tensor::from_vec(seq(r_dims.iter().product(), i + 3), r_dims.clone(), dev).unwrap();
+        let feeds = [("x", x), ("r", r)];
+        let got = &fused.run(&feeds).unwrap()[0].1;
+        let want = &apart.run(&feeds).unwrap()[0].1;
+        assert_eq!(got.dims(), want.dims(), "case {i}");
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(flat(got), flat(want), "case {i}");
+        if relu {
+            assert!(flat(got).iter().all(|&v| v >= 0.0), "case {i}: the Relu applies");
+        }
+    }
+}
+
+/// An Add is not fused into a Conv whose other operand comes later, or whose output
+/// something else reads too.
+#[test]
+fn residual_adds_stay_apart_when_they_must() {
+    let conv = |out: &str| node("Conv", &["x", "w"], &[out], vec![]);
+    let inits = || vec![tensor_f32("w", &[1, 1, 1, 1], &[2.0])];
+    let one = || value("y", F, &[1, 1, 1, 1]);
+    // `c` is read by the Add and by the Relu.
+    let shared = Model::load(&model_bytes(
+        vec![
+            conv("c"),
+            node("Relu", &["c"], &["r"], vec![]),
+            node("Add", &["c", "r"], &["y"], vec![]),
+        ],
+        x_in(&[1, 1, 1, 1]),
+        vec![one()],
+        inits(),
+        17,
+    ))
+    .unwrap();
+    assert_eq!(shared.node_count(), 3);
+    // The other operand is computed from the Conv's own output's producer onwards: the
+    // Add fuses into the second Conv, whose other operand (the first's) is ready.
+    let two = Model::load(&model_bytes(
+        vec![conv("c1"), conv("c2"), node("Add", &["c1", "c2"], &["y"], vec![])],
+        x_in(&[1, 1, 1, 1]),
+        vec![one()],
+        inits(),
+        17,
+    ))
+    .unwrap();
+    assert_eq!(two.node_count(), 2);
+    let x = Tensor::ones((1, 1, 1, 1), DType::F32, &Device::Cpu).unwrap();
+    let y = two.run(&[("x", x)]).unwrap()[0].1.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(y, [4.0]);
+}

@@ -1077,6 +1077,39 @@ fn map_math(t: &Tensor, func: math::Func) -> R<Tensor> {
     map_chunks(t, |out, from| math::map(func, out, from))
 }
 
+/// A Conv (any of its forms, `op`) that may carry the other operand of an Add fused into
+/// it at load time (its fourth input, see `load::fuse_residual_adds`): `run` runs the
+/// Conv's kernel, which adds a residual of the output's shape in its own output pass. One
+/// of another shape or type (the Add broadcasts it) is added as the Add would have, and
+/// the Conv's activation applied after.
+fn conv_with_residual(
+    op: &Op,
+    x: &Tensor,
+    w: &Tensor,
+    attrs: &ConvAttrs,
+    residual: Option<&Tensor>,
+    run: impl Fn(&ConvAttrs, Option<&[f32]>) -> R<Tensor>,
+) -> R<Tensor> {
+    let Some(residual) = residual else { return run(attrs, None) };
+    let (m, kernel) = match (op, w.dims()) {
+        (Op::WinogradConv(_), &[_, _, m]) => (m, vec![3, 3]),
+        (_, [m, _, kernel @ ..]) => (*m, kernel.to_vec()),
+        _ => (0, Vec::new()),
+    };
+    let fits = residual.dtype() == DType::F32
+        && kernels::conv_output_dims(x.dims(), m, &kernel, &attrs.window)
+            .is_ok_and(|dims| dims == residual.dims());
+    if fits {
+        return kernels::with_f32(residual, |r| run(attrs, Some(r)));
+    }
+    let plain = ConvAttrs { activation: None, ..attrs.clone() };
+    let sum = binary(BinOp::Add, &run(&plain, None)?, residual)?;
+    match attrs.activation {
+        Some(act) => map_f32(&sum, move |v| act.apply(v)),
+        None => Ok(sum),
+    }
+}
+
 fn binary(op: BinOp, a: &Tensor, b: &Tensor) -> R<Tensor> {
     use BinOp::*;
     if op == Pow {
@@ -1996,14 +2029,13 @@ pub(crate) fn eval(op: &Op, args: &[Option<&Tensor>]) -> R<Vec<Tensor>> {
             one(if *tanh { x.gelu()? } else { map_math(x, math::Func::Gelu)? })
         }
         Op::Softmax { axis, legacy, log } => one(softmax(req(args, 0)?, *axis, *legacy, *log)?),
-        Op::Conv(attrs) => {
-            one(kernels::conv(req(args, 0)?, req(args, 1)?, opt(args, 2), attrs, false)?)
-        }
-        Op::PackedConv(attrs) => {
-            one(kernels::conv(req(args, 0)?, req(args, 1)?, opt(args, 2), attrs, true)?)
-        }
-        Op::WinogradConv(attrs) => {
-            one(winograd::conv(req(args, 0)?, req(args, 1)?, opt(args, 2), attrs)?)
+        Op::Conv(attrs) | Op::PackedConv(attrs) | Op::WinogradConv(attrs) => {
+            let (x, w, b) = (req(args, 0)?, req(args, 1)?, opt(args, 2));
+            let run = |attrs: &ConvAttrs, residual: Option<&[f32]>| match op {
+                Op::WinogradConv(_) => winograd::conv(x, w, b, attrs, residual),
+                _ => kernels::conv(x, w, b, attrs, matches!(op, Op::PackedConv(_)), residual),
+            };
+            one(conv_with_residual(op, x, w, attrs, opt(args, 3), run)?)
         }
         Op::BatchNorm { epsilon } => one(batch_norm(args, *epsilon)?),
         Op::Pool(kind, attrs) => one(kernels::pool(req(args, 0)?, *kind, attrs)?),

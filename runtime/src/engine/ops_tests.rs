@@ -402,6 +402,11 @@ fn max_pool_matches_a_direct_loop() {
         // and column.
         (15, 9, 2, 2, 0),
         (2, 3, 2, 2, 0),
+        // Column stride 2 on AVX-512 runs by rows: ResNet's 3x3/2 on wide rows (several
+        // vectors and a partial one), a 5-wide window, an even one with padding.
+        (23, 112, 3, 2, 1),
+        (12, 50, 5, 2, 2),
+        (7, 33, 4, 2, 1),
     ];
     for (i, &(h, w, k, s, p)) in cases.iter().enumerate() {
         let c = 3;

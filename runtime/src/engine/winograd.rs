@@ -109,8 +109,15 @@ fn panel_index(out_channel: usize, in_channel: usize, c: usize, m: usize) -> usi
 }
 
 /// The convolution of `x` (`N x C x H x W`) with weights transformed by
-/// [`transform_weights`] (`16 x C x M`), bias `b` (`M`) and the Conv's attributes.
-pub(crate) fn conv(x: &Tensor, u: &Tensor, b: Option<&Tensor>, attrs: &ConvAttrs) -> R<Tensor> {
+/// [`transform_weights`] (`16 x C x M`), bias `b` (`M`) and the Conv's attributes; a
+/// `residual` (a fused Add, see [`kernels::conv`]) is added before the activation.
+pub(crate) fn conv(
+    x: &Tensor,
+    u: &Tensor,
+    b: Option<&Tensor>,
+    attrs: &ConvAttrs,
+    residual: Option<&[f32]>,
+) -> R<Tensor> {
     let &[n, c, h, w] = x.dims() else {
         return Err(err(format!("Conv input X has shape {:?}; expected N x C x H x W", x.dims())));
     };
@@ -134,11 +141,25 @@ pub(crate) fn conv(x: &Tensor, u: &Tensor, b: Option<&Tensor>, attrs: &ConvAttrs
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
         .filter(|&t| t <= super::load::MAX_ELEMENTS)
         .ok_or_else(|| err(format!("output shape {out_dims:?} is too large")))?;
+    if residual.is_some_and(|r| r.len() != total) {
+        return Err(err(format!("the residual added to the output {out_dims:?} has another size")));
+    }
     let plan = Plan::new(n, c, m, h, w, geo);
+    let epilogue = Epilogue { bias: bias.as_deref(), act: attrs.activation, residual };
     let out = kernels::with_f32(u, |us| {
-        kernels::with_f32(x, |xs| Ok(plan.run(xs, us, bias.as_deref(), attrs.activation, total)))
+        kernels::with_f32(x, |xs| Ok(plan.run(xs, us, epilogue, total)))
     })?;
     Ok(Tensor::from_vec(out, out_dims.to_vec(), &Device::Cpu)?)
+}
+
+/// What is added to each output of the products, and the activation then applied.
+#[derive(Clone, Copy)]
+struct Epilogue<'a> {
+    /// One per output channel.
+    bias: Option<&'a [f32]>,
+    act: Option<Activation>,
+    /// One per output, laid out as the output.
+    residual: Option<&'a [f32]>,
 }
 
 /// How one convolution is cut into blocks of work.
@@ -197,14 +218,7 @@ impl Plan {
         }
     }
 
-    fn run(
-        &self,
-        xs: &[f32],
-        us: &[f32],
-        bias: Option<&[f32]>,
-        act: Option<Activation>,
-        total: usize,
-    ) -> Vec<f32> {
+    fn run(&self, xs: &[f32], us: &[f32], epilogue: Epilogue<'_>, total: usize) -> Vec<f32> {
         let mut out: Vec<f32> = Vec::with_capacity(total);
         if total == 0 {
             return out;
@@ -220,7 +234,7 @@ impl Plan {
             };
             // SAFETY: the blocks partition the output, so each writes its own elements of
             // `out` (allocated for `total`), and `block_into` writes every one of them.
-            unsafe { self.block_into(job, xs, us, bias, act, scratch, out_addr as *mut f32) }
+            unsafe { self.block_into(job, xs, us, epilogue, scratch, out_addr as *mut f32) }
         };
         if blocks > 1 && kernels::parallel(self.n * self.m * self.c * self.th * self.tw) {
             Team::current(|team| team.for_each_init(blocks, Scratch::default, block));
@@ -240,14 +254,12 @@ impl Plan {
     ///
     /// `out` points to the `n x m x oh x ow` output, of which no other thread touches
     /// this block's elements during the call.
-    #[allow(clippy::too_many_arguments)]
     unsafe fn block_into(
         &self,
         job: Block,
         xs: &[f32],
         us: &[f32],
-        bias: Option<&[f32]>,
-        act: Option<Activation>,
+        epilogue: Epilogue<'_>,
         scratch: &mut Scratch,
         out: *mut f32,
     ) {
@@ -302,8 +314,7 @@ impl Plan {
             rows,
             channels,
             product,
-            bias,
-            act,
+            epilogue,
             scratch: &mut scratch.outputs,
             out,
         });
@@ -571,8 +582,7 @@ struct OutputTransform<'a> {
     rows: usize,
     channels: usize,
     product: &'a [f32],
-    bias: Option<&'a [f32]>,
-    act: Option<Activation>,
+    epilogue: Epilogue<'a>,
     scratch: &'a mut Vec<f32>,
     out: *mut f32,
 }
@@ -582,12 +592,12 @@ impl pulp::WithSimd for OutputTransform<'_> {
 
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, _: S) {
-        let OutputTransform { plan, job, rows, channels, product, bias, act, scratch, out } = self;
+        let OutputTransform { plan, job, rows, channels, product, epilogue, scratch, out } = self;
         let (tw, oh, ow) = (plan.tw, plan.oh, plan.ow);
         let point_len = channels * rows * tw;
         let plane = oh * ow;
         let first = (job.image * plan.m + job.channels) * plane;
-        let bias = bias.map(|b| &b[job.channels..job.channels + channels]);
+        let bias = epilogue.bias.map(|b| &b[job.channels..job.channels + channels]);
         // One tile's outputs, by channel: the four corners.
         let [top_left, top_right, bottom_left, bottom_right] = four_rows(scratch, channels);
         for r in 0..rows {
@@ -631,11 +641,20 @@ impl pulp::WithSimd for OutputTransform<'_> {
                     if oy >= oh || ox >= ow {
                         continue;
                     }
-                    finish(values, bias, act);
+                    let at = first + oy * ow + ox;
+                    if let Some(residual) = epilogue.residual {
+                        for (ch, v) in values.iter_mut().enumerate() {
+                            // In the order of the Conv and the Add it replaces.
+                            *v = *v + bias.map_or(0.0, |b| b[ch]) + residual[at + ch * plane];
+                        }
+                        finish(values, None, epilogue.act);
+                    } else {
+                        finish(values, bias, epilogue.act);
+                    }
                     for (ch, &v) in values.iter().enumerate() {
                         // SAFETY: output (oy, ox) of one of this block's channels, which
                         // the caller of `block_into` lent to this block alone.
-                        unsafe { out.add(first + ch * plane + oy * ow + ox).write(v) };
+                        unsafe { out.add(at + ch * plane).write(v) };
                     }
                 }
             }
@@ -728,8 +747,8 @@ mod tests {
                 let u = transform_weights(&wt).unwrap();
                 let (want, got) = team.install(|| {
                     (
-                        kernels::conv(&x, &wt, Some(&b), &attrs, false).unwrap(),
-                        conv(&x, &u, Some(&b), &attrs).unwrap(),
+                        kernels::conv(&x, &wt, Some(&b), &attrs, false, None).unwrap(),
+                        conv(&x, &u, Some(&b), &attrs, None).unwrap(),
                     )
                 });
                 assert_eq!(got.dims(), want.dims(), "case {i}");
@@ -774,7 +793,7 @@ mod tests {
         )
         .unwrap();
         let x = Tensor::zeros((1, 8, 5, 5), candle_core::DType::F32, &Device::Cpu).unwrap();
-        let e = conv(&x, &u, None, &attrs).unwrap_err();
+        let e = conv(&x, &u, None, &attrs, None).unwrap_err();
         assert!(e.0.contains("8 channels"), "{}", e.0);
     }
 }
@@ -807,14 +826,17 @@ mod timing {
             let w = Tensor::ones((m, c, 3, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
             let u = transform_weights(&w).unwrap();
             let direct = median(|| {
-                drop(team.install(|| kernels::conv(&x, &w, None, &attrs, false).unwrap()))
+                drop(team.install(|| kernels::conv(&x, &w, None, &attrs, false, None).unwrap()))
             });
-            let wino = median(|| drop(team.install(|| conv(&x, &u, None, &attrs).unwrap())));
+            let wino = median(|| drop(team.install(|| conv(&x, &u, None, &attrs, None).unwrap())));
             let packed = match kernels::pack_weights(&w, &attrs).unwrap() {
                 Some(p) => {
-                    let t = median(|| {
-                        drop(team.install(|| kernels::conv(&x, &p, None, &attrs, true).unwrap()))
-                    });
+                    let t =
+                        median(|| {
+                            drop(team.install(|| {
+                                kernels::conv(&x, &p, None, &attrs, true, None).unwrap()
+                            }))
+                        });
                     format!("{t:?}")
                 }
                 None => "-".into(),

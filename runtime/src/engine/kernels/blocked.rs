@@ -212,7 +212,8 @@ impl pulp::WithSimd for Block<'_> {
         }
         if activation.is_some() {
             for plane in out.chunks_exact_mut(p) {
-                let finish = Finish { values: plane, from: None, bias: 0.0, act: activation };
+                let finish =
+                    Finish { values: plane, from: None, add: None, bias: 0.0, act: activation };
                 pulp::WithSimd::with_simd(finish, simd);
             }
         }
