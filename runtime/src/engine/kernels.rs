@@ -1040,7 +1040,7 @@ impl pulp::WithSimd for Finish<'_> {
 
 /// Adds `residual` to `out` (as long) and applies `act`, across the engine's threads: the
 /// second pass of a fused residual Add on a kernel that does not take it in its own.
-fn add_residual(out: &mut [f32], residual: &[f32], act: Option<Activation>) {
+pub(crate) fn add_residual(out: &mut [f32], residual: &[f32], act: Option<Activation>) {
     const CHUNK: usize = 1 << 14;
     let len = out.len();
     for_each_chunk(

@@ -82,39 +82,39 @@ fn plane_avx512(input: &[f32], geo: &Geom, scratch: &mut [f32], out: &mut [f32])
         let top = (oy * geo.sh) as isize - geo.pt as isize;
         let first = top.max(0) as usize;
         let last = ((top + geo.kh as isize).max(0) as usize).min(geo.h);
-        // Row by row, folded into the padded row in place: every vector of a row is
-        // independent of the others, so the folds overlap.
+        // A vector of columns at a time, folded over the window's rows in a register and
+        // stored once. (Folding row by row into the padded row in place let the compiler
+        // store only the lanes that changed, and a masked store is not forwarded to the
+        // next row's load: slower than the stride phases.)
         let data = &mut row[geo.pl..geo.pl + cols];
-        if first >= last {
-            data.fill(f32::NEG_INFINITY);
-        }
-        for iy in first..last {
-            let src = &input[iy * geo.w..][..cols];
-            let whole = cols / LANES * LANES;
-            for (src, dst) in src[..whole].chunks_exact(LANES).zip(data.chunks_exact_mut(LANES)) {
-                // SAFETY: `src` and `dst` hold a whole vector each. (Whole loads and
-                // stores: a masked store is not forwarded to the next row's load.)
-                unsafe {
-                    let v = _mm512_loadu_ps(src.as_ptr());
-                    let v = if iy == first { v } else { fold(_mm512_loadu_ps(dst.as_ptr()), v) };
-                    _mm512_storeu_ps(dst.as_mut_ptr(), v);
-                }
-            }
-            if whole < cols {
-                let (src, dst) = (&src[whole..], &mut data[whole..]);
-                let m = mask(src.len());
-                // SAFETY: the mask reads and writes only the lanes within `src` and `dst`
-                // (as long as each other).
-                unsafe {
-                    let v = _mm512_mask_loadu_ps(lowest, m, src.as_ptr());
-                    let v = if iy == first {
-                        v
+        let whole = cols / LANES * LANES;
+        let mut x = 0;
+        while x < cols {
+            let m = mask(cols - x);
+            let mut acc = lowest;
+            for iy in first..last {
+                let src = &input[iy * geo.w + x..][..(cols - x).min(LANES)];
+                // SAFETY: a whole vector within `src` below `whole`, else the mask reads
+                // only the lanes within it.
+                let v = unsafe {
+                    if x < whole {
+                        _mm512_loadu_ps(src.as_ptr())
                     } else {
-                        fold(_mm512_mask_loadu_ps(lowest, m, dst.as_ptr()), v)
-                    };
-                    _mm512_mask_storeu_ps(dst.as_mut_ptr(), m, v);
-                }
+                        _mm512_mask_loadu_ps(lowest, m, src.as_ptr())
+                    }
+                };
+                acc = fold(acc, v);
             }
+            let dst = &mut data[x..][..(cols - x).min(LANES)];
+            // SAFETY: as for the loads.
+            unsafe {
+                if x < whole {
+                    _mm512_storeu_ps(dst.as_mut_ptr(), acc)
+                } else {
+                    _mm512_mask_storeu_ps(dst.as_mut_ptr(), m, acc)
+                }
+            };
+            x += LANES;
         }
         // Even columns into the first half of `halves`, odd ones into the second.
         let (even, odd) = halves.split_at_mut(half);
