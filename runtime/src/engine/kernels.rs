@@ -285,11 +285,6 @@ fn split_nc(dims: &[usize], what: &str) -> R<(usize, usize, Vec<usize>)> {
     }
 }
 
-/// ONNX Conv (1-D or 2-D, any groups).
-///
-/// `packed`: the weight's data was laid out at load time by [`pack_weights`] (its shape is
-/// still the original's), and the products run in our own loop ([`TileProduct`]);
-/// otherwise they run in the gemm crate's.
 /// The output dimensions of a convolution of `x` (dimensions `N x C x spatial`) by `m`
 /// filters of `kernel` (spatial dimensions) over `window`.
 pub(crate) fn conv_output_dims(
@@ -312,10 +307,16 @@ fn output_dims(n: usize, m: usize, spatial: usize, geo: &Geom) -> Vec<usize> {
     }
 }
 
-/// ONNX Conv on f32 tensors; `packed` when the weights were laid out by [`pack_weights`].
-/// A `residual` (the other operand of an Add fused into the Conv at load time, with the
-/// output's shape, see `docs/decisions.md`) is added to each output after the bias and
-/// before the activation, in the same pass.
+/// ONNX Conv (1-D or 2-D, any groups).
+///
+/// `packed`: the weight's data was laid out at load time by [`pack_weights`] (its shape is
+/// still the original's), and the products run in our own loop ([`TileProduct`]);
+/// otherwise they run in the gemm crate's.
+///
+/// `residual`: the other operand of an Add fused into the Conv at load time (see
+/// `docs/decisions.md`), with the output's shape; it is added to each output after the
+/// bias and before the activation, in the tiles' finishing pass (depthwise: in a second
+/// pass).
 pub(crate) fn conv(
     x: &Tensor,
     w: &Tensor,

@@ -529,12 +529,7 @@ fn fuse_activations(
     graph_outputs: &[&str],
 ) -> Vec<Pending> {
     let readers = reader_counts(&nodes);
-    let mut producer: HashMap<String, usize> = HashMap::new();
-    for (i, n) in nodes.iter().enumerate() {
-        for o in n.outputs.iter().flatten() {
-            producer.insert(o.clone(), i);
-        }
-    }
+    let producer = producers(&nodes);
     let mut nodes: Vec<Option<Pending>> = nodes.into_iter().map(Some).collect();
     for act_index in 0..nodes.len() {
         let Some(Some(act_node)) = nodes.get(act_index) else { continue };
@@ -567,12 +562,7 @@ fn fuse_activations(
 /// `ops::conv_with_residual`).
 fn fuse_residual_adds(nodes: Vec<Pending>, graph_outputs: &[&str]) -> Vec<Pending> {
     let readers = reader_counts(&nodes);
-    let mut producer: HashMap<String, usize> = HashMap::new();
-    for (i, n) in nodes.iter().enumerate() {
-        for o in n.outputs.iter().flatten() {
-            producer.insert(o.clone(), i);
-        }
-    }
+    let producer = producers(&nodes);
     let mut nodes: Vec<Option<Pending>> = nodes.into_iter().map(Some).collect();
     for add_index in 0..nodes.len() {
         let Some(Some(add)) = nodes.get(add_index) else { continue };
@@ -606,6 +596,17 @@ fn fuse_residual_adds(nodes: Vec<Pending>, graph_outputs: &[&str]) -> Vec<Pendin
         }
     }
     nodes.into_iter().flatten().collect()
+}
+
+/// The index of the node that produces each value.
+fn producers(nodes: &[Pending]) -> HashMap<String, usize> {
+    let mut producer = HashMap::new();
+    for (i, n) in nodes.iter().enumerate() {
+        for o in n.outputs.iter().flatten() {
+            producer.insert(o.clone(), i);
+        }
+    }
+    producer
 }
 
 /// How many node inputs read each value.

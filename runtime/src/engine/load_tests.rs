@@ -647,29 +647,18 @@ fn residual_adds_stay_apart_when_they_must() {
     let inits = || vec![tensor_f32("w", &[1, 1, 1, 1], &[2.0])];
     let one = || value("y", F, &[1, 1, 1, 1]);
     // `c` is read by the Add and by the Relu.
-    let shared = Model::load(&model_bytes(
-        vec![
-            conv("c"),
-            node("Relu", &["c"], &["r"], vec![]),
-            node("Add", &["c", "r"], &["y"], vec![]),
-        ],
-        x_in(&[1, 1, 1, 1]),
-        vec![one()],
-        inits(),
-        17,
-    ))
-    .unwrap();
+    let load = |nodes| {
+        Model::load(&model_bytes(nodes, x_in(&[1, 1, 1, 1]), vec![one()], inits(), 17)).unwrap()
+    };
+    let shared = load(vec![
+        conv("c"),
+        node("Relu", &["c"], &["r"], vec![]),
+        node("Add", &["c", "r"], &["y"], vec![]),
+    ]);
     assert_eq!(shared.node_count(), 3);
-    // The other operand is computed from the Conv's own output's producer onwards: the
-    // Add fuses into the second Conv, whose other operand (the first's) is ready.
-    let two = Model::load(&model_bytes(
-        vec![conv("c1"), conv("c2"), node("Add", &["c1", "c2"], &["y"], vec![])],
-        x_in(&[1, 1, 1, 1]),
-        vec![one()],
-        inits(),
-        17,
-    ))
-    .unwrap();
+    // Two Convs into one Add: the first's other operand (the second's output) is not
+    // ready when it runs, so the Add fuses into the second.
+    let two = load(vec![conv("c1"), conv("c2"), node("Add", &["c1", "c2"], &["y"], vec![])]);
     assert_eq!(two.node_count(), 2);
     let x = Tensor::ones((1, 1, 1, 1), DType::F32, &Device::Cpu).unwrap();
     let y = two.run(&[("x", x)]).unwrap()[0].1.flatten_all().unwrap().to_vec1::<f32>().unwrap();

@@ -1079,9 +1079,9 @@ fn map_math(t: &Tensor, func: math::Func) -> R<Tensor> {
 
 /// A Conv (any of its forms, `op`) that may carry the other operand of an Add fused into
 /// it at load time (its fourth input, see `load::fuse_residual_adds`): `run` runs the
-/// Conv's kernel, which adds a residual of the output's shape in its own output pass. One
-/// of another shape or type (the Add broadcasts it) is added as the Add would have, and
-/// the Conv's activation applied after.
+/// Conv's kernel, which adds a residual of the output's shape itself (see
+/// [`kernels::conv`]). One of another shape or type (the Add broadcasts it) is added as
+/// the Add would have, and the Conv's activation applied after.
 fn conv_with_residual(
     op: &Op,
     x: &Tensor,
