@@ -2510,11 +2510,6 @@ mod layer_timing {
             let time =
                 timed(&one, c * k * k * out * out, || pool(&x, PoolKind::Max, &attrs).unwrap());
             println!("max pool {c} {hw}x{hw} k{k} s{s} p{pad}: {time}");
-            let time = timed(&one, 1, || (&x + 1.0).unwrap());
-            println!("  fresh copy {time}");
-            let time =
-                timed(&one, 1, || pool(&(&x + 1.0).unwrap(), PoolKind::Max, &attrs).unwrap());
-            println!("  fresh copy + pool {time}");
         }
     }
 

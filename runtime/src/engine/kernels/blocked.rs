@@ -251,11 +251,12 @@ mod x86 {
         lanes
     }
 
-    const STAGES: [(usize, [i32; 16], [i32; 16]); 4] = [
-        (8, stage(8, true), stage(8, false)),
-        (4, stage(4, true), stage(4, false)),
-        (2, stage(2, true), stage(2, false)),
-        (1, stage(1, true), stage(1, false)),
+    /// The lanes of each butterfly stage of [`transpose`], blocks of 8, 4, 2 and 1.
+    const STAGES: [([i32; 16], [i32; 16]); 4] = [
+        (stage(8, true), stage(8, false)),
+        (stage(4, true), stage(4, false)),
+        (stage(2, true), stage(2, false)),
+        (stage(1, true), stage(1, false)),
     ];
 
     /// `$body` 16 times, with `$i` a constant 0 to 15 in each: so arrays indexed by it
@@ -283,7 +284,7 @@ mod x86 {
             transpose!(@stage $rows, 3, 1; 0 2 4 6 8 10 12 14);
         };
         (@stage $rows:ident, $s:literal, $b:literal; $($i:literal)*) => {
-            let (_, low, high) = STAGES[$s];
+            let (low, high) = STAGES[$s];
             // SAFETY: 64-byte reads of 16 i32s.
             let (low, high): (__m512i, __m512i) = unsafe {
                 (_mm512_loadu_si512(low.as_ptr().cast()), _mm512_loadu_si512(high.as_ptr().cast()))

@@ -33,11 +33,15 @@ fn row_len(geo: &Geom) -> usize {
 
 /// One output plane (`oh x ow`) of a MaxPool of `input` (one `h x w` plane) that
 /// [`supports`] takes: each output is the largest of its window, or NaN if one is NaN
-/// (as the general path), and padding never wins. `scratch` is reused from plane to plane.
+/// (as the general path), and padding never wins. `scratch` is reused from plane to plane
+/// of one MaxPool: its padding, written at the first plane, stays `-inf` (the planes write
+/// only the data columns of the padded row, and the whole of its even and odd columns).
 pub(super) fn plane(input: &[f32], geo: &Geom, scratch: &mut Vec<f32>, out: &mut [f32]) {
     let len = row_len(geo);
-    scratch.clear();
-    scratch.resize(2 * len, f32::NEG_INFINITY);
+    if scratch.len() != 2 * len {
+        scratch.clear();
+        scratch.resize(2 * len, f32::NEG_INFINITY);
+    }
     if input.len() < geo.h * geo.w || out.len() < geo.oh * geo.ow {
         return;
     }
