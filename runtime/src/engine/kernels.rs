@@ -369,7 +369,7 @@ pub(crate) fn conv(
     if g == c && cg == 1 {
         // The depthwise kernels take no residual: it is added in a second pass.
         let act = if residual.is_some() { None } else { attrs.activation };
-        let mut out = depthwise(x, w, b, n, c, m, geo, act)?;
+        let mut out = depthwise(x, w, b, (n, c, m), geo, act, packed)?;
         if let Some(residual) = residual {
             add_residual(&mut out, residual, attrs.activation);
         }
@@ -391,20 +391,31 @@ pub(crate) fn conv(
     Ok(Tensor::from_vec(out, out_dims, &Device::Cpu)?)
 }
 
-/// A Conv weight (`M x C/group x kernel`) laid out for [`GroupedConv`]: each group's
-/// weights in panels of [`panels::ROWS`] output channels, so the product streams through
-/// them in order. The same number of floats, in the same shape; `None` for a weight of
-/// one input channel per group (which runs depthwise, as it is), a 1x1 kernel, one deeper
-/// than [`PACKED_MAX_DEPTH`], or one that does not fit the attributes.
+/// A Conv weight (`M x C/group x kernel`) laid out for the kernel that runs it, in the
+/// same shape and the same number of floats:
+/// - for [`GroupedConv`], each group's weights in panels of [`panels::ROWS`] output
+///   channels, so the product streams through them in order; `None` for a 1x1 kernel, one
+///   deeper than [`PACKED_MAX_DEPTH`], or one that does not fit the attributes;
+/// - for a depthwise convolution of one output channel per group, blocks of channels
+///   with their taps in order ([`pack_depthwise`]), on CPUs where blocks run; `None`
+///   elsewhere and for other depthwise weights, which run as they are.
 pub(crate) fn pack_weights(w: &Tensor, attrs: &ConvAttrs) -> R<Option<Tensor>> {
     let (m, cg) = match w.dims() {
         [m, cg, _, ..] => (*m, *cg),
         _ => return Ok(None),
     };
     let g = attrs.group;
-    // One input channel per group runs as a depthwise convolution (see [`conv`]).
-    if w.dtype() != candle_core::DType::F32 || g == 0 || m % g != 0 || cg == 1 {
+    if w.dtype() != candle_core::DType::F32 || g == 0 || m % g != 0 {
         return Ok(None);
+    }
+    // One input channel per group runs as a depthwise convolution (see [`conv`]).
+    if cg == 1 {
+        let Some(block) = depthwise_block().filter(|_| m == g) else {
+            return Ok(None);
+        };
+        let kk = w.elem_count() / m.max(1);
+        let packed = with_f32(w, |ws| Ok(pack_depthwise(ws, m, kk, block)))?;
+        return Ok(Some(Tensor::from_vec(packed, w.dims(), &Device::Cpu)?));
     }
     let k = w.elem_count() / m.max(1);
     if k > PACKED_MAX_DEPTH || k == cg {
@@ -421,6 +432,50 @@ pub(crate) fn pack_weights(w: &Tensor, attrs: &ConvAttrs) -> R<Option<Tensor>> {
 /// kernels of several taps up to this depth ran faster in ours (ResNet's stride-2 3x3
 /// layers 1.43 -> 1.26 and 1.49 -> 1.30 ms, cnn 0.080 -> 0.073 ms in all).
 const PACKED_MAX_DEPTH: usize = 1152;
+
+/// How many channels a block of a depthwise convolution holds when blocks run on this
+/// CPU ([`blocked::Block`]: a vector's lanes), so its weights are packed at load time in
+/// blocks of that many ([`pack_depthwise`]); `None` where blocks do not run.
+fn depthwise_block() -> Option<usize> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        blocked::runs_here().then(blocked::lanes)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        None
+    }
+}
+
+/// The `kk`-tap kernels of `m` depthwise channels (`ws`, channel-major) laid out as
+/// [`blocked::Block`] reads them: per block of `block` channels (the last may hold fewer,
+/// `n`), each tap's `n` weights in turn. The same number of floats.
+fn pack_depthwise(ws: &[f32], m: usize, kk: usize, block: usize) -> Vec<f32> {
+    let mut packed = vec![0f32; ws.len()];
+    for (first, dst) in (0..m).step_by(block).zip(packed.chunks_mut(block * kk)) {
+        let n = (m - first).min(block);
+        for (c, kernel) in ws[first * kk..].chunks_exact(kk).take(n).enumerate() {
+            for (t, &v) in kernel.iter().enumerate() {
+                dst[t * n + c] = v;
+            }
+        }
+    }
+    packed
+}
+
+/// The channel-major kernels of weights packed by [`pack_depthwise`].
+fn unpack_depthwise(packed: &[f32], m: usize, kk: usize, block: usize) -> Vec<f32> {
+    let mut ws = vec![0f32; packed.len()];
+    for (first, src) in (0..m).step_by(block).zip(packed.chunks(block * kk)) {
+        let n = (m - first).min(block);
+        for (c, kernel) in ws[first * kk..].chunks_exact_mut(kk).take(n).enumerate() {
+            for (t, v) in kernel.iter_mut().enumerate() {
+                *v = src[t * n + c];
+            }
+        }
+    }
+    ws
+}
 
 /// `g` groups of `mg x k` weights, each laid out in panels of [`panels::ROWS`] channels.
 fn pack_groups(ws: &[f32], g: usize, mg: usize, k: usize) -> Vec<f32> {
@@ -901,10 +956,10 @@ const DEPTH_BLOCK: usize = 128;
 /// panels, see [`pack_weights`]), times the tile's unfolded input (`k x width`), whose
 /// rows are read where they lie in the stride phases, not copied out first.
 ///
-/// Output positions run along the vector lanes: 4, 2 and 1 vectors at a time, the last
-/// reaching into the rows' padding; each panel of weights gives a block's rows. The sum
-/// over `k` is cut into [`DEPTH_BLOCK`]s, each added to the last, so a block of the
-/// input stays in L1.
+/// Output positions run along the vector lanes: 4 (where [`panels::four_wide`]), 2 and 1
+/// vectors at a time, the last reaching into the rows' padding; each panel of weights
+/// gives a block's rows. The sum over `k` is cut into [`DEPTH_BLOCK`]s, each added to the
+/// last, so a block of the input stays in L1.
 struct TileProduct<'a> {
     /// The phases: row `r` of the unfolded input starts at `x[rows[r]]`.
     x: &'a [f32],
@@ -977,11 +1032,11 @@ impl pulp::WithSimd for TileProduct<'_> {
         while k0 < self.k {
             let rows = (k0, self.k.div_ceil(passes).min(self.k - k0));
             let mut i = 0;
-            while i + 4 * lanes <= self.width {
+            while panels::four_wide::<S>() && i + 4 * lanes <= self.width {
                 self.columns::<S, 4>(simd, rows, i);
                 i += 4 * lanes;
             }
-            if i + 2 * lanes <= self.width {
+            while i + 2 * lanes <= self.width {
                 self.columns::<S, 2>(simd, rows, i);
                 i += 2 * lanes;
             }
@@ -1220,23 +1275,24 @@ unsafe fn gemm_rows(
     }
 }
 
-/// Depthwise convolution: each output channel reads one input channel.
+/// Depthwise convolution: each output channel reads one input channel. `packed`: the
+/// weights were laid out by [`pack_depthwise`] at load time.
 ///
-/// Each input plane is first copied, zero-padded, into `sh x sw` phases (phase `(ry, rx)`
-/// holds the padded rows `ry + i sh` and columns `rx + j sw`). In those, every kernel tap
-/// reads one contiguous run for the whole plane, at any stride, computed on rows as wide
-/// as a phase (the few extra columns are dropped at the end): one long multiply-add per
-/// tap, which vectorizes even on 7x7 planes where a per-row loop would not.
-#[allow(clippy::too_many_arguments)]
+/// Where [`blocked::supports`] the geometry, blocks of channels run at once, each tap of
+/// each output one multiply-add of whole vectors. Elsewhere each input plane is first
+/// copied, zero-padded, into `sh x sw` phases (phase `(ry, rx)` holds the padded rows
+/// `ry + i sh` and columns `rx + j sw`). In those, every kernel tap reads one contiguous
+/// run for the whole plane, at any stride, computed on rows as wide as a phase (the few
+/// extra columns are dropped at the end): one long multiply-add per tap, which vectorizes
+/// even on 7x7 planes where a per-row loop would not.
 fn depthwise(
     x: &Tensor,
     w: &Tensor,
     b: Option<&Tensor>,
-    n: usize,
-    c: usize,
-    m: usize,
+    (n, c, m): (usize, usize, usize),
     geo: Geom,
     activation: Option<Activation>,
+    packed: bool,
 ) -> R<Vec<f32>> {
     let mult = m / c.max(1);
     let plane_in = geo.h * geo.w;
@@ -1250,17 +1306,22 @@ fn depthwise(
     let arch = pulp::Arch::new();
     #[cfg(target_arch = "x86_64")]
     if mult == 1 && blocked::supports(&geo) {
-        let lanes = blocked::lanes();
+        let block = blocked::lanes();
         with_f32(w, |weights| {
             with_f32(x, |xs| {
                 let (Some(xs), Some(weights)) = (xs.get(..n * c * plane_in), weights.get(..c * kk))
                 else {
                     return Err(err("Conv input or weight is shorter than its shape"));
                 };
+                // Weights that are not constants are laid out here, on every call.
+                let weights = match packed {
+                    true => std::borrow::Cow::Borrowed(weights),
+                    false => std::borrow::Cow::Owned(pack_depthwise(weights, c, kk, block)),
+                };
                 for (image, out) in out.chunks_exact_mut(m * p).enumerate() {
                     let xs = &xs[image * c * plane_in..][..c * plane_in];
-                    let block = |_: &mut (), index: usize, out: &mut [f32]| {
-                        let first = index * lanes;
+                    let run = |_: &mut (), index: usize, out: &mut [f32]| {
+                        let first = index * block;
                         let channels = out.len() / p;
                         blocked::with_scratch(|scratch| {
                             arch.dispatch(blocked::Block {
@@ -1274,7 +1335,7 @@ fn depthwise(
                             })
                         });
                     };
-                    for_each_chunk(out, lanes * p, m * p * kk, || (), block);
+                    for_each_chunk(out, block * p, m * p * kk, || (), run);
                 }
                 Ok(())
             })
@@ -1287,6 +1348,15 @@ fn depthwise(
             if p == 0 {
                 return Ok(());
             }
+            // Packed weights on a plane too large for blocks: back to one kernel per
+            // channel, once per call (a few hundred floats beside a plane of thousands).
+            let weights = match (packed, depthwise_block()) {
+                (false, _) => std::borrow::Cow::Borrowed(weights),
+                (true, Some(block)) => {
+                    std::borrow::Cow::Owned(unpack_depthwise(weights, m, kk, block))
+                }
+                (true, None) => return Err(err("depthwise weights packed for another CPU")),
+            };
             let plane = |scratch: &mut (Phases, Vec<f32>), index: usize, out: &mut [f32]| {
                 let (ni, mi) = (index / m, index % m);
                 let base = (ni * c + mi / mult.max(1)) * plane_in;
@@ -2418,9 +2488,65 @@ mod packed_tests {
         assert!(pack_weights(&ones(&[64, 32, 1, 1]), &attrs(1, 1, 1, [0; 4], 1))
             .unwrap()
             .is_none());
-        assert!(pack_weights(&ones(&[32, 1, 3, 3]), &attrs(3, 1, 1, [1; 4], 32))
+        // Depthwise weights are packed where blocks of channels run.
+        let depthwise = pack_weights(&ones(&[32, 1, 3, 3]), &attrs(3, 1, 1, [1; 4], 32)).unwrap();
+        assert_eq!(depthwise.is_some(), depthwise_block().is_some());
+        // Not with a channel multiplier (two outputs per input channel).
+        assert!(pack_weights(&ones(&[64, 1, 3, 3]), &attrs(3, 1, 1, [1; 4], 32))
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn depthwise_weights_unpack_to_what_was_packed() {
+        // 20 channels: a partial last block at both widths.
+        let (m, kk) = (20, 9);
+        let ws = seq(m * kk, 0);
+        for block in [8, 16] {
+            let packed = pack_depthwise(&ws, m, kk, block);
+            assert_eq!(packed.len(), ws.len());
+            // Channel 17's tap 4: in the block from 16 on, of 4 (block 16) or 8 channels.
+            let n = (m - 16).min(block);
+            assert_eq!(packed[16 * kk + 4 * n + 1], ws[17 * kk + 4], "block {block}");
+            assert_eq!(unpack_depthwise(&packed, m, kk, block), ws, "block {block}");
+        }
+    }
+
+    /// Depthwise convolutions on packed weights give the same outputs, to the bit, as on
+    /// the weights as they are: in blocks of channels (a partial one too) and, on a plane
+    /// too large for blocks, planar.
+    #[test]
+    fn packed_depthwise_weights_give_the_same_outputs() {
+        // (c, h, w, k, stride, pads)
+        let cases = [
+            (20, 9, 11, 3, 1, [1; 4]),
+            (24, 14, 14, 5, 2, [2; 4]),
+            (16, 70, 70, 3, 2, [1, 0, 1, 0]),
+        ];
+        for (i, (c, h, w, k, stride, pads)) in cases.into_iter().enumerate() {
+            let dev = &Device::Cpu;
+            let x = Tensor::from_vec(seq(c * h * w, i), (1, c, h, w), dev).unwrap();
+            let wt = Tensor::from_vec(seq(c * k * k, i + 1), (c, 1, k, k), dev).unwrap();
+            let b = Tensor::from_vec(seq(c, i + 2), c, dev).unwrap();
+            let mut attrs = attrs(k, stride, 1, pads, c);
+            attrs.activation = Some(Activation::Relu);
+            let Some(packed) = pack_weights(&wt, &attrs).unwrap() else {
+                assert!(depthwise_block().is_none(), "case {i}: not packed where blocks run");
+                continue;
+            };
+            for threads in [1, 2] {
+                let team =
+                    if threads == 1 { Team::new(1) } else { Team::new(2).splitting_everything() };
+                let (want, got) = team.install(|| {
+                    (
+                        conv(&x, &wt, Some(&b), &attrs, false, None).unwrap(),
+                        conv(&x, &packed, Some(&b), &attrs, true, None).unwrap(),
+                    )
+                });
+                let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert_eq!(flat(&got), flat(&want), "case {i}, {threads} threads");
+            }
+        }
     }
 }
 

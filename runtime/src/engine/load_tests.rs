@@ -564,6 +564,8 @@ fn residual_adds_fuse_into_conv_with_the_same_result() {
     let winograd = |op: &Op| matches!(op, Op::WinogradConv(_));
     let packed = |op: &Op| matches!(op, Op::PackedConv(_));
     let plain = |op: &Op| matches!(op, Op::Conv(_));
+    // Depthwise weights are packed where the CPU runs blocks of channels.
+    let depthwise = |op: &Op| matches!(op, Op::Conv(_) | Op::PackedConv(_));
     let (h, w) = (9usize, 10usize);
     let case = |c, m, k, group, residual: &[usize], conv_first, relu, kind| Case {
         c,
@@ -579,11 +581,11 @@ fn residual_adds_fuse_into_conv_with_the_same_result() {
         case(32, 32, 3, 1, &[1, 32, h, w], true, true, winograd),
         case(4, 6, 3, 1, &[1, 6, h, w], false, true, packed),
         case(8, 12, 1, 1, &[1, 12, h, w], true, false, plain),
-        case(8, 8, 3, 8, &[1, 8, h, w], false, true, plain),
+        case(8, 8, 3, 8, &[1, 8, h, w], false, true, depthwise),
         // Residuals the Add broadcasts: to the Conv's shape, and beyond it.
         case(32, 32, 3, 1, &[1, 32, 1, 1], true, true, winograd),
         case(4, 6, 3, 1, &[2, 6, h, w], true, true, packed),
-        case(8, 8, 3, 8, &[1, 1, 1, w], true, false, plain),
+        case(8, 8, 3, 8, &[1, 1, 1, w], true, false, depthwise),
     ];
     for (i, Case { c, m, k, group, residual: r_dims, conv_first, relu, kind }) in
         cases.into_iter().enumerate()

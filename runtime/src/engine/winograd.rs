@@ -368,11 +368,11 @@ impl pulp::WithSimd for PointProduct<'_> {
             let job =
                 Panel { v, offset, u: &u[start * c..][..c * width], tiles, channels, first: panel };
             let mut ch = 0;
-            while ch + 4 * lanes <= width {
+            while panels::four_wide::<S>() && ch + 4 * lanes <= width {
                 panel_tiles::<S, 4>(simd, job, ch, dst);
                 ch += 4 * lanes;
             }
-            if ch + 2 * lanes <= width {
+            while ch + 2 * lanes <= width {
                 panel_tiles::<S, 2>(simd, job, ch, dst);
                 ch += 2 * lanes;
             }

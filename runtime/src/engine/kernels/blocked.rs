@@ -23,17 +23,40 @@ pub(super) fn lanes() -> usize {
     pulp::Arch::new().dispatch(Lanes)
 }
 
-/// Whether [`Block`] runs this geometry on this CPU: one with AVX-512, whose 16 lanes the
-/// blocks are moved in and out of with transposes in registers, and a padded plane of at
-/// most [`MAX_PADDED_POSITIONS`]. Others take the planar path.
+/// Whether [`Block`] runs on this CPU: one with AVX-512 (blocks of 16 channels) or with
+/// AVX2 and FMA (blocks of 8), whose blocks are moved in and out with transposes in
+/// registers.
+pub(super) fn runs_here() -> bool {
+    match lanes() {
+        16 => std::arch::is_x86_feature_detected!("avx512f"),
+        8 => {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+        }
+        _ => false,
+    }
+}
+
+/// Whether [`Block`] runs this geometry on this CPU ([`runs_here`]): a padded plane of at
+/// most [`MAX_PADDED_POSITIONS`], and with 8 lanes an output plane of at most
+/// [`MAX_OUTPUTS_8_LANES`]. Others take the planar path.
 pub(super) fn supports(geo: &Geom) -> bool {
     let (hp, wp) = padded_size(geo);
-    std::arch::is_x86_feature_detected!("avx512f")
-        && lanes() == 16
+    runs_here()
         && geo.oh > 0
         && geo.ow > 0
         && hp * wp <= MAX_PADDED_POSITIONS
+        && (lanes() > 8 || geo.oh * geo.ow <= MAX_OUTPUTS_8_LANES)
 }
+
+/// The most output positions of a plane blocks of 8 channels (AVX2) take. Per layer at
+/// one thread on an AVX2 CPU, blocks against planes: MobileNetV3's 5x5 layers on 14x14
+/// and 7x7 outputs 0.049 vs 0.095, 0.094 vs 0.12 and 0.069 vs 0.13 ms; but its 3x3
+/// layers on 28x28 outputs 0.094 vs 0.067 and 0.135 vs 0.119 ms, where a plane's rows
+/// fill the 8 lanes well and moving each position in and out costs more than it saves.
+/// (With 16 lanes, 7- and 14-wide rows waste more of each vector, and blocks won on all
+/// of MobileNetV3's planes that fit.)
+const MAX_OUTPUTS_8_LANES: usize = 16 * 16;
 
 /// The most positions of a padded plane this path takes (64 x 64): each thread keeps its
 /// block buffers (16 floats per position) between calls, and a larger plane would keep
@@ -74,8 +97,10 @@ pub(super) struct Scratch {
     padded: Vec<f32>,
     padded_at: usize,
     padded_for: Option<(Geom, usize)>,
-    /// The block's weights, tap-major (one vector per tap), then its bias vector.
+    /// A partial block's weights, tap-major (one vector per tap, zero past its channels).
     weights: Vec<f32>,
+    /// The block's bias, one vector.
+    bias: Vec<f32>,
     /// Where each tap reads, in positions from the window's first.
     taps: Vec<usize>,
     /// Where each output's window starts, in positions; rounded up to whole groups of
@@ -90,6 +115,8 @@ pub(super) struct Scratch {
 /// `h x w` planes) and `weights` (their `kh x kw` kernels).
 pub(super) struct Block<'a> {
     pub input: &'a [f32],
+    /// Packed by [`super::pack_depthwise`]: tap-major, each tap's weights for the block's
+    /// channels.
     pub weights: &'a [f32],
     /// One per channel.
     pub bias: &'a [f32],
@@ -148,6 +175,10 @@ impl pulp::WithSimd for Block<'_> {
             let interior = &mut padded[at(0)..];
             // SAFETY: 16 lanes are AVX-512's (pulp dispatched to it).
             unsafe { x86::to_positions(input, channels, hw, interior, (geo.w, wp)) };
+        } else if l == 8 {
+            let interior = &mut padded[at(0)..];
+            // SAFETY: 8 lanes are AVX2's (pulp dispatched to it, with FMA).
+            unsafe { avx2::to_positions(input, channels, hw, interior, (geo.w, wp)) };
         } else {
             for (c, plane) in input.chunks_exact(hw).take(channels).enumerate() {
                 for (q, &v) in plane.iter().enumerate() {
@@ -155,15 +186,21 @@ impl pulp::WithSimd for Block<'_> {
                 }
             }
         }
-        let w = &mut scratch.weights;
-        w.clear();
-        w.resize((kk + 1) * l, 0.0);
-        for (c, kernel) in weights.chunks_exact(kk).take(channels).enumerate() {
-            for (t, &v) in kernel.iter().enumerate() {
-                w[t * l + c] = v;
+        // A whole block's packed weights are its vectors; a partial block's are widened.
+        let w = if channels == l {
+            &weights[..kk * l]
+        } else {
+            let w = &mut scratch.weights;
+            w.clear();
+            w.resize(kk * l, 0.0);
+            for (dst, src) in w.chunks_exact_mut(l).zip(weights.chunks_exact(channels)) {
+                dst[..channels].copy_from_slice(src);
             }
-            w[kk * l + c] = bias.get(c).copied().unwrap_or(0.0);
-        }
+            &w[..]
+        };
+        scratch.bias.clear();
+        scratch.bias.extend_from_slice(&bias[..channels]);
+        scratch.bias.resize(l, 0.0);
         // Not cleared: every sum is written before it is read.
         let groups = scratch.bases.len();
         if scratch.sums.len() < groups * l {
@@ -172,8 +209,8 @@ impl pulp::WithSimd for Block<'_> {
         let (wv, _) = S::as_simd_f32s(w);
         let (xs, _) = S::as_simd_f32s(padded);
         let (sums, _) = S::as_mut_simd_f32s(&mut scratch.sums[..groups * l]);
-        let (Some((&b, wv)), Some(&last_tap), Some(&last_base)) =
-            (wv.split_last(), scratch.taps.last(), scratch.bases.last())
+        let (Some(&b), Some(&last_tap), Some(&last_base)) =
+            (S::as_simd_f32s(&scratch.bias).0.first(), scratch.taps.last(), scratch.bases.last())
         else {
             return;
         };
@@ -203,6 +240,9 @@ impl pulp::WithSimd for Block<'_> {
         if l == 16 {
             // SAFETY: as above.
             unsafe { x86::to_planes(sums, p, out, channels) };
+        } else if l == 8 {
+            // SAFETY: as above.
+            unsafe { avx2::to_planes(sums, p, out, channels) };
         } else {
             for (c, plane) in out.chunks_exact_mut(p).enumerate() {
                 for (dst, &v) in plane.iter_mut().zip(sums[c..].iter().step_by(l)) {
@@ -223,9 +263,176 @@ impl pulp::WithSimd for Block<'_> {
 /// Outputs summed together by [`Block`].
 const GROUP: usize = 8;
 
+/// The moves between planes and blocks as 8 x 8 transposes in registers, on CPUs with
+/// AVX2 but not AVX-512 (where a block is 8 channels); as [`x86`]'s, which documents them.
+mod avx2 {
+    use std::arch::x86_64::{
+        __m256, __m256i, _mm256_cmpgt_epi32, _mm256_loadu_ps, _mm256_maskload_ps,
+        _mm256_maskstore_ps, _mm256_permute2f128_ps, _mm256_set1_epi32, _mm256_setr_epi32,
+        _mm256_setzero_ps, _mm256_shuffle_ps, _mm256_storeu_ps, _mm256_unpackhi_ps,
+        _mm256_unpacklo_ps,
+    };
+
+    /// `$body` 8 times, with `$i` a constant 0 to 7 in each.
+    macro_rules! unroll8 {
+        ($i:ident => $body:block) => {
+            unroll8!(@ $i $body; 0 1 2 3 4 5 6 7)
+        };
+        (@ $i:ident $body:block; $($n:literal)*) => {
+            $({
+                const $i: usize = $n;
+                $body
+            })*
+        };
+    }
+
+    /// Transposes 8 rows of 8 floats in registers: pairs of rows interleaved, then pairs
+    /// of pairs, then the 128-bit halves swapped.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn transpose(r: &mut [__m256; 8]) {
+        let t = [
+            _mm256_unpacklo_ps(r[0], r[1]),
+            _mm256_unpackhi_ps(r[0], r[1]),
+            _mm256_unpacklo_ps(r[2], r[3]),
+            _mm256_unpackhi_ps(r[2], r[3]),
+            _mm256_unpacklo_ps(r[4], r[5]),
+            _mm256_unpackhi_ps(r[4], r[5]),
+            _mm256_unpacklo_ps(r[6], r[7]),
+            _mm256_unpackhi_ps(r[6], r[7]),
+        ];
+        let u = [
+            _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+            _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+            _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+            _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+            _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+            _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+            _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+            _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+        ];
+        for i in 0..4 {
+            r[i] = _mm256_permute2f128_ps::<0x20>(u[i], u[i + 4]);
+            r[i + 4] = _mm256_permute2f128_ps::<0x31>(u[i], u[i + 4]);
+        }
+    }
+
+    /// The mask of the first `n` (at most 8) lanes.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn first(n: usize) -> __m256i {
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+    }
+
+    /// Block in, 8 channels: as [`super::x86::to_positions`].
+    ///
+    /// # Panics
+    ///
+    /// If `planes` is shorter than `channels * len`, `channels` is over 8 or a position
+    /// is past the end of `dst`.
+    #[target_feature(enable = "avx2")]
+    pub(super) fn to_positions(
+        planes: &[f32],
+        channels: usize,
+        len: usize,
+        dst: &mut [f32],
+        (width, pitch): (usize, usize),
+    ) {
+        assert!(channels <= 8 && planes.len() >= channels * len && width > 0);
+        let (mut row, mut col) = (0, 0);
+        let mut q0 = 0;
+        while q0 < len {
+            let n = (len - q0).min(8);
+            let mut rows = [_mm256_setzero_ps(); 8];
+            unroll8!(C => {
+                if C < channels {
+                    // SAFETY: lanes `C * len + q0 .. + n` of `planes` (checked above).
+                    rows[C] = unsafe { _mm256_maskload_ps(planes[C * len + q0..].as_ptr(), first(n)) };
+                }
+            });
+            transpose(&mut rows);
+            unroll8!(Q => {
+                if Q < n {
+                    let to = (row * pitch + col) * 8;
+                    let dst = &mut dst[to..to + 8];
+                    // SAFETY: 8 floats of `dst`.
+                    unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), rows[Q]) };
+                    col += 1;
+                    if col == width {
+                        (row, col) = (row + 1, 0);
+                    }
+                }
+            });
+            q0 += n;
+        }
+    }
+
+    /// Block out, 8 channels: as [`super::x86::to_planes`].
+    ///
+    /// # Panics
+    ///
+    /// If `src` is shorter than `len * 8`, `channels` is over 8 or `planes` is shorter
+    /// than `channels * len`.
+    #[target_feature(enable = "avx2")]
+    pub(super) fn to_planes(src: &[f32], len: usize, planes: &mut [f32], channels: usize) {
+        assert!(channels <= 8 && src.len() >= len * 8 && planes.len() >= channels * len);
+        let mut q0 = 0;
+        while q0 < len {
+            let n = (len - q0).min(8);
+            let mut rows = [_mm256_setzero_ps(); 8];
+            unroll8!(Q => {
+                if Q < n {
+                    // SAFETY: 8 floats of `src` (checked above).
+                    rows[Q] = unsafe { _mm256_loadu_ps(src[(q0 + Q) * 8..][..8].as_ptr()) };
+                }
+            });
+            transpose(&mut rows);
+            unroll8!(C => {
+                if C < channels {
+                    let dst = &mut planes[C * len + q0..][..n];
+                    // SAFETY: the first `n` lanes, the floats of `dst`.
+                    unsafe { _mm256_maskstore_ps(dst.as_mut_ptr(), first(n), rows[C]) };
+                }
+            });
+            q0 += n;
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn blocks_round_trip_through_positions() {
+            if !std::arch::is_x86_feature_detected!("avx2") {
+                return;
+            }
+            // 5 channels of 19 positions: a partial block and a partial last chunk.
+            let (channels, len) = (5, 19);
+            let planes: Vec<f32> = (0..channels * len).map(|v| v as f32).collect();
+            // Rows of 4 positions, 6 apart, from position 2 on.
+            let at = |q: usize| (2 + q / 4 * 6 + q % 4) * 8;
+            let mut block = vec![-1f32; at(len) + 8];
+            // SAFETY: the CPU has AVX2 (checked above).
+            unsafe { to_positions(&planes, channels, len, &mut block[2 * 8..], (4, 6)) };
+            for q in 0..len {
+                for c in 0..8 {
+                    let want = if c < channels { (c * len + q) as f32 } else { 0.0 };
+                    assert_eq!(block[at(q) + c], want, "position {q}, lane {c}");
+                }
+            }
+            let dense: Vec<f32> = (0..len).flat_map(|q| block[at(q)..][..8].to_vec()).collect();
+            let mut back = vec![0f32; channels * len + 3];
+            // SAFETY: as above.
+            unsafe { to_planes(&dense, len, &mut back, channels) };
+            assert_eq!(&back[..channels * len], &planes[..]);
+            assert!(back[channels * len..].iter().all(|&v| v == 0.0), "wrote past the planes");
+        }
+    }
+}
+
 /// The moves between planes and blocks as 16 x 16 transposes in registers, on CPUs
 /// with AVX-512 (where a block is 16 channels).
-#[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::{
         __m512i, _mm512_loadu_si512, _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps,
