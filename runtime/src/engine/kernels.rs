@@ -994,6 +994,7 @@ impl TileProduct<'_> {
         simd: S,
         (k0, depth): (usize, usize),
         i: usize,
+        reach: usize,
     ) {
         let end = self.first + self.channels;
         for start in (self.first..end).step_by(panels::ROWS) {
@@ -1002,6 +1003,7 @@ impl TileProduct<'_> {
                 a: self.x,
                 a_stride: 0,
                 a_rows: Some(&self.rows[k0..k0 + depth]),
+                a_rows_reach: reach,
                 b: &self.weights[start * self.k + k0 * panel_width..],
                 b_stride: panel_width,
                 b_step: 1,
@@ -1015,7 +1017,8 @@ impl TileProduct<'_> {
             };
             let rows = panel_width.min(end - start);
             // SAFETY: the block lies within the rows and columns `run` was given, and
-            // when `k0 > 0` the pass over the earlier rows wrote it.
+            // when `k0 > 0` the pass over the earlier rows wrote it; `reach` is the
+            // largest of all the rows.
             unsafe { panels::block_rows::<S, MR>(simd, ops, (i, 0), rows, dst) };
         }
     }
@@ -1027,22 +1030,23 @@ impl pulp::WithSimd for TileProduct<'_> {
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, simd: S) {
         let lanes = S::F32_LANES;
+        let reach = self.rows.iter().copied().max().unwrap_or(0);
         let passes = self.k.div_ceil(DEPTH_BLOCK);
         let mut k0 = 0;
         while k0 < self.k {
             let rows = (k0, self.k.div_ceil(passes).min(self.k - k0));
             let mut i = 0;
             while panels::four_wide::<S>() && i + 4 * lanes <= self.width {
-                self.columns::<S, 4>(simd, rows, i);
+                self.columns::<S, 4>(simd, rows, i, reach);
                 i += 4 * lanes;
             }
             while i + 2 * lanes <= self.width {
-                self.columns::<S, 2>(simd, rows, i);
+                self.columns::<S, 2>(simd, rows, i, reach);
                 i += 2 * lanes;
             }
             // The last vector may reach into the rows' padding (see `run`).
             while i < self.width {
-                self.columns::<S, 1>(simd, rows, i);
+                self.columns::<S, 1>(simd, rows, i, reach);
                 i += lanes;
             }
             k0 += rows.1;
