@@ -69,6 +69,10 @@ EOF
 # The lowest of the numbers on stdin, one per word.
 lowest() { tr ' ' '\n' | awk 'NF && (m == "" || $1 < m) { m = $1 } END { print m }'; }
 
+# The kernels differ by vector width (AVX-512, AVX2), so the CPU is part of the result.
+cpu=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
+isa=$(grep -qw avx512f /proc/cpuinfo && echo AVX-512 || { grep -qw avx2 /proc/cpuinfo && echo AVX2 || echo "no AVX2"; })
+echo "== host: $cpu, $isa, $(nproc) cores"
 echo "== latency, batch 1 (lowest of $rounds medians, ms; ratio = basalt / onnxruntime)"
 printf '%-12s %7s %10s %12s %7s\n' model threads basalt onnxruntime ratio
 for threads in 1 2; do

@@ -51,11 +51,11 @@ pub(super) fn supports(geo: &Geom) -> bool {
 
 /// The most output positions of a plane blocks of 8 channels (AVX2) take. Per layer at
 /// one thread on an AVX2 CPU, blocks against planes: MobileNetV3's 5x5 layers on 14x14
-/// and 7x7 outputs 0.049 vs 0.095, 0.094 vs 0.12 and 0.069 vs 0.13 ms; but its 3x3
-/// layers on 28x28 outputs 0.094 vs 0.067 and 0.135 vs 0.119 ms, where a plane's rows
-/// fill the 8 lanes well and moving each position in and out costs more than it saves.
-/// (With 16 lanes, 7- and 14-wide rows waste more of each vector, and blocks won on all
-/// of MobileNetV3's planes that fit.)
+/// and 7x7 outputs 0.043 vs 0.095, 0.073 vs 0.12 and 0.057 vs 0.13 ms; on its 28x28
+/// outputs, where a plane's rows fill the 8 lanes well, about the same (0.066 vs 0.067
+/// and 0.112 vs 0.119 ms, within the host's noise), so those stay planar. (With 16 lanes,
+/// 7- and 14-wide rows waste more of each vector, and blocks won on all of MobileNetV3's
+/// planes that fit.)
 const MAX_OUTPUTS_8_LANES: usize = 16 * 16;
 
 /// The most positions of a padded plane this path takes (64 x 64): each thread keeps its
@@ -346,8 +346,16 @@ mod avx2 {
             let mut rows = [_mm256_setzero_ps(); 8];
             unroll8!(C => {
                 if C < channels {
-                    // SAFETY: lanes `C * len + q0 .. + n` of `planes` (checked above).
-                    rows[C] = unsafe { _mm256_maskload_ps(planes[C * len + q0..].as_ptr(), first(n)) };
+                    let src = &planes[C * len + q0..][..n];
+                    // SAFETY: the `n` floats of `src`; a masked move only for a partial
+                    // chunk (masked moves are slow on some CPUs).
+                    rows[C] = unsafe {
+                        if n == 8 {
+                            _mm256_loadu_ps(src.as_ptr())
+                        } else {
+                            _mm256_maskload_ps(src.as_ptr(), first(n))
+                        }
+                    };
                 }
             });
             transpose(&mut rows);
@@ -391,7 +399,13 @@ mod avx2 {
                 if C < channels {
                     let dst = &mut planes[C * len + q0..][..n];
                     // SAFETY: the first `n` lanes, the floats of `dst`.
-                    unsafe { _mm256_maskstore_ps(dst.as_mut_ptr(), first(n), rows[C]) };
+                    unsafe {
+                        if n == 8 {
+                            _mm256_storeu_ps(dst.as_mut_ptr(), rows[C])
+                        } else {
+                            _mm256_maskstore_ps(dst.as_mut_ptr(), first(n), rows[C])
+                        }
+                    };
                 }
             });
             q0 += n;
