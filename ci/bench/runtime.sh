@@ -8,7 +8,7 @@
 #    like the device binary and with its allocator; N engine threads) and
 #    onnxruntime from .cache/venv (intra_op_num_threads = N), model by model,
 #    alternating, so a busy machine disturbs both sides alike. Each side's
-#    median over BENCH_SECONDS, BENCH_ROUNDS times (default 3) in turn; the
+#    median over BENCH_SECONDS, BENCH_ROUNDS times (default 5) in turn; the
 #    lowest median of each side is kept, so a slow spell of a shared host
 #    during one side's turn does not decide the ratio.
 # 2. Idle RSS of the static musl basalt-runtime serving one model, beyond the
@@ -21,7 +21,7 @@ root=$PWD
 models=$root/.cache/models
 python=$root/.cache/venv/bin/python
 seconds=${BENCH_SECONDS:-2}
-rounds=${BENCH_ROUNDS:-3}
+rounds=${BENCH_ROUNDS:-5}
 names=(${BENCH_MODELS:-mlp cnn mobilenetv3 resnet18 transformer})
 
 if [ ! -x "$python" ] || [ ! -f "$models/resnet18.onnx" ]; then

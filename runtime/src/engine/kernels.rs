@@ -452,13 +452,8 @@ fn depthwise_block() -> Option<usize> {
 /// `n`), each tap's `n` weights in turn. The same number of floats.
 fn pack_depthwise(ws: &[f32], m: usize, kk: usize, block: usize) -> Vec<f32> {
     let mut packed = vec![0f32; ws.len()];
-    for (first, dst) in (0..m).step_by(block).zip(packed.chunks_mut(block * kk)) {
-        let n = (m - first).min(block);
-        for (c, kernel) in ws[first * kk..].chunks_exact(kk).take(n).enumerate() {
-            for (t, &v) in kernel.iter().enumerate() {
-                dst[t * n + c] = v;
-            }
-        }
+    for (at, (c, t)) in depthwise_places(m, kk, block) {
+        packed[at] = ws[c * kk + t];
     }
     packed
 }
@@ -466,15 +461,23 @@ fn pack_depthwise(ws: &[f32], m: usize, kk: usize, block: usize) -> Vec<f32> {
 /// The channel-major kernels of weights packed by [`pack_depthwise`].
 fn unpack_depthwise(packed: &[f32], m: usize, kk: usize, block: usize) -> Vec<f32> {
     let mut ws = vec![0f32; packed.len()];
-    for (first, src) in (0..m).step_by(block).zip(packed.chunks(block * kk)) {
-        let n = (m - first).min(block);
-        for (c, kernel) in ws[first * kk..].chunks_exact_mut(kk).take(n).enumerate() {
-            for (t, v) in kernel.iter_mut().enumerate() {
-                *v = src[t * n + c];
-            }
-        }
+    for (at, (c, t)) in depthwise_places(m, kk, block) {
+        ws[c * kk + t] = packed[at];
     }
     ws
+}
+
+/// Where [`pack_depthwise`] puts each channel `c`'s tap `t`, for every one of them.
+fn depthwise_places(
+    m: usize,
+    kk: usize,
+    block: usize,
+) -> impl Iterator<Item = (usize, (usize, usize))> {
+    (0..m).flat_map(move |c| {
+        let first = c / block * block;
+        let n = (m - first).min(block);
+        (0..kk).map(move |t| (first * kk + t * n + c - first, (c, t)))
+    })
 }
 
 /// `g` groups of `mg x k` weights, each laid out in panels of [`panels::ROWS`] channels.

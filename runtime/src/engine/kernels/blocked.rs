@@ -412,35 +412,15 @@ mod avx2 {
         }
     }
 
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        #[test]
-        fn blocks_round_trip_through_positions() {
-            if !std::arch::is_x86_feature_detected!("avx2") {
-                return;
-            }
-            // 5 channels of 19 positions: a partial block and a partial last chunk.
-            let (channels, len) = (5, 19);
-            let planes: Vec<f32> = (0..channels * len).map(|v| v as f32).collect();
-            // Rows of 4 positions, 6 apart, from position 2 on.
-            let at = |q: usize| (2 + q / 4 * 6 + q % 4) * 8;
-            let mut block = vec![-1f32; at(len) + 8];
-            // SAFETY: the CPU has AVX2 (checked above).
-            unsafe { to_positions(&planes, channels, len, &mut block[2 * 8..], (4, 6)) };
-            for q in 0..len {
-                for c in 0..8 {
-                    let want = if c < channels { (c * len + q) as f32 } else { 0.0 };
-                    assert_eq!(block[at(q) + c], want, "position {q}, lane {c}");
-                }
-            }
-            let dense: Vec<f32> = (0..len).flat_map(|q| block[at(q)..][..8].to_vec()).collect();
-            let mut back = vec![0f32; channels * len + 3];
-            // SAFETY: as above.
-            unsafe { to_planes(&dense, len, &mut back, channels) };
-            assert_eq!(&back[..channels * len], &planes[..]);
-            assert!(back[channels * len..].iter().all(|&v| v == 0.0), "wrote past the planes");
+    #[test]
+    fn blocks_round_trip_through_positions() {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY (both calls): the CPU has AVX2 (the `if`).
+            super::round_trip(
+                8,
+                |p, c, l, d, at| unsafe { to_positions(p, c, l, d, at) },
+                |s, l, p, c| unsafe { to_planes(s, l, p, c) },
+            );
         }
     }
 }
@@ -608,36 +588,42 @@ mod x86 {
         }
     }
 
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        #[test]
-        fn blocks_round_trip_through_positions() {
-            if !std::arch::is_x86_feature_detected!("avx512f") {
-                return;
-            }
-            // 11 channels of 37 positions: a partial block and a partial last chunk.
-            let (channels, len) = (11, 37);
-            let planes: Vec<f32> = (0..channels * len).map(|v| v as f32).collect();
-            // SAFETY: the CPU has AVX-512 (checked above).
-            // Rows of 5 positions, 7 apart, from position 3 on.
-            let at = |q: usize| (3 + q / 5 * 7 + q % 5) * 16;
-            let mut block = vec![-1f32; at(len) + 16];
-            // SAFETY: the CPU has AVX-512 (checked above).
-            unsafe { to_positions(&planes, channels, len, &mut block[3 * 16..], (5, 7)) };
-            for q in 0..len {
-                for c in 0..16 {
-                    let want = if c < channels { (c * len + q) as f32 } else { 0.0 };
-                    assert_eq!(block[at(q) + c], want, "position {q}, lane {c}");
-                }
-            }
-            let dense: Vec<f32> = (0..len).flat_map(|q| block[at(q)..][..16].to_vec()).collect();
-            let mut back = vec![0f32; channels * len + 5];
-            // SAFETY: as above.
-            unsafe { to_planes(&dense, len, &mut back, channels) };
-            assert_eq!(&back[..channels * len], &planes[..]);
-            assert!(back[channels * len..].iter().all(|&v| v == 0.0), "wrote past the planes");
+    #[test]
+    fn blocks_round_trip_through_positions() {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY (both calls): the CPU has AVX-512 (the `if`).
+            super::round_trip(
+                16,
+                |p, c, l, d, at| unsafe { to_positions(p, c, l, d, at) },
+                |s, l, p, c| unsafe { to_planes(s, l, p, c) },
+            );
         }
     }
+}
+
+/// Checks a pair of moves (`to_positions`, `to_planes`) of blocks of `lanes` channels:
+/// fewer channels than a block, a partial last chunk of positions, rows of 5 positions 7
+/// apart from position 3 on, and the way back.
+#[cfg(test)]
+fn round_trip(
+    lanes: usize,
+    to_positions: impl Fn(&[f32], usize, usize, &mut [f32], (usize, usize)),
+    to_planes: impl Fn(&[f32], usize, &mut [f32], usize),
+) {
+    let (channels, len) = (lanes - 5, 2 * lanes + 5);
+    let planes: Vec<f32> = (0..channels * len).map(|v| v as f32).collect();
+    let at = |q: usize| (3 + q / 5 * 7 + q % 5) * lanes;
+    let mut block = vec![-1f32; at(len) + lanes];
+    to_positions(&planes, channels, len, &mut block[3 * lanes..], (5, 7));
+    for q in 0..len {
+        for c in 0..lanes {
+            let want = if c < channels { (c * len + q) as f32 } else { 0.0 };
+            assert_eq!(block[at(q) + c], want, "position {q}, lane {c}");
+        }
+    }
+    let dense: Vec<f32> = (0..len).flat_map(|q| block[at(q)..][..lanes].to_vec()).collect();
+    let mut back = vec![0f32; channels * len + 5];
+    to_planes(&dense, len, &mut back, channels);
+    assert_eq!(&back[..channels * len], &planes[..]);
+    assert!(back[channels * len..].iter().all(|&v| v == 0.0), "wrote past the planes");
 }
