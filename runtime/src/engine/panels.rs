@@ -21,9 +21,9 @@ pub(crate) const ROWS: usize = 6;
 
 /// Whether blocks of 4 vectors of columns fit the CPU's registers: their 24 accumulators
 /// need the 32 vector registers of AVX-512 and of aarch64. x86 without AVX-512 has 16, and
-/// there a block is at most 2 vectors wide (12 accumulators, as [`ROWS`] rows of 2): 4
-/// spilled accumulators to memory on every step and ran the cnn's 16 -> 32 channel 3x3
-/// layer at 15 GMAC/s on an AVX2 CPU.
+/// there a block is at most 2 vectors wide (12 accumulators, [`ROWS`] rows of 2): blocks
+/// 4 wide spilled accumulators to the stack on every step, and the cnn's 16 -> 32 channel
+/// 3x3 layer ran at 15 GMAC/s on an AVX2 CPU.
 #[inline(always)]
 pub(crate) fn four_wide<S: Simd>() -> bool {
     !cfg!(target_arch = "x86_64") || S::F32_LANES >= 16
@@ -117,9 +117,9 @@ pub(crate) unsafe fn block<S: Simd, const MR: usize, const NR: usize>(
             }
         }
     }
-    // Every read of the operands checked once, here: the steps run on pointers, which
-    // left AVX2's 12 multiply-adds per step less of the step's instructions to share with
-    // bounds checks.
+    // Every read of the operands is checked once, here, and the steps run on pointers:
+    // with bounds checks in each step, AVX2's 12 multiply-adds were about a third of the
+    // step's instructions.
     let b_first = j * ops.b_step;
     let b_span = (NR - 1) * ops.b_step + 1;
     if ops.depth == 0 {
