@@ -7,7 +7,7 @@
 use candle_core::{CpuStorage, Device, Storage, Tensor};
 
 use super::ops::{OpError, R};
-use super::panels::{self, Dst, Operands};
+use super::panels::{self, Dst, ListedRows, Operands};
 use super::team::Team;
 
 #[cfg(target_arch = "x86_64")]
@@ -1005,8 +1005,7 @@ impl TileProduct<'_> {
             let ops = Operands {
                 a: self.x,
                 a_stride: 0,
-                a_rows: Some(&self.rows[k0..k0 + depth]),
-                a_rows_reach: reach,
+                a_rows: Some(ListedRows { starts: &self.rows[k0..k0 + depth], reach }),
                 b: &self.weights[start * self.k + k0 * panel_width..],
                 b_stride: panel_width,
                 b_step: 1,

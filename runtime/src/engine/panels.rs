@@ -60,20 +60,26 @@ pub(crate) fn pack(weights: &[f32], cols: usize, depth: usize, width: usize) -> 
 /// The operands of a product, from its first row on.
 #[derive(Clone, Copy)]
 pub(crate) struct Operands<'a> {
-    /// Element (`r`, `i`) at `a[r * a_stride + i]`, or at `a[a_rows[r] + i]` when the rows
-    /// are listed (a convolution's input rows, read where they lie in the input).
+    /// Element (`r`, `i`) at `a[r * a_stride + i]`, or at `a[a_rows.starts[r] + i]` when
+    /// the rows are listed (a convolution's input rows, read where they lie in the input).
     pub a: &'a [f32],
     pub a_stride: usize,
-    pub a_rows: Option<&'a [usize]>,
-    /// With `a_rows`: where the last of them starts at the latest, the largest of the
-    /// first `depth` (so [`block`] checks its reads once, not on every row).
-    pub a_rows_reach: usize,
+    pub a_rows: Option<ListedRows<'a>>,
     /// Element (`r`, `j`) at `b[r * b_stride + j * b_step]`.
     pub b: &'a [f32],
     pub b_stride: usize,
     pub b_step: usize,
     /// Rows summed over.
     pub depth: usize,
+}
+
+/// Where the rows of a product's `a` start, when they are listed.
+#[derive(Clone, Copy)]
+pub(crate) struct ListedRows<'a> {
+    pub starts: &'a [usize],
+    /// The largest of `starts` (or more), so [`block`] checks its reads once, not on
+    /// every row.
+    pub reach: usize,
 }
 
 /// Where a product's sums go: element (`j`, `i`) at `ptr + j * stride + i`, added to
@@ -96,7 +102,7 @@ pub(crate) struct Dst {
 ///
 /// `dst` must be valid for the block's elements, which nothing else touches during the
 /// call; when `accumulate`, they must have been written. With `a_rows`, none of the
-/// first `depth` may be over `a_rows_reach`.
+/// first `depth` starts may be over its `reach`.
 #[inline(always)]
 pub(crate) unsafe fn block<S: Simd, const MR: usize, const NR: usize>(
     simd: S,
@@ -127,10 +133,7 @@ pub(crate) unsafe fn block<S: Simd, const MR: usize, const NR: usize>(
     } else {
         let b_end = b_first + (ops.depth - 1) * ops.b_stride + b_span;
         let a_reach = match ops.a_rows {
-            Some(rows) => {
-                assert!(rows.len() >= ops.depth, "fewer listed rows than the depth");
-                ops.a_rows_reach
-            }
+            Some(rows) => rows.reach,
             None => (ops.depth - 1) * ops.a_stride,
         };
         assert!(
@@ -141,7 +144,7 @@ pub(crate) unsafe fn block<S: Simd, const MR: usize, const NR: usize>(
     let (a, b) = (ops.a.as_ptr(), ops.b[b_first.min(ops.b.len())..].as_ptr());
     let mut step = |a_at: usize, b_at: usize| {
         // SAFETY: `a_at + width <= a.len()` and `b_at + b_span <= b.len() - b_first`
-        // (checked above, and for listed rows by the contract on `a_rows_reach`).
+        // (checked above, and for listed rows by the contract on their `reach`).
         let (a_row, b_row) = unsafe { (a.add(a_at), b.add(b_at)) };
         let mut vectors = [simd.splat_f32s(0.0); MR];
         for (v, x) in vectors.iter_mut().enumerate() {
@@ -158,7 +161,7 @@ pub(crate) unsafe fn block<S: Simd, const MR: usize, const NR: usize>(
     };
     match ops.a_rows {
         Some(rows) => {
-            for (r, &at) in rows[..ops.depth].iter().enumerate() {
+            for (r, &at) in rows.starts[..ops.depth].iter().enumerate() {
                 step(at + i, r * ops.b_stride);
             }
         }
@@ -248,7 +251,6 @@ mod tests {
                     a: &a,
                     a_stride: cols,
                     a_rows: None,
-                    a_rows_reach: 0,
                     b: &b,
                     b_stride,
                     b_step: 2,

@@ -446,7 +446,6 @@ fn step<S: pulp::Simd, const MR: usize, const NR: usize>(
         a: p.u,
         a_stride: width,
         a_rows: None,
-        a_rows_reach: 0,
         b: &p.v[p.offset..],
         b_stride: 2 * p.tiles,
         b_step: 2,
