@@ -2067,7 +2067,7 @@ impl pulp::WithSimd for CopyRow<'_> {
                 }
             };
             for i in done..len {
-                // SAFETY: `i < len`, as above. Volatile, as in `copy_vectors`.
+                // SAFETY: `i < len`, as above. Volatile, so the loop stays a loop.
                 unsafe {
                     std::ptr::write_volatile(dst.add(i), std::ptr::read_volatile(src.add(i)))
                 };
@@ -2081,24 +2081,16 @@ impl pulp::WithSimd for CopyRow<'_> {
     }
 }
 
-/// A vector of floats at any alignment: a volatile access of it is one unaligned vector
-/// move.
-#[cfg(target_arch = "x86_64")]
-#[derive(Clone, Copy)]
-#[repr(C, packed)]
-struct Unaligned<V: Copy>(V);
-
 /// Copies `src` to `dst` in vectors of `V` and returns how many floats that was: all of
 /// them when there is at least one whole vector (the last vector overlaps the one before
-/// it and writes the same floats again), else none. The moves are volatile: as plain
-/// loads and stores the compiler turns the loop back into a memcpy call. A volatile
-/// access of a vector register type (not of pulp's `f32s`, which are structs of floats
-/// and were moved one float at a time) is one vector move.
+/// it and writes the same floats again), else none. Each store is one instruction written
+/// out ([`store_vector`]): as plain loads and stores the compiler turns the loop back into
+/// a memcpy call, and as volatile stores of a vector it moved each one through the stack.
 ///
 /// # Safety
 ///
-/// `src` and `dst` are valid for `len` floats and do not overlap; `V` is a vector type
-/// the running CPU supports.
+/// `src` and `dst` are valid for `len` floats and do not overlap; `V` is `__m256` or
+/// `__m512`, and the running CPU supports it.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn copy_vectors<V: Copy>(dst: *mut f32, src: *const f32, len: usize) -> usize {
@@ -2108,17 +2100,66 @@ unsafe fn copy_vectors<V: Copy>(dst: *mut f32, src: *const f32, len: usize) -> u
     }
     let mut i = 0;
     loop {
-        // SAFETY: `i + lanes <= len`, the contract above; `Unaligned` has alignment 1.
-        unsafe {
-            let v = std::ptr::read_unaligned(src.add(i).cast::<V>());
-            std::ptr::write_volatile(dst.add(i).cast::<Unaligned<V>>(), Unaligned(v))
-        };
+        // SAFETY: `i + lanes <= len`, the contract above.
+        unsafe { store_vector(dst.add(i), std::ptr::read_unaligned(src.add(i).cast::<V>())) };
         match i + lanes {
             done if done == len => return len,
             next if next + lanes <= len => i = next,
             _ => i = len - lanes,
         }
     }
+}
+
+/// Stores the vector `v` (`__m256` or `__m512`) at `dst`, at any alignment, by one
+/// `vmovups` the compiler cannot merge into a memcpy call.
+///
+/// # Safety
+///
+/// `dst` is valid for writes of `v`'s floats; the running CPU supports `V`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn store_vector<V: Copy>(dst: *mut f32, v: V) {
+    use std::arch::x86_64::{__m256, __m512};
+    // SAFETY: the contract; the sizes say which of the two types `V` is.
+    unsafe {
+        match std::mem::size_of::<V>() {
+            32 => store_256(dst, std::mem::transmute_copy::<V, __m256>(&v)),
+            64 => store_512(dst, std::mem::transmute_copy::<V, __m512>(&v)),
+            _ => unreachable!("a vector of 8 or 16 floats"),
+        }
+    }
+}
+
+/// [`store_vector`] of 8 floats.
+///
+/// # Safety
+///
+/// `dst` is valid for writes of 8 floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+#[inline]
+unsafe fn store_256(dst: *mut f32, v: std::arch::x86_64::__m256) {
+    // SAFETY: the contract.
+    unsafe {
+        std::arch::asm!("vmovups [{dst}], {v}", dst = in(reg) dst, v = in(ymm_reg) v,
+            options(nostack, preserves_flags))
+    };
+}
+
+/// [`store_vector`] of 16 floats.
+///
+/// # Safety
+///
+/// `dst` is valid for writes of 16 floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn store_512(dst: *mut f32, v: std::arch::x86_64::__m512) {
+    // SAFETY: the contract.
+    unsafe {
+        std::arch::asm!("vmovups [{dst}], {v}", dst = in(reg) dst, v = in(zmm_reg) v,
+            options(nostack, preserves_flags))
+    };
 }
 
 /// Which pooling.
