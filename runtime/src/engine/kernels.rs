@@ -2753,10 +2753,14 @@ pub(crate) mod scaling {
         let bq = Tensor::ones(72, candle_core::DType::F32, &Device::Cpu).unwrap();
         let relu = ConvAttrs { activation: Some(Activation::Relu), ..cp.clone() };
         let pw56 = || drop(conv(&xq, &wq, Some(&bq), &relu, false, None).unwrap());
+        let x512 = Tensor::ones((1, 512, 7, 7), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let w512 = Tensor::ones((512, 512, 3, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let deep = || drop(conv(&x512, &w512, None, &c64, false, None).unwrap());
         let depthwise = || drop(conv(&x, &w, None, &dw, false, None).unwrap());
         let maxpool = || drop(pool(&x, PoolKind::Max, &mp).unwrap());
-        let cases: [(&str, &(dyn Fn() + Sync)); 6] = [
+        let cases: [(&str, &(dyn Fn() + Sync)); 7] = [
             ("pointwise 96->576 on 7x7", &pw),
+            ("conv 3x3 512->512 on 7x7", &deep),
             ("pointwise 16->72 on 56x56 with Relu", &pw56),
             ("conv 3x3 64->64 on 56x56", &full),
             ("conv 3x3/2 3->16 on 224x224", &stem),
