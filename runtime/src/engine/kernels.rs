@@ -1771,11 +1771,13 @@ fn over_taps<S: pulp::Simd>(
             let param = simd.splat_f32s(param);
             for (v, sum) in sums.iter_mut().enumerate() {
                 let at = start + o + v * lanes;
+                // SAFETY: a load, as above.
                 let x = unsafe { src.add(at).cast::<S::f32s>().read_unaligned() };
                 *sum = fold.vector(simd, *sum, param, x);
             }
         }
         for (v, &sum) in sums.iter().enumerate() {
+            // SAFETY: a store, as above.
             unsafe { dst.add(o + v * lanes).cast::<S::f32s>().write_unaligned(sum) };
         }
         o += 4 * lanes;
@@ -1787,9 +1789,11 @@ fn over_taps<S: pulp::Simd>(
     while o < len {
         let mut sum = start_value;
         for (&start, &param) in taps.iter().zip(params) {
+            // SAFETY: a load, as above.
             let x = unsafe { src.add(start + o).cast::<S::f32s>().read_unaligned() };
             sum = fold.vector(simd, sum, simd.splat_f32s(param), x);
         }
+        // SAFETY: a store, as above.
         unsafe { dst.add(o).cast::<S::f32s>().write_unaligned(sum) };
         o += lanes;
     }
@@ -1947,7 +1951,7 @@ fn write_phases_in<S: pulp::Simd>(
 
 /// Splits `src` into its even and its odd elements, as many pairs as `even` and `odd`
 /// hold (both as long, `src` twice that): the de-interleave of a stride-2 row into its
-/// two phases. With AVX2 (any x86 CPU that `S` is 8 lanes or more on), 8 pairs at a time
+/// two phases. Where `S` is 8 lanes or more on an x86 CPU with AVX2, 8 pairs at a time
 /// by shuffles in registers; one float at a time, this was a third of a stride-2
 /// depthwise layer's time.
 #[inline(always)]
@@ -1956,9 +1960,9 @@ fn split_pairs_in<S: pulp::Simd>(_simd: S, src: &[f32], even: &mut [f32], odd: &
     #[allow(unused_mut)]
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if S::F32_LANES >= 8 {
-        // SAFETY: pulp runs `S` of 8 lanes or more only on CPUs with AVX2 (its x86 levels
-        // V3 and V4).
+    if S::F32_LANES >= 8 && std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (pulp's x86 levels of 8 lanes or more, V3 and V4, need
+        // it anyway; the check, a cached flag, keeps this sound for any `S`).
         done =
             unsafe { split_pairs_avx2(&src[..2 * pairs], &mut even[..pairs], &mut odd[..pairs]) };
     }
