@@ -1993,8 +1993,7 @@ fn split_pairs_avx2(src: &[f32], even: &mut [f32], odd: &mut [f32]) -> usize {
     if pairs < 8 {
         return 0;
     }
-    let mut j = 0;
-    loop {
+    for j in covering_steps(pairs, 8) {
         // SAFETY: floats `2j .. 2j + 16` of `src` and `j .. j + 8` of `even` and `odd`
         // (checked above; `j + 8 <= pairs`).
         unsafe {
@@ -2007,12 +2006,18 @@ fn split_pairs_avx2(src: &[f32], even: &mut [f32], odd: &mut [f32]) -> usize {
             _mm256_storeu_ps(even.as_mut_ptr().add(j), order(e));
             _mm256_storeu_ps(odd.as_mut_ptr().add(j), order(o));
         }
-        match j + 8 {
-            done if done == pairs => return pairs,
-            next if next + 8 <= pairs => j = next,
-            _ => j = pairs - 8,
-        }
     }
+    pairs
+}
+
+/// Where the `width`-wide steps over `0..len` (`len >= width > 0`) start: whole steps
+/// from 0, then, when `len` is not a multiple of `width`, one that ends at `len` and
+/// overlaps the one before it. For passes that may write an element twice with the same
+/// value (copies, splits), so a row needs no scalar tail.
+#[cfg(target_arch = "x86_64")]
+fn covering_steps(len: usize, width: usize) -> impl Iterator<Item = usize> {
+    let whole = (0..len / width).map(move |i| i * width);
+    whole.chain((!len.is_multiple_of(width)).then(|| len - width))
 }
 
 /// Copies `src` to `dst` with vector moves of the CPU's width, for the many short rows
@@ -2102,16 +2107,11 @@ unsafe fn copy_vectors<V: Copy>(dst: *mut f32, src: *const f32, len: usize) -> u
     if len < lanes {
         return 0;
     }
-    let mut i = 0;
-    loop {
+    for i in covering_steps(len, lanes) {
         // SAFETY: `i + lanes <= len`, the contract above.
         unsafe { store_vector(dst.add(i), std::ptr::read_unaligned(src.add(i).cast::<V>())) };
-        match i + lanes {
-            done if done == len => return len,
-            next if next + lanes <= len => i = next,
-            _ => i = len - lanes,
-        }
     }
+    len
 }
 
 /// Stores the vector `v` (`__m256` or `__m512`) at `dst`, at any alignment, by one
