@@ -620,6 +620,49 @@ const TILE_ELEMENTS: usize = 1 << 16;
 /// many: narrower products run gemm's kernels poorly, so such tiles are cut by channels.
 const TILE_MIN_COLUMNS: usize = 128;
 
+/// How many pieces to cut `len` rows into, `pieces` or up to twice as many, when the
+/// work is split across `threads`: the count whose longest share of rows for one thread
+/// is shortest (the fewest pieces among equals), among those whose pieces of `len /
+/// pieces` rows are still `wide_enough`. 1 when no count splits the rows at all (the
+/// work is then split some other way).
+///
+/// Each thread starts on its own contiguous share of the pieces, and one done early
+/// takes from the other's: with two threads, 7 blocks of 4 rows (ResNet's 56x56 Winograd
+/// layers) or tiles of 8 and 6 rows (its 14x14 ones) left one thread waiting for the
+/// other's last piece.
+pub(crate) fn even_shares(
+    len: usize,
+    pieces: usize,
+    threads: usize,
+    wide_enough: impl Fn(usize) -> bool,
+) -> usize {
+    let pieces = pieces.clamp(1, len.max(1));
+    if threads <= 1 || len <= 1 {
+        return pieces;
+    }
+    // The rows of the longest share when pieces of `rows` rows are handed out as
+    // `Team::for_each_init` does.
+    let longest = |rows: usize| {
+        let tasks = len.div_ceil(rows);
+        (0..threads)
+            .map(|t| {
+                let (first, end) = (tasks * t / threads, tasks * (t + 1) / threads);
+                (end * rows).min(len) - (first * rows).min(len)
+            })
+            .max()
+            .unwrap_or(len)
+    };
+    let best = (pieces..=(2 * pieces).min(len))
+        .filter(|&p| p == pieces || wide_enough(len.div_ceil(p)))
+        .min_by_key(|&p| (longest(len.div_ceil(p)), p))
+        .unwrap_or(pieces);
+    if longest(len.div_ceil(best)) == len {
+        1
+    } else {
+        best
+    }
+}
+
 /// Which channels and output rows of which image and group one tile covers.
 #[derive(Debug, Clone, Copy)]
 struct Tile {
@@ -725,13 +768,13 @@ impl GroupedConv<'_> {
         let min_tiles = if parallel(work) { Team::current(Team::threads) } else { 1 };
         let row_width = shape.w;
         let narrowest = TILE_MIN_COLUMNS.div_ceil(row_width.max(1));
-        let mut rows_per_tile =
+        let rows_per_tile =
             (TILE_ELEMENTS / (mg * row_width).max(1)).max(narrowest).clamp(1, geo.oh);
-        if geo.oh.div_ceil(rows_per_tile) < min_tiles {
-            rows_per_tile =
-                rows_per_tile.min(geo.oh.div_ceil(min_tiles)).max(narrowest).min(geo.oh);
-        }
-        let row_tiles = geo.oh.div_ceil(rows_per_tile.min(geo.oh).max(1));
+        let row_tiles = even_shares(geo.oh, geo.oh.div_ceil(rows_per_tile), min_tiles, |rows| {
+            rows * row_width >= TILE_MIN_COLUMNS / 2
+        });
+        let rows_per_tile = geo.oh.div_ceil(row_tiles);
+        let row_tiles = geo.oh.div_ceil(rows_per_tile);
         let tile_products = mg * rows_per_tile * row_width;
         let mut channel_tiles = tile_products.div_ceil(TILE_ELEMENTS);
         channel_tiles = channel_tiles.max(min_tiles.div_ceil(row_tiles));
@@ -2548,6 +2591,48 @@ pub(crate) fn conv_transpose(
 mod tests {
     use super::*;
 
+    /// Rows cut for two threads go in equal shares where the pieces can be; one thread
+    /// keeps the count as it was; too few rows to share are left whole.
+    #[test]
+    fn rows_are_cut_in_equal_shares_for_the_threads() {
+        let any = |_: usize| true;
+        // 7 blocks of 4 rows: shares of 3 and 4 blocks. 14 blocks of 2: 7 each.
+        assert_eq!(even_shares(28, 7, 2, any), 14);
+        // One tile of 14 rows becomes two of 7 when 7 rows are wide enough ...
+        assert_eq!(even_shares(14, 1, 2, |rows| rows * 16 >= 64), 2);
+        // ... and stays whole when 4 of 7 rows are not: the channels are cut instead.
+        assert_eq!(even_shares(7, 1, 2, |rows| rows * 9 >= 64), 1);
+        // Already even, or one thread: unchanged.
+        assert_eq!(even_shares(28, 2, 2, any), 2);
+        assert_eq!(even_shares(28, 7, 1, any), 7);
+        assert_eq!(even_shares(0, 1, 2, any), 1);
+        assert_eq!(even_shares(1, 1, 2, any), 1);
+        // Never a longer share than the count asked for, and never more pieces than rows.
+        for len in 1usize..60 {
+            for pieces in 1..=len {
+                for threads in 1..4 {
+                    let longest = |p: usize| {
+                        let rows = len.div_ceil(p);
+                        let tasks = len.div_ceil(rows);
+                        (0..threads)
+                            .map(|t| {
+                                let (a, b) = (tasks * t / threads, tasks * (t + 1) / threads);
+                                (b * rows).min(len) - (a * rows).min(len)
+                            })
+                            .max()
+                            .unwrap()
+                    };
+                    let got = even_shares(len, pieces, threads, any);
+                    assert!(got >= 1 && got <= len, "{len} rows, {pieces} pieces: {got}");
+                    assert!(
+                        got == 1 || longest(got) <= longest(pieces),
+                        "{len} rows, {pieces} pieces, {threads} threads: {got}"
+                    );
+                }
+            }
+        }
+    }
+
     /// A stride-2 row split into its phases: every even float to one, every odd float to
     /// the other, for rows shorter than a vector group, of whole groups and between.
     #[test]
@@ -2760,11 +2845,15 @@ pub(crate) mod scaling {
         let x512 = Tensor::ones((1, 512, 7, 7), candle_core::DType::F32, &Device::Cpu).unwrap();
         let w512 = Tensor::ones((512, 512, 3, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
         let deep = || drop(conv(&x512, &w512, None, &c64, false, None).unwrap());
+        let x256 = Tensor::ones((1, 256, 14, 14), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let w256 = Tensor::ones((256, 256, 3, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let mid = || drop(conv(&x256, &w256, None, &c64, false, None).unwrap());
         let depthwise = || drop(conv(&x, &w, None, &dw, false, None).unwrap());
         let maxpool = || drop(pool(&x, PoolKind::Max, &mp).unwrap());
-        let cases: [(&str, &(dyn Fn() + Sync)); 7] = [
+        let cases: [(&str, &(dyn Fn() + Sync)); 8] = [
             ("pointwise 96->576 on 7x7", &pw),
             ("conv 3x3 512->512 on 7x7", &deep),
+            ("conv 3x3 256->256 on 14x14", &mid),
             ("pointwise 16->72 on 56x56 with Relu", &pw56),
             ("conv 3x3 64->64 on 56x56", &full),
             ("conv 3x3/2 3->16 on 224x224", &stem),

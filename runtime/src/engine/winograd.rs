@@ -186,10 +186,19 @@ impl Plan {
         let (th, tw) = (geo.oh.div_ceil(2), geo.ow.div_ceil(2));
         let tiles_per_block = (BLOCK_FLOATS / (POINTS * (c + m))).max(1);
         let rows_per_block = (tiles_per_block / tw.max(1)).clamp(1, th.max(1));
-        let row_blocks = th.div_ceil(rows_per_block);
-        // With too few blocks to keep every thread busy, cut the output channels too.
         let work = n * m * c * th * tw * POINTS;
         let threads = if kernels::parallel(work) { Team::current(Team::threads) } else { 1 };
+        // One image's tile rows in equal shares for the threads, where blocks stay long
+        // enough for the products' steps.
+        let row_blocks = th.div_ceil(rows_per_block);
+        let row_blocks = if n == 1 {
+            kernels::even_shares(th, row_blocks, threads, |rows| rows * tw >= 2 * TILES_PER_STEP)
+        } else {
+            row_blocks
+        };
+        let rows_per_block = th.div_ceil(row_blocks.max(1)).max(1);
+        let row_blocks = th.div_ceil(rows_per_block);
+        // With too few blocks to keep every thread busy, cut the output channels too.
         let wanted = if threads > 1 { 2 * threads } else { 1 };
         let channel_blocks = wanted.div_ceil(n * row_blocks).max(1);
         // Blocks of whole panels of the weights.
