@@ -183,8 +183,9 @@ fn reference_latency() {
 }
 
 /// Where each model's time goes, node by node: `BENCH_MODELS` (default all) at batch 1,
-/// profiled for `BENCH_SECONDS` each. Prints the nodes that take the most time (median per
-/// node over the runs), then the time per operator. A tool for the engine's speed work.
+/// profiled for `BENCH_SECONDS` each. Prints the `BENCH_TOP` (default 25) nodes that take
+/// the most time (median per node over the runs), then the time per operator. A tool for
+/// the engine's speed work.
 #[test]
 #[ignore = "timing, not a check: a profile to read"]
 fn reference_profile() {
@@ -211,7 +212,9 @@ fn reference_profile() {
         );
         let mut order: Vec<usize> = (0..nodes.len()).collect();
         order.sort_by(|&a, &b| medians[b].total_cmp(&medians[a]));
-        for &i in order.iter().take(25) {
+        // The slowest 25 nodes, or as many as BENCH_TOP says.
+        let top = std::env::var("BENCH_TOP").ok().and_then(|s| s.parse().ok()).unwrap_or(25);
+        for &i in order.iter().take(top) {
             let n = &nodes[i];
             println!(
                 "  {:>8.4} ms {:>5.1}%  {:<14} {:<28} {:?}",
