@@ -274,10 +274,6 @@ pub enum RunError {
     },
 }
 
-/// Inputs of at least this many elements keep the engine's workers spinning for the
-/// length of a run (see [`Model::run`]).
-const HOT_MIN_INPUT: usize = 1 << 16;
-
 /// What [`Model::profile`] returns.
 #[derive(Debug)]
 pub struct Profile {
@@ -383,12 +379,11 @@ impl Model {
         inputs: &[(&str, Tensor)],
         mut observe: Option<&mut NodeObserver<'_>>,
     ) -> Result<Vec<(String, Tensor)>, RunError> {
-        // A model whose inputs are large enough for its loops to be split keeps the
-        // engine's workers spinning for the whole run, so each loop is handed out in about
-        // a microsecond instead of waking a sleeping thread (50-100 us on a small VM). A
-        // small model does not wake them at all: its loops run on the calling thread.
-        let elements: usize = inputs.iter().map(|(_, t)| t.elem_count()).sum();
-        let _hot = (elements >= HOT_MIN_INPUT).then(|| Team::current(Team::hot));
+        // From the first loop large enough to split, the engine's workers spin for the
+        // rest of the run, so each later loop is handed out in about a microsecond instead
+        // of waking a sleeping thread (50-100 us on a small VM). A model with no such loop
+        // does not wake them at all: its loops run on the calling thread.
+        let _run = Team::current(Team::run);
         let mut slots: Vec<Option<Tensor>> = vec![None; self.slot_count];
         for (slot, tensor) in &self.constants {
             if let Some(s) = slots.get_mut(*slot) {

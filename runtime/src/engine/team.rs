@@ -2,15 +2,17 @@
 //!
 //! A general-purpose pool puts its idle workers to sleep, and waking one costs 50–100 µs
 //! on a small virtual machine: more than most operators of a model take. So while a
-//! model runs ([`Team::hot`]), the workers spin on a shared counter and pick up each
-//! loop as soon as it is published; after a run they spin a little longer, then sleep.
+//! model runs, from its first loop large enough to split ([`Team::run`], [`Team::hot`]),
+//! the workers spin on a shared counter and pick up each loop as soon as it is published;
+//! after a run they spin a little longer, then sleep. A model with no such loop never
+//! wakes them.
 //! The thread that calls [`Team::for_each`] always takes part, so a loop never waits for
 //! a worker that is still asleep: the worker joins when it wakes, or finds the loop done.
 //!
 //! One loop runs at a time. A loop started while another runs (a second request, or a
 //! loop inside a task) runs on its calling thread alone.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::*};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
@@ -71,6 +73,9 @@ pub(crate) struct Team {
 thread_local! {
     /// The team this thread's loops use instead of the global one (tests).
     static CURRENT: Cell<Option<*const Team>> = const { Cell::new(None) };
+    /// `Some` while this thread is inside a model run ([`Team::run`]); it holds the
+    /// team's [`Hot`] from the run's first loop worth splitting to the run's end.
+    static RUN: RefCell<Option<Option<Hot>>> = const { RefCell::new(None) };
 }
 
 impl Team {
@@ -142,13 +147,30 @@ impl Team {
     }
 
     /// Whether a loop of `work` is worth splitting, where `min_work` is the least that
-    /// pays for the hand-off: only while a run holds [`Team::hot`], since then the
-    /// workers are awake (a small model is faster on one thread than with a worker woken
-    /// for it).
+    /// pays for the hand-off: only while the workers are kept awake ([`Team::hot`]). Inside
+    /// a model run ([`Team::run`]) the first such loop makes the team hot for the rest of
+    /// the run, so a model none of whose loops is split never wakes a worker (a small one
+    /// is faster on one thread than with a worker woken for it).
     pub(crate) fn worth_splitting(&self, work: usize, min_work: usize) -> bool {
-        self.threads > 1
-            && self.shared.hot.load(Relaxed) > 0
-            && (work >= min_work || self.split_everything)
+        if self.threads <= 1 || (work < min_work && !self.split_everything) {
+            return false;
+        }
+        if self.shared.hot.load(Relaxed) > 0 {
+            return true;
+        }
+        RUN.with(|run| match &mut *run.borrow_mut() {
+            Some(hot @ None) => {
+                *hot = Some(self.hot());
+                true
+            }
+            _ => false,
+        })
+    }
+
+    /// Marks a model run on this thread until the guard is dropped: its first loop worth
+    /// splitting makes the team hot ([`Team::hot`]) until then.
+    pub(crate) fn run(&self) -> Run {
+        Run { outer: RUN.with(|run| run.replace(Some(None))) }
     }
 
     /// Keeps the workers spinning until the guard is dropped: held for a model run, so
@@ -275,6 +297,20 @@ impl Drop for Open<'_> {
         }
         shared.body.store(std::ptr::null_mut(), Relaxed);
         shared.busy.store(false, Release);
+    }
+}
+
+/// A model run on this thread; see [`Team::run`].
+pub(crate) struct Run {
+    /// What the thread-local held before: a run inside a run keeps the outer one's state.
+    outer: Option<Option<Hot>>,
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        let outer = self.outer.take();
+        // Drops the run's `Hot`, if its loops took one.
+        drop(RUN.with(|run| run.replace(outer)));
     }
 }
 
@@ -430,6 +466,32 @@ mod tests {
             },
         );
         assert_eq!(total.load(Relaxed), 64);
+    }
+
+    #[test]
+    fn a_run_turns_the_team_hot_at_its_first_loop_worth_splitting() {
+        let team = Team::new(2);
+        let hot = || team.shared.hot.load(SeqCst);
+        // Outside a run nothing is split, so no worker is woken for a loop.
+        assert!(!team.worth_splitting(1000, 100));
+        {
+            let _run = team.run();
+            // Small loops leave the workers asleep ...
+            assert!(!team.worth_splitting(10, 100));
+            assert_eq!(hot(), 0);
+            // ... the first large one wakes them for the rest of the run, once.
+            assert!(team.worth_splitting(1000, 100));
+            assert_eq!(hot(), 1);
+            assert!(team.worth_splitting(10_000, 100));
+            assert!(!team.worth_splitting(10, 100));
+            assert_eq!(hot(), 1);
+        }
+        assert_eq!(hot(), 0);
+        assert!(!team.worth_splitting(1000, 100));
+        // One thread never splits.
+        let one = Team::new(1);
+        let _run = one.run();
+        assert!(!one.worth_splitting(1000, 100));
     }
 
     #[test]
