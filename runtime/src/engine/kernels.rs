@@ -646,18 +646,7 @@ pub(crate) fn even_shares(
     if threads <= 1 || len <= 1 {
         return pieces;
     }
-    // The rows of the longest share when pieces of `rows` rows are handed out as
-    // `Team::for_each_init` does.
-    let longest = |rows: usize| {
-        let tasks = len.div_ceil(rows);
-        (0..threads)
-            .map(|t| {
-                let (first, end) = (tasks * t / threads, tasks * (t + 1) / threads);
-                (end * rows).min(len) - (first * rows).min(len)
-            })
-            .max()
-            .unwrap_or(len)
-    };
+    let longest = |rows| longest_share(len, rows, threads);
     let best = (pieces..=(2 * pieces).min(len))
         .filter(|&p| p == pieces || wide_enough(len.div_ceil(p)))
         .min_by_key(|&p| (longest(len.div_ceil(p)), p))
@@ -667,6 +656,20 @@ pub(crate) fn even_shares(
     } else {
         best
     }
+}
+
+/// The rows of the longest share of one thread when `len` rows in pieces of `rows`
+/// (`rows` > 0) go to `threads` threads as [`Team::for_each_init`] hands them out: thread
+/// `t` gets the `t`-th contiguous `1 / threads` of the pieces.
+fn longest_share(len: usize, rows: usize, threads: usize) -> usize {
+    let tasks = len.div_ceil(rows);
+    (0..threads)
+        .map(|t| {
+            let (first, end) = (tasks * t / threads, tasks * (t + 1) / threads);
+            (end * rows).min(len) - (first * rows).min(len)
+        })
+        .max()
+        .unwrap_or(len)
 }
 
 /// Which channels and output rows of which image and group one tile covers.
@@ -2628,21 +2631,16 @@ mod tests {
         assert_eq!(even_shares(28, 7, 1, any), 7);
         assert_eq!(even_shares(0, 1, 2, any), 1);
         assert_eq!(even_shares(1, 1, 2, any), 1);
+        // Shares as the team hands them out: 7 pieces of 4 rows on two threads are 3
+        // and 4 pieces; 10 of 3 rows (the last of 1) are 5 and 5, or 15 and 13 rows.
+        assert_eq!(longest_share(28, 4, 2), 16);
+        assert_eq!(longest_share(28, 3, 2), 15);
+        assert_eq!(longest_share(28, 2, 2), 14);
         // Never a longer share than the count asked for, and never more pieces than rows.
         for len in 1usize..60 {
             for pieces in 1..=len {
                 for threads in 1..4 {
-                    let longest = |p: usize| {
-                        let rows = len.div_ceil(p);
-                        let tasks = len.div_ceil(rows);
-                        (0..threads)
-                            .map(|t| {
-                                let (a, b) = (tasks * t / threads, tasks * (t + 1) / threads);
-                                (b * rows).min(len) - (a * rows).min(len)
-                            })
-                            .max()
-                            .unwrap()
-                    };
+                    let longest = |p: usize| longest_share(len, len.div_ceil(p), threads);
                     let got = even_shares(len, pieces, threads, any);
                     assert!(got >= 1 && got <= len, "{len} rows, {pieces} pieces: {got}");
                     assert!(
