@@ -630,7 +630,8 @@ const SPLIT_CHANNELS_MIN: usize = 64;
 /// work is split across `threads`: the count whose longest share of rows for one thread
 /// is shortest (the fewest pieces among equals), among those whose pieces of `len /
 /// pieces` rows are still `wide_enough`. 1 when no count splits the rows at all (the
-/// work is then split some other way).
+/// work is then split some other way). The count is one that pieces of
+/// `len.div_ceil(count)` rows give exactly.
 ///
 /// Each thread starts on its own contiguous share of the pieces, and one done early
 /// takes from the other's: with two threads, 7 blocks of 4 rows (ResNet's 56x56 Winograd
@@ -644,17 +645,18 @@ pub(crate) fn even_shares(
 ) -> usize {
     let pieces = pieces.clamp(1, len.max(1));
     if threads <= 1 || len <= 1 {
-        return pieces;
+        return len.max(1).div_ceil(len.max(1).div_ceil(pieces));
     }
     let longest = |rows| longest_share(len, rows, threads);
     let best = (pieces..=(2 * pieces).min(len))
         .filter(|&p| p == pieces || wide_enough(len.div_ceil(p)))
         .min_by_key(|&p| (longest(len.div_ceil(p)), p))
         .unwrap_or(pieces);
-    if longest(len.div_ceil(best)) == len {
+    let rows = len.div_ceil(best);
+    if longest(rows) == len {
         1
     } else {
-        best
+        len.div_ceil(rows)
     }
 }
 
@@ -779,26 +781,22 @@ impl GroupedConv<'_> {
         let narrowest = TILE_MIN_COLUMNS.div_ceil(row_width.max(1));
         let rows_per_tile =
             (TILE_ELEMENTS / (mg * row_width).max(1)).max(narrowest).clamp(1, geo.oh);
-        let row_tiles = even_shares(geo.oh, geo.oh.div_ceil(rows_per_tile), min_tiles, |rows| {
-            rows * row_width >= TILE_MIN_COLUMNS / 2
-        });
-        // Split across threads into fewer than two row tiles each, a 1x1 convolution of
-        // enough output channels cuts only its channels: cut by rows, its short products
-        // (as deep as its input channels) ran slower on two threads than on one
-        // (MobileNetV3's 40 -> 240 channels on 14x14: 0.053 ms on one, 0.093 on two in
-        // tiles of 7 rows, 0.028 in tiles of 120 channels). Fewer channels than
-        // [`SPLIT_CHANNELS_MIN`] keep the rows' split, whose tiles are more even.
-        let row_tiles = if pointwise
-            && min_tiles > 1
-            && row_tiles < 2 * min_tiles
-            && mg >= SPLIT_CHANNELS_MIN
-        {
+        // Split across threads, a 1x1 convolution of enough output channels with fewer
+        // than two row tiles per thread cuts only its channels for them, not its rows: cut
+        // by rows, its short products (as deep as its input channels) ran slower on two
+        // threads than on one (MobileNetV3's 40 -> 240 channels on 14x14: 0.053 ms on one,
+        // 0.093 on two in tiles of 7 rows, 0.028 in tiles of 120 channels). Fewer channels
+        // than [`SPLIT_CHANNELS_MIN`] keep the rows' split, whose tiles are more even.
+        let row_tiles = geo.oh.div_ceil(rows_per_tile);
+        let row_threads = if pointwise && mg >= SPLIT_CHANNELS_MIN && row_tiles < 2 * min_tiles {
             1
         } else {
-            row_tiles
+            min_tiles
         };
+        let row_tiles = even_shares(geo.oh, row_tiles, row_threads, |rows| {
+            rows * row_width >= TILE_MIN_COLUMNS / 2
+        });
         let rows_per_tile = geo.oh.div_ceil(row_tiles);
-        let row_tiles = geo.oh.div_ceil(rows_per_tile);
         let tile_products = mg * rows_per_tile * row_width;
         let mut channel_tiles = tile_products.div_ceil(TILE_ELEMENTS);
         channel_tiles = channel_tiles.max(min_tiles.div_ceil(row_tiles));

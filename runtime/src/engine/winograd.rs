@@ -197,7 +197,6 @@ impl Plan {
             row_blocks
         };
         let rows_per_block = th.div_ceil(row_blocks.max(1)).max(1);
-        let row_blocks = th.div_ceil(rows_per_block);
         // With too few blocks to keep every thread busy, cut the output channels too.
         let wanted = if threads > 1 { 2 * threads } else { 1 };
         let channel_blocks = wanted.div_ceil(n * row_blocks).max(1);
