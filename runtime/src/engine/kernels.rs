@@ -2060,8 +2060,10 @@ fn write_phases_rows<S: pulp::Simd>(
 }
 
 /// [`write_phases_in`] for strides of 1 and 2 across, in one loop per plane of AVX2 moves
-/// (stride 1) or of AVX2 de-interleaves of 8 pairs (stride 2; see [`split_pairs_avx2`]),
-/// with no per-row calls or checks of the CPU. Returns false, having written nothing, for
+/// (stride 1) or of AVX2 de-interleaves of 8 pairs (stride 2: two loads of 8 floats give
+/// the 4 even and 4 odd floats of each 128-bit half by `shuffle_ps`, and a swap of the
+/// middle 64-bit quarters puts them in order), with no per-row calls or checks of the CPU.
+/// The last group of a row overlaps the one before it and writes the same floats again. Returns false, having written nothing, for
 /// other strides, and for rows of fewer than 8 floats (or pairs) to move, which the
 /// general path takes. Measured on one 56x56 plane of a 3x3, stride-2 window (AVX2, one
 /// thread, best of 4 alternations): 0.72 against 1.35 us for the general path's rows; a
@@ -2159,63 +2161,13 @@ fn next_step(j: usize, len: usize) -> Option<usize> {
 
 /// Splits `src` into its even and its odd elements, as many pairs as `even` and `odd`
 /// hold (both as long, `src` twice that): the de-interleave of a stride-2 row into its
-/// two phases. Where `S` is 8 lanes or more on an x86 CPU with AVX2, 8 pairs at a time
-/// by shuffles in registers; one float at a time, this was a third of a stride-2
-/// depthwise layer's time.
+/// two phases, one pair at a time. With AVX2, every row of 8 pairs or more is split in
+/// [`write_phases_avx2`] instead, so this takes only short rows and other CPUs.
 #[inline(always)]
 fn split_pairs_in<S: pulp::Simd>(_simd: S, src: &[f32], even: &mut [f32], odd: &mut [f32]) {
-    let pairs = even.len().min(odd.len()).min(src.len() / 2);
-    #[allow(unused_mut)]
-    let mut done = 0;
-    #[cfg(target_arch = "x86_64")]
-    if S::F32_LANES >= 8 && std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2 (pulp's x86 levels of 8 lanes or more, V3 and V4, need
-        // it anyway; the check, a cached flag, keeps this sound for any `S`).
-        done =
-            unsafe { split_pairs_avx2(&src[..2 * pairs], &mut even[..pairs], &mut odd[..pairs]) };
+    for ((pair, e), o) in src.chunks_exact(2).zip(even).zip(odd) {
+        (*e, *o) = (pair[0], pair[1]);
     }
-    for j in done..pairs {
-        even[j] = src[2 * j];
-        odd[j] = src[2 * j + 1];
-    }
-}
-
-/// [`split_pairs_in`] by AVX2 shuffles, 8 pairs at a time; returns how many pairs it
-/// split: all, when there are 8 or more (the last group overlaps the one before it, and
-/// writes the same floats again), else none. Two loads of 8 floats give the 4 even and 4
-/// odd floats of each 128-bit half (`shuffle_ps`), and a swap of the middle 64-bit
-/// quarters puts them in order.
-///
-/// # Panics
-///
-/// If `src` is shorter than twice `even`, or `odd` is shorter than `even`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn split_pairs_avx2(src: &[f32], even: &mut [f32], odd: &mut [f32]) -> usize {
-    use std::arch::x86_64::{
-        _mm256_castpd_ps, _mm256_castps_pd, _mm256_loadu_ps, _mm256_permute4x64_pd,
-        _mm256_shuffle_ps, _mm256_storeu_ps,
-    };
-    let pairs = even.len();
-    assert!(src.len() >= 2 * pairs && odd.len() >= pairs);
-    if pairs < 8 {
-        return 0;
-    }
-    for j in covering_steps(pairs, 8) {
-        // SAFETY: floats `2j .. 2j + 16` of `src` and `j .. j + 8` of `even` and `odd`
-        // (checked above; `j + 8 <= pairs`).
-        unsafe {
-            let a = _mm256_loadu_ps(src.as_ptr().add(2 * j));
-            let b = _mm256_loadu_ps(src.as_ptr().add(2 * j + 8));
-            // [a0 a2 b0 b2 | a4 a6 b4 b6] and [a1 a3 b1 b3 | a5 a7 b5 b7].
-            let (e, o) = (_mm256_shuffle_ps::<0x88>(a, b), _mm256_shuffle_ps::<0xDD>(a, b));
-            // Quarters 0 2 1 3: [a0 a2 a4 a6 | b0 b2 b4 b6].
-            let order = |v| _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(v)));
-            _mm256_storeu_ps(even.as_mut_ptr().add(j), order(e));
-            _mm256_storeu_ps(odd.as_mut_ptr().add(j), order(o));
-        }
-    }
-    pairs
 }
 
 /// Where the `width`-wide steps over `0..len` (`len >= width > 0`) start: whole steps
@@ -2793,8 +2745,8 @@ mod tests {
         }
     }
 
-    /// A stride-2 row split into its phases: every even float to one, every odd float to
-    /// the other, for rows shorter than a vector group, of whole groups and between.
+    /// A stride-2 row split into its phases on the row path: every even float to one,
+    /// every odd float to the other, for rows of 0 to 40 pairs and an odd float after.
     #[test]
     fn stride_two_rows_split_into_their_phases() {
         struct Split<'a>(&'a [f32], &'a mut [f32], &'a mut [f32]);
