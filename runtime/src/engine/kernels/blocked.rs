@@ -63,12 +63,12 @@ pub(super) fn supports(geo: &Geom) -> bool {
 /// planes that fit.)
 const MAX_OUTPUTS_8_LANES: usize = 16 * 16;
 
-/// [`MAX_OUTPUTS_8_LANES`] for a window that strides: a block moves every position of its
-/// input plane into vectors and back, four per output at stride 2, where the planar
-/// path's stride phases are written in one vector loop per plane. Per layer at one thread
-/// on an AVX2 CPU, blocks against planes (best of 3 alternations in one process): 96
-/// channels 28x28 -> 14x14, 5x5 at stride 2, 0.051 vs 0.042 ms, so planar; 288 channels
-/// 14x14 -> 7x7, 0.052 vs 0.087, so blocks.
+/// [`MAX_OUTPUTS_8_LANES`] for a window that strides: a block moves every position of
+/// its input plane into vectors (four per output at stride 2) and its outputs back, where
+/// the planar path writes its stride phases in one vector loop per plane. Per layer at
+/// one thread on an AVX2 CPU, blocks against planes (best of 3 alternations in one
+/// process): 96 channels 28x28 -> 14x14, 5x5 at stride 2, 0.051 vs 0.042 ms, so planar;
+/// 288 channels 14x14 -> 7x7, 0.052 vs 0.087, so blocks.
 const MAX_STRIDED_OUTPUTS_8_LANES: usize = 8 * 8;
 
 /// The most positions of a padded plane this path takes (64 x 64): each thread keeps its
