@@ -2063,11 +2063,12 @@ fn write_phases_rows<S: pulp::Simd>(
 /// (stride 1) or of AVX2 de-interleaves of 8 pairs (stride 2: two loads of 8 floats give
 /// the 4 even and 4 odd floats of each 128-bit half by `shuffle_ps`, and a swap of the
 /// middle 64-bit quarters puts them in order), with no per-row calls or checks of the CPU.
-/// The last group of a row overlaps the one before it and writes the same floats again. Returns false, having written nothing, for
-/// other strides, and for rows of fewer than 8 floats (or pairs) to move, which the
-/// general path takes. Measured on one 56x56 plane of a 3x3, stride-2 window (AVX2, one
-/// thread, best of 4 alternations): 0.72 against 1.35 us for the general path's rows; a
-/// 112x112 plane, 1.51 against 2.08; a 28x28 plane at stride 1, 0.12 against 0.23.
+/// The last group of a row overlaps the one before it and writes the same floats again.
+/// Returns false, having written nothing, for other strides, and for rows of fewer than 8
+/// floats (or pairs) to move, which the general path takes. Measured on one 56x56 plane
+/// of a 3x3, stride-2 window (AVX2, one thread, best of 4 alternations): 0.72 against
+/// 1.35 us for the general path's rows; a 112x112 plane, 1.51 against 2.08; a 28x28 plane
+/// at stride 1, 0.12 against 0.23.
 ///
 /// Each input row `iy` is padded row `py = iy + pt`, row `py / sh` of the phases of row
 /// phase `py % sh`; its column `ix` is padded column `px = ix + pl`, column `px / sw` of
