@@ -2104,22 +2104,15 @@ fn write_phases_avx2(input: &[f32], geo: &Geom, shape: PhaseShape, phases: &mut 
         }
         let row = |rx: usize| (ry * sw + rx) * phase_len + i * shape.w;
         if sw == 1 {
-            let at = row(0) + pl;
-            let mut j = 0;
-            loop {
-                // SAFETY: `j + 8 <= moved <= w` floats of `src`; `pl + moved <= shape.w`,
-                // so the store stays in this phase row, inside `phases` (checked above).
-                unsafe { _mm256_storeu_ps(dst.add(at + j), _mm256_loadu_ps(src.as_ptr().add(j))) };
-                match next_step(j, moved) {
-                    Some(next) => j = next,
-                    None => break,
-                }
-            }
+            // SAFETY: `moved <= w` floats of `src`; `pl + moved <= shape.w`, so the copy
+            // stays in this phase row, inside `phases` (checked above); AVX2 is enabled.
+            unsafe {
+                copy_vectors::<std::arch::x86_64::__m256>(dst.add(row(0) + pl), src.as_ptr(), moved)
+            };
             continue;
         }
         let (even, odd) = (row(pl % 2) + pl / 2, row(1 - pl % 2) + pl.div_ceil(2));
-        let mut j = 0;
-        loop {
+        for j in covering_steps(moved, 8) {
             // SAFETY: floats `2j .. 2j + 16 <= 2 moved <= w` of `src`; `j + 8 <= moved`
             // floats from `pl / 2` and `pl.div_ceil(2)` of the two phase rows, both
             // within their row of `shape.w` (checked above).
@@ -2134,10 +2127,6 @@ fn write_phases_avx2(input: &[f32], geo: &Geom, shape: PhaseShape, phases: &mut 
                 _mm256_storeu_ps(dst.add(even + j), order(e));
                 _mm256_storeu_ps(dst.add(odd + j), order(o));
             }
-            match next_step(j, moved) {
-                Some(next) => j = next,
-                None => break,
-            }
         }
         // The columns past the last pair: an odd row's last, and a first phase's one more.
         for (ix, &v) in src.iter().enumerate().skip(2 * moved) {
@@ -2149,15 +2138,6 @@ fn write_phases_avx2(input: &[f32], geo: &Geom, shape: PhaseShape, phases: &mut 
         }
     }
     true
-}
-
-/// The step of 8 after the one at `j` over `0..len` (`len >= 8`), as [`covering_steps`]
-/// gives them (the last ends at `len`), or `None` after the last. A plain loop on this
-/// ran the row moves of [`write_phases_avx2`] faster than one over the iterator.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn next_step(j: usize, len: usize) -> Option<usize> {
-    (j + 8 < len).then(|| (j + 8).min(len - 8))
 }
 
 /// Splits `src` into its even and its odd elements, as many pairs as `even` and `odd`
@@ -2174,11 +2154,14 @@ fn split_pairs_in<S: pulp::Simd>(_simd: S, src: &[f32], even: &mut [f32], odd: &
 /// Where the `width`-wide steps over `0..len` (`len >= width > 0`) start: whole steps
 /// from 0, then, when `len` is not a multiple of `width`, one that ends at `len` and
 /// overlaps the one before it. For passes that may write an element twice with the same
-/// value (copies, splits), so a row needs no scalar tail.
+/// value (copies, splits), so a row needs no scalar tail. A plain iterator, each step
+/// from the one before: over a chain of two iterators, the row moves of
+/// [`write_phases_avx2`] ran slower.
 #[cfg(target_arch = "x86_64")]
+#[inline(always)]
 fn covering_steps(len: usize, width: usize) -> impl Iterator<Item = usize> {
-    let whole = (0..len / width).map(move |i| i * width);
-    whole.chain((!len.is_multiple_of(width)).then(|| len - width))
+    let first = (len >= width && width > 0).then_some(0);
+    std::iter::successors(first, move |&j| (j + width < len).then(|| (j + width).min(len - width)))
 }
 
 /// Copies `src` to `dst` with vector moves of the CPU's width, for the many short rows
