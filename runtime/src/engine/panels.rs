@@ -142,18 +142,19 @@ pub(crate) unsafe fn block<S: Simd, const MR: usize, const NR: usize>(
         );
     }
     let (a, b) = (ops.a.as_ptr(), ops.b[b_first.min(ops.b.len())..].as_ptr());
-    // SAFETY (both loops): `a_at + width <= a.len()` and `b_at + b_span <= b.len() -
-    // b_first` for every step (checked above, and for listed rows by the contract on
-    // their `reach`).
     match ops.a_rows {
         Some(rows) => {
             for (r, &at) in rows.starts[..ops.depth].iter().enumerate() {
+                // SAFETY: `at <= reach`, so `at + i + width <= a.len()`, and `r * b_stride
+                // + b_span <= b.len() - b_first` (checked above; `reach` by the contract).
                 unsafe { step(simd, &mut acc, a.add(at + i), b.add(r * ops.b_stride), ops.b_step) };
             }
         }
         None => {
             for r in 0..ops.depth {
                 let (a_at, b_at) = (r * ops.a_stride + i, r * ops.b_stride);
+                // SAFETY: `a_at + width <= a.len()` and `b_at + b_span <= b.len() -
+                // b_first` (checked above).
                 unsafe { step(simd, &mut acc, a.add(a_at), b.add(b_at), ops.b_step) };
             }
         }
