@@ -1,7 +1,7 @@
 //! Convolution and pooling on f32 slices, where candle-core has no kernel of its own.
 //!
 //! General convolution unfolds the input (im2col, read from stride phases) and multiplies
-//! with gemm; depthwise convolution and pooling are direct loops over the same phases,
+//! in our products ([`TileProduct`], [`lanes`]) or the gemm crate's; depthwise convolution and pooling are direct loops over the same phases,
 //! split over output planes across the engine's threads ([`Team`]).
 
 use candle_core::{CpuStorage, Device, Storage, Tensor};
@@ -12,6 +12,7 @@ use super::team::Team;
 
 #[cfg(target_arch = "x86_64")]
 mod blocked;
+mod lanes;
 #[cfg(target_arch = "x86_64")]
 mod maxpool;
 
@@ -492,9 +493,10 @@ pub(crate) fn conv(
 
 /// A Conv weight (`M x C/group x kernel`) laid out for the kernel that runs it, in the
 /// same shape and the same number of floats:
-/// - for [`GroupedConv`], each group's weights in panels of [`panels::ROWS`] output
-///   channels, so the product streams through them in order; `None` for a 1x1 kernel, one
-///   deeper than [`PACKED_MAX_DEPTH`], or one that does not fit the attributes;
+/// - for [`GroupedConv`], each group's weights in panels of output channels, so the
+///   product streams through them in order: of [`lanes::panel`] channels where
+///   [`lanes::fits`], else of [`panels::ROWS`]; `None` for a 1x1 kernel, one deeper than
+///   [`PACKED_MAX_DEPTH`] that is not for lanes, or one that does not fit the attributes;
 /// - for a depthwise convolution of one output channel per group, blocks of channels
 ///   with their taps in order ([`pack_depthwise`]), on CPUs where blocks run; `None`
 ///   elsewhere and for other depthwise weights, which run as they are.
@@ -517,19 +519,28 @@ pub(crate) fn pack_weights(w: &Tensor, attrs: &ConvAttrs) -> R<Option<Tensor>> {
         return Ok(Some(Tensor::from_vec(packed, w.dims(), &Device::Cpu)?));
     }
     let k = w.elem_count() / m.max(1);
-    if k > PACKED_MAX_DEPTH || k == cg {
+    let width = if k == cg {
         return Ok(None);
-    }
-    let packed = with_f32(w, |ws| Ok(pack_groups(ws, g, m / g, k)))?;
+    } else if lanes::fits(k, m / g) {
+        lanes::panel()
+    } else if k > PACKED_MAX_DEPTH {
+        return Ok(None);
+    } else {
+        panels::ROWS
+    };
+    let packed = with_f32(w, |ws| Ok(pack_groups(ws, g, m / g, k, width)))?;
     Ok(Some(Tensor::from_vec(packed, w.dims(), &Device::Cpu)?))
 }
 
 /// The deepest products (input channels per group times kernel size) that run on packed
-/// weights in our own loop. Deeper ones, ResNet's 256- and 512-channel 3x3 layers, ran
-/// faster in the gemm crate's (its products of 7x7 and 14x14 maps: 2.0 against 2.9 ms
-/// for 512 channels, one thread), and so did 1x1 kernels (which it reads in place);
-/// kernels of several taps up to this depth ran faster in ours (ResNet's stride-2 3x3
-/// layers 1.43 -> 1.26 and 1.49 -> 1.30 ms, cnn 0.080 -> 0.073 ms in all).
+/// weights in [`TileProduct`], output positions along the lanes. Deeper ones, ResNet's
+/// 256- and 512-channel 3x3 layers, ran faster in the gemm crate's (its products of 7x7
+/// and 14x14 maps: 2.0 against 2.9 ms for 512 channels, one thread), and so did 1x1
+/// kernels (which it reads in place); kernels of several taps up to this depth ran faster
+/// in ours (ResNet's stride-2 3x3 layers 1.43 -> 1.26 and 1.49 -> 1.30 ms, cnn 0.080 ->
+/// 0.073 ms in all). Products with whole panels of output channels deeper than
+/// [`lanes::fits`] asks run as lanes products instead, at any depth; the gemm crate
+/// keeps the deep ones without.
 const PACKED_MAX_DEPTH: usize = 1152;
 
 /// How many channels a block of a depthwise convolution holds when blocks run on this
@@ -579,13 +590,10 @@ fn depthwise_places(
     })
 }
 
-/// `g` groups of `mg x k` weights, each laid out in panels of [`panels::ROWS`] channels.
-fn pack_groups(ws: &[f32], g: usize, mg: usize, k: usize) -> Vec<f32> {
+/// `g` groups of `mg x k` weights, each laid out in panels of `width` channels.
+fn pack_groups(ws: &[f32], g: usize, mg: usize, k: usize, width: usize) -> Vec<f32> {
     let group_len = (mg * k).max(1);
-    ws.chunks(group_len)
-        .take(g)
-        .flat_map(|group| panels::pack(group, mg, k, panels::ROWS))
-        .collect()
+    ws.chunks(group_len).take(g).flat_map(|group| panels::pack(group, mg, k, width)).collect()
 }
 
 /// A convolution that is not depthwise, as products of each group's weights (`m / g x
@@ -690,7 +698,8 @@ struct Tile {
 /// A thread's buffers for the tiles of a [`GroupedConv`].
 #[derive(Default)]
 struct TileScratch {
-    /// The unfolded input of the last tile, and which image, group and rows it was for.
+    /// The unfolded input of the last tile, and which image, group and rows it was for
+    /// (or, with `None`, a lanes product's last pass).
     unfolded: Vec<f32>,
     unfolded_for: Option<(usize, usize, usize)>,
     /// The product of the tile, before its extra columns are dropped. Only its capacity
@@ -699,6 +708,8 @@ struct TileScratch {
     /// Where each row of the tile's unfolded input starts in the phases (our products read
     /// them there instead of unfolding).
     rows: Vec<usize>,
+    /// A lanes product (see [`lanes`]), before it is written into the output.
+    lanes: Vec<f32>,
 }
 
 impl GroupedConv<'_> {
@@ -800,8 +811,8 @@ impl GroupedConv<'_> {
         let tile_products = mg * rows_per_tile * row_width;
         let mut channel_tiles = tile_products.div_ceil(TILE_ELEMENTS);
         channel_tiles = channel_tiles.max(min_tiles.div_ceil(row_tiles));
-        let channels_per_tile =
-            mg.div_ceil(channel_tiles.max(1)).next_multiple_of(panels::ROWS).min(mg);
+        let panel = if self.packed && lanes::fits(k, mg) { lanes::panel() } else { panels::ROWS };
+        let channels_per_tile = mg.div_ceil(channel_tiles.max(1)).next_multiple_of(panel).min(mg);
         let channel_tiles = mg.div_ceil(channels_per_tile.max(1));
         let per_group = row_tiles * channel_tiles;
         let tiles = self.n * self.g * per_group;
@@ -865,12 +876,17 @@ impl GroupedConv<'_> {
         let out_plane = tile.image * self.m + first_channel;
         // SAFETY: within the output, by the contract above.
         let direct_at = unsafe { out.add(out_plane * p + first) };
+        let lanes = self.packed && lanes::fits(k, mg);
         let direct = pw == geo.ow
             && (!self.packed
                 || (p.is_multiple_of(ALIGN_FLOATS)
                     && width.is_multiple_of(ALIGN_FLOATS)
                     && direct_at.align_offset(64) == 0));
-        let (dst, dst_stride) = if direct {
+        let (dst, dst_stride) = if lanes {
+            // Written by `lanes::to_rows`, a channel's rows with no gaps, as the output's.
+            // SAFETY: within the output, by the contract above.
+            (unsafe { out.add(out_plane * p + tile.rows * geo.ow) }, p)
+        } else if direct {
             // Rows as wide as the output's (and aligned, for ours): the product goes
             // straight into it.
             (direct_at, p)
@@ -883,7 +899,35 @@ impl GroupedConv<'_> {
             // SAFETY: `start` floats into the capacity reserved above.
             (unsafe { scratch.product.as_mut_ptr().add(start) }, row_stride)
         };
-        if self.packed {
+        if lanes {
+            // Channels along the lanes: the product is blocks of `positions x` a panel's
+            // channels, written into the output as its channels' rows.
+            let positions = tile.row_count * geo.ow;
+            let len = positions * tile.channel_count;
+            scratch.unfolded_for = None;
+            let mut product = std::mem::take(&mut scratch.lanes);
+            product.clear();
+            product.reserve(len);
+            pulp::Arch::new().dispatch(lanes::LanesProduct {
+                source,
+                first_plane,
+                first_row: tile.rows,
+                rows: tile.row_count,
+                width: geo.ow,
+                weights: &ws[tile.group * mg * k..][..mg * k],
+                mg,
+                k,
+                first: tile.channels,
+                dst: &mut product.spare_capacity_mut()[..len],
+                unfolded: &mut scratch.unfolded,
+            });
+            // SAFETY: the product wrote all `len` floats.
+            unsafe { product.set_len(len) };
+            // SAFETY: `dst` is the tile's outputs of its first channel, and its other
+            // channels' `p` apart (the contract above).
+            unsafe { lanes::to_rows(&product, positions, dst, dst_stride) };
+            scratch.lanes = product;
+        } else if self.packed {
             // Our products read each row where it lies in the phases (1x1 kernels, the
             // only ones read in place, are not packed).
             scratch.rows.clear();
@@ -939,7 +983,7 @@ impl GroupedConv<'_> {
             plane: p,
             first_row: tile.rows,
             width: geo.ow,
-            from: (!direct).then_some((dst, dst_stride, pw)),
+            from: (!direct && !lanes).then_some((dst, dst_stride, pw)),
             rows: tile.row_count,
             channels: tile.channel_count,
             bias: self.bias.and_then(|b| b.get(first_channel..first_channel + tile.channel_count)),
@@ -3080,13 +3124,20 @@ mod packed_tests {
         // (n, c, h, w, m, k, stride, dilation, pads, group): channel counts that are not
         // multiples of a panel, widths whose last vector reaches into the padding, depths
         // over one pass (3 * 7 * 7 and 80 * 9 > DEPTH_BLOCK), groups, stride 2, dilation,
-        // asymmetric pads, batch 2.
+        // asymmetric pads, batch 2. The last four are deeper than PACKED_MAX_DEPTH, with
+        // whole panels of channels, and run as lanes products: passes of unequal depth, a
+        // 7x7 map (steps of 5 and 6 positions), a tile of more than one group of
+        // positions, stride 2 with asymmetric pads, batch 2 and groups.
         let cases = [
             (1, 3, 32, 32, 16, 3, 1, 1, [1; 4], 1),
             (1, 3, 40, 38, 13, 7, 2, 1, [3; 4], 1),
             (2, 80, 9, 11, 70, 3, 1, 1, [1, 0, 2, 1], 1),
             (1, 8, 15, 17, 10, 3, 2, 2, [2; 4], 2),
             (1, 16, 23, 23, 64, 3, 2, 1, [1; 4], 1),
+            (1, 136, 7, 7, 128, 3, 1, 1, [1; 4], 1),
+            (1, 130, 20, 19, 64, 3, 1, 1, [1; 4], 1),
+            (2, 130, 10, 9, 64, 3, 2, 1, [1, 0, 2, 1], 1),
+            (1, 264, 6, 5, 128, 3, 1, 1, [1; 4], 2),
         ];
         for (i, (n, c, h, w, m, k, stride, dilation, pads, group)) in cases.into_iter().enumerate()
         {
@@ -3120,12 +3171,15 @@ mod packed_tests {
     }
 
     #[test]
-    fn only_shallow_kernels_of_several_taps_are_packed() {
+    fn kernels_of_several_taps_are_packed_if_shallow_or_whole_panels() {
         let ones = |d: &[usize]| Tensor::ones(d, candle_core::DType::F32, &Device::Cpu).unwrap();
         let plain = attrs(3, 1, 1, [1; 4], 1);
         assert!(pack_weights(&ones(&[64, 128, 3, 3]), &plain).unwrap().is_some());
-        // Deeper than PACKED_MAX_DEPTH, a 1x1 kernel, depthwise.
-        assert!(pack_weights(&ones(&[64, 256, 3, 3]), &plain).unwrap().is_none());
+        // Deeper than PACKED_MAX_DEPTH: for lanes products with whole panels of channels,
+        // else not.
+        assert!(pack_weights(&ones(&[64, 256, 3, 3]), &plain).unwrap().is_some());
+        assert!(pack_weights(&ones(&[40, 256, 3, 3]), &plain).unwrap().is_none());
+        // A 1x1 kernel, depthwise.
         assert!(pack_weights(&ones(&[64, 32, 1, 1]), &attrs(1, 1, 1, [0; 4], 1))
             .unwrap()
             .is_none());
@@ -3243,12 +3297,7 @@ mod layer_timing {
             let attrs = square(k, s, 1, None);
             let x = Tensor::ones((1, c, hw, hw), candle_core::DType::F32, &Device::Cpu).unwrap();
             let w = Tensor::ones((m, c, k, k), candle_core::DType::F32, &Device::Cpu).unwrap();
-            let packed = Tensor::from_vec(
-                with_f32(&w, |ws| Ok(pack_groups(ws, 1, m, c * k * k))).unwrap(),
-                w.dims(),
-                &Device::Cpu,
-            )
-            .unwrap();
+            let packed = pack_weights(&w, &attrs).unwrap().unwrap();
             let macs = m * c * k * k * (hw / s) * (hw / s);
             let time = |w: &Tensor, packed: bool| {
                 timed(&one, macs, || conv(&x, w, None, &attrs, packed, None).unwrap())

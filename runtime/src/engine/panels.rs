@@ -10,6 +10,9 @@
 //! - The unfolded convolution (`kernels.rs`) runs output positions along the lanes: `a` is
 //!   the unfolded input, `b` the weights in panels of [`ROWS`] output channels, and each
 //!   row of `dst` is a row of an output plane.
+//! - The lanes products of deep convolutions (`kernels/lanes.rs`) run output channels
+//!   along the lanes: `a` is the weights in panels of one block's channels, `b` the
+//!   unfolded input, and each row of `dst` one position's sums for a panel.
 //! - The Winograd products (`winograd.rs`) run output channels along the lanes: `a` is the
 //!   transformed weights in panels of 64 channels, `b` the transformed input.
 
