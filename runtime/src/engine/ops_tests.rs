@@ -405,6 +405,8 @@ fn max_pool_matches_a_direct_loop() {
         // and column.
         (15, 9, 2, 2, 0),
         (2, 3, 2, 2, 0),
+        // On AVX2 by vectors of 8 outputs, the last overlapping the one before.
+        (9, 37, 2, 2, 0),
         // Column stride 2 on AVX-512 runs by rows: ResNet's 3x3/2 on wide rows (several
         // vectors and a partial one), a 5-wide window, an even one with padding.
         (23, 112, 3, 2, 1),
@@ -460,6 +462,15 @@ fn max_pool_lets_nan_win_and_keeps_minus_infinity() {
     let y = vals(&run1("MaxPool", attrs, &[t(&[1, 1, 4, 8], &xs)]));
     assert!(y[0].is_nan() && y[1].is_nan() && y[4].is_nan() && y[6].is_nan(), "{y:?}");
     assert_eq!((y[2], y[3], y[5], y[7]), (5., -inf, 3., 8.), "{y:?}");
+    // Rows of 8 outputs (each row twice over) run by vectors on AVX2: the same.
+    let wide: Vec<f32> = xs.chunks(8).flat_map(|row| row.iter().chain(row)).copied().collect();
+    let attrs = vec![attr_ints("kernel_shape", &[2, 2]), attr_ints("strides", &[2, 2])];
+    let y2 = vals(&run1("MaxPool", attrs, &[t(&[1, 1, 4, 16], &wide)]));
+    assert_eq!(y2.len(), 2 * y.len());
+    for (i, (a, b)) in y2.iter().zip(y.chunks(4).flat_map(|row| row.iter().chain(row))).enumerate()
+    {
+        assert!(a == b || (a.is_nan() && b.is_nan()), "output {i}: {a} vs {b}, {y2:?}");
+    }
     // The general path (stride phases, padding that never wins) agrees.
     let attrs = vec![
         attr_ints("kernel_shape", &[3, 3]),
