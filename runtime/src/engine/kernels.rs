@@ -1,8 +1,9 @@
 //! Convolution and pooling on f32 slices, where candle-core has no kernel of its own.
 //!
 //! General convolution unfolds the input (im2col, read from stride phases) and multiplies
-//! in our products ([`TileProduct`], [`lanes`]) or the gemm crate's; depthwise convolution and pooling are direct loops over the same phases,
-//! split over output planes across the engine's threads ([`Team`]).
+//! in our products ([`TileProduct`], [`lanes`]) or the gemm crate's; depthwise convolution
+//! and pooling are direct loops over the same phases, split over output planes across the
+//! engine's threads ([`Team`]).
 
 use candle_core::{CpuStorage, Device, Storage, Tensor};
 
@@ -538,9 +539,9 @@ pub(crate) fn pack_weights(w: &Tensor, attrs: &ConvAttrs) -> R<Option<Tensor>> {
 /// and 14x14 maps: 2.0 against 2.9 ms for 512 channels, one thread), and so did 1x1
 /// kernels (which it reads in place); kernels of several taps up to this depth ran faster
 /// in ours (ResNet's stride-2 3x3 layers 1.43 -> 1.26 and 1.49 -> 1.30 ms, cnn 0.080 ->
-/// 0.073 ms in all). Products with whole panels of output channels deeper than
-/// [`lanes::fits`] asks run as lanes products instead, at any depth; the gemm crate
-/// keeps the deep ones without.
+/// 0.073 ms in all). Those that [`lanes::fits`] (deep enough, with whole panels of
+/// output channels) run as lanes products instead, at any depth; the gemm crate keeps the
+/// deeper ones without whole panels.
 const PACKED_MAX_DEPTH: usize = 1152;
 
 /// How many channels a block of a depthwise convolution holds when blocks run on this
