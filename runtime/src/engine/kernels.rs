@@ -486,6 +486,7 @@ pub(crate) fn conv(
         bias: bias.as_deref(),
         activation: attrs.activation,
         packed,
+        lanes: packed && lanes::fits(cg * kernel.iter().product::<usize>(), m / g),
         residual,
     };
     let out = with_f32(w, |ws| with_f32(x, |xs| conv.run(xs, ws, total)))?;
@@ -615,6 +616,9 @@ struct GroupedConv<'a> {
     activation: Option<Activation>,
     /// Whether the weights are in panels (see [`pack_weights`]).
     packed: bool,
+    /// Whether those panels are for lanes products ([`lanes::fits`], as `pack_weights`
+    /// decided), decided once for all the tiles.
+    lanes: bool,
     /// Added to the outputs before the activation (the output's shape).
     residual: Option<&'a [f32]>,
 }
@@ -812,7 +816,7 @@ impl GroupedConv<'_> {
         let tile_products = mg * rows_per_tile * row_width;
         let mut channel_tiles = tile_products.div_ceil(TILE_ELEMENTS);
         channel_tiles = channel_tiles.max(min_tiles.div_ceil(row_tiles));
-        let panel = if self.packed && lanes::fits(k, mg) { lanes::panel() } else { panels::ROWS };
+        let panel = if self.lanes { lanes::panel() } else { panels::ROWS };
         let channels_per_tile = mg.div_ceil(channel_tiles.max(1)).next_multiple_of(panel).min(mg);
         let channel_tiles = mg.div_ceil(channels_per_tile.max(1));
         let per_group = row_tiles * channel_tiles;
@@ -877,7 +881,7 @@ impl GroupedConv<'_> {
         let out_plane = tile.image * self.m + first_channel;
         // SAFETY: within the output, by the contract above.
         let direct_at = unsafe { out.add(out_plane * p + first) };
-        let lanes = self.packed && lanes::fits(k, mg);
+        let lanes = self.lanes;
         let direct = pw == geo.ow
             && (!self.packed
                 || (p.is_multiple_of(ALIGN_FLOATS)
