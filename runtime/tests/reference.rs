@@ -184,7 +184,8 @@ fn reference_latency() {
 
 /// Where each model's time goes, node by node: `BENCH_MODELS` (default all) at batch 1,
 /// profiled for `BENCH_SECONDS` each. Prints the `BENCH_TOP` (default 25) nodes that take
-/// the most time (median per node over the runs), then the time per operator. A tool for
+/// the most time (median per node over the runs), or with `BENCH_ORDER=graph` the first
+/// nodes in the order they run, then the time per operator. A tool for
 /// the engine's speed work.
 #[test]
 #[ignore = "timing, not a check: a profile to read"]
@@ -211,8 +212,11 @@ fn reference_profile() {
             nodes.len()
         );
         let mut order: Vec<usize> = (0..nodes.len()).collect();
-        order.sort_by(|&a, &b| medians[b].total_cmp(&medians[a]));
-        // The slowest 25 nodes, or as many as BENCH_TOP says.
+        // Slowest first, or in the order the nodes run if BENCH_ORDER=graph.
+        if std::env::var("BENCH_ORDER").as_deref() != Ok("graph") {
+            order.sort_by(|&a, &b| medians[b].total_cmp(&medians[a]));
+        }
+        // The first 25 nodes, or as many as BENCH_TOP says.
         let top = std::env::var("BENCH_TOP").ok().and_then(|s| s.parse().ok()).unwrap_or(25);
         for &i in order.iter().take(top) {
             let n = &nodes[i];

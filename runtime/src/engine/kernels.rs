@@ -1607,7 +1607,13 @@ fn depthwise(
     let arch = pulp::Arch::new();
     #[cfg(target_arch = "x86_64")]
     if mult == 1 && blocked::supports(&geo) {
-        let mut out = vec![0f32; n * m * p];
+        let total = n * m * p;
+        // Not zeroed: the blocks write every output (a pass of its own over the output
+        // took 5% of MobileNetV3's 72-channel 56x56 -> 28x28 layer).
+        let mut out: Vec<f32> = Vec::with_capacity(total);
+        // SAFETY: the output's capacity, of which every float is written (each block's
+        // planes by `blocked::Block`) before it is read or the length is set.
+        let planes = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr(), total) };
         let block = blocked::lanes();
         with_f32(w, |weights| {
             with_f32(x, |xs| {
@@ -1620,7 +1626,7 @@ fn depthwise(
                     true => std::borrow::Cow::Borrowed(weights),
                     false => std::borrow::Cow::Owned(pack_depthwise(weights, c, kk, block)),
                 };
-                for (image, out) in out.chunks_exact_mut(m * p).enumerate() {
+                for (image, out) in planes.chunks_exact_mut(m * p).enumerate() {
                     let xs = &xs[image * c * plane_in..][..c * plane_in];
                     let run = |_: &mut (), index: usize, out: &mut [f32]| {
                         let first = index * block;
@@ -1642,6 +1648,8 @@ fn depthwise(
                 Ok(())
             })
         })?;
+        // SAFETY: every block was written (above).
+        unsafe { out.set_len(total) };
         return Ok(out);
     }
     let (shape, taps) = phase_taps(&geo);
