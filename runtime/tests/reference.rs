@@ -185,8 +185,8 @@ fn reference_latency() {
 /// Where each model's time goes, node by node: `BENCH_MODELS` (default all) at batch 1,
 /// profiled for `BENCH_SECONDS` each. Prints the `BENCH_TOP` (default 25) nodes that take
 /// the most time (median per node over the runs), or with `BENCH_ORDER=graph` the first
-/// nodes in the order they run, then the time per operator. A tool for
-/// the engine's speed work.
+/// nodes in the order they run, then the time per operator. A tool for the engine's speed
+/// work.
 #[test]
 #[ignore = "timing, not a check: a profile to read"]
 fn reference_profile() {

@@ -38,9 +38,9 @@ pub(super) fn runs_here() -> bool {
 }
 
 /// Whether [`Block`] runs this geometry on this CPU ([`runs_here`]): a kernel of at least
-/// one tap, a padded plane of at most [`MAX_PADDED_POSITIONS`], and with 8 lanes an output plane of at most
-/// [`MAX_OUTPUTS_8_LANES`] ([`MAX_STRIDED_OUTPUTS_8_LANES`] when the window strides).
-/// Others take the planar path.
+/// one tap, a padded plane of at most [`MAX_PADDED_POSITIONS`], and with 8 lanes an output
+/// plane of at most [`MAX_OUTPUTS_8_LANES`] ([`MAX_STRIDED_OUTPUTS_8_LANES`] when the
+/// window strides). Others take the planar path.
 pub(super) fn supports(geo: &Geom) -> bool {
     let (hp, wp) = padded_size(geo);
     let outputs = geo.oh * geo.ow;
@@ -70,9 +70,9 @@ const MAX_OUTPUTS_8_LANES: usize = 16 * 16;
 /// positions or more moved into a block row by row ([`avx2::to_positions`]), blocks won
 /// on MobileNetV3's strided layers up to 28x28 outputs (one thread, AVX2, lowest of 4
 /// alternations, blocks against planes): 96 channels 28x28 -> 14x14, 5x5 at stride 2,
-/// 0.034 against 0.046 ms; 72 channels 56x56 -> 28x28, 3x3, 0.064 against 0.069. (Moved
-/// 8 positions at a time across the rows' ends, the first of those lost, 0.051 against
-/// 0.042.)
+/// 0.034 against 0.046 ms; 72 channels 56x56 -> 28x28, 3x3, 0.064 against 0.069. (When a
+/// block moved 8 positions at a time across the rows' ends, it lost the first of those
+/// layers, 0.051 against 0.042, and strided blocks stopped at 8x8 outputs.)
 const MAX_STRIDED_OUTPUTS_8_LANES: usize = 28 * 28;
 
 /// The most positions of a padded plane this path takes (64 x 64): each thread keeps its
