@@ -99,6 +99,33 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
 }
 
+/// Writes `len` vectors of [`lanes`] channels, the vector of position `q` at `src[q *
+/// step ..]`, as rows of positions: `rows[c * stride + q]` = lane `c` of position `q`'s
+/// vector, for each of the first `channels` lanes. By the transposes that move a block
+/// out.
+///
+/// # Safety
+///
+/// [`runs_here`] holds; `channels` is at most [`lanes`]; `src` is valid for reads of a
+/// vector at each `q * step`, `q < len`; `rows` for writes of `channels` rows of `len`
+/// floats, `stride` apart, that nothing else touches during the call.
+pub(super) unsafe fn vectors_to_rows(
+    src: *const f32,
+    step: usize,
+    len: usize,
+    rows: *mut f32,
+    stride: usize,
+    channels: usize,
+) {
+    // SAFETY (both): the CPU has the instructions of the lanes it runs ([`runs_here`]),
+    // and the rest is the caller's contract.
+    match lanes() {
+        16 => unsafe { x86::to_rows(src, step, len, rows, stride, channels) },
+        8 => unsafe { avx2::to_rows(src, step, len, rows, stride, channels) },
+        l => unreachable!("no moves for vectors of {l} floats"),
+    }
+}
+
 /// Runs `f` with this thread's [`Scratch`], kept from call to call: a layer's padding is
 /// written only when the geometry changes, and nothing is allocated once the largest
 /// layer has run.
@@ -461,26 +488,46 @@ mod avx2 {
     #[target_feature(enable = "avx2")]
     pub(super) fn to_planes(src: &[f32], len: usize, planes: &mut [f32], channels: usize) {
         assert!(channels <= 8 && src.len() >= len * 8 && planes.len() >= channels * len);
+        // SAFETY: `len` vectors of `src` and `channels` planes of `len` floats (checked
+        // above), which the `&mut` keeps to this call.
+        unsafe { to_rows(src.as_ptr(), 8, len, planes.as_mut_ptr(), len, channels) };
+    }
+
+    /// Channels out, 8 at a time: as [`super::x86::to_rows`].
+    ///
+    /// # Safety
+    ///
+    /// As for [`super::x86::to_rows`], with 8 lanes.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn to_rows(
+        src: *const f32,
+        step: usize,
+        len: usize,
+        rows: *mut f32,
+        stride: usize,
+        channels: usize,
+    ) {
         let mut q0 = 0;
         while q0 < len {
             let n = (len - q0).min(8);
-            let mut rows = [_mm256_setzero_ps(); 8];
+            let mut v = [_mm256_setzero_ps(); 8];
             unroll8!(Q => {
                 if Q < n {
-                    // SAFETY: 8 floats of `src` (checked above).
-                    rows[Q] = unsafe { _mm256_loadu_ps(src[(q0 + Q) * 8..][..8].as_ptr()) };
+                    // SAFETY: the vector of position `q0 + Q < len` (the contract).
+                    v[Q] = unsafe { _mm256_loadu_ps(src.add((q0 + Q) * step)) };
                 }
             });
-            transpose(&mut rows);
+            transpose(&mut v);
             unroll8!(C => {
                 if C < channels {
-                    let dst = &mut planes[C * len + q0..][..n];
-                    // SAFETY: the first `n` lanes, the floats of `dst`.
+                    // SAFETY: floats `q0 .. q0 + n <= len` of row `C < channels` (the
+                    // contract); a masked move only for a partial chunk.
                     unsafe {
+                        let to = rows.add(C * stride + q0);
                         if n == 8 {
-                            _mm256_storeu_ps(dst.as_mut_ptr(), rows[C])
+                            _mm256_storeu_ps(to, v[C])
                         } else {
-                            _mm256_maskstore_ps(dst.as_mut_ptr(), first(n), rows[C])
+                            _mm256_maskstore_ps(to, first(n), v[C])
                         }
                     };
                 }
@@ -506,7 +553,7 @@ mod avx2 {
 /// with AVX-512 (where a block is 16 channels).
 mod x86 {
     use std::arch::x86_64::{
-        __m512i, _mm512_loadu_si512, _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps,
+        __m512i, _mm512_loadu_ps, _mm512_loadu_si512, _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps,
         _mm512_permutex2var_ps, _mm512_setzero_ps, _mm512_storeu_ps,
     };
 
@@ -710,23 +757,45 @@ mod x86 {
     #[target_feature(enable = "avx512f")]
     pub(super) fn to_planes(src: &[f32], len: usize, planes: &mut [f32], channels: usize) {
         assert!(channels <= 16 && src.len() >= len * 16 && planes.len() >= channels * len);
+        // SAFETY: `len` vectors of `src` and `channels` planes of `len` floats (checked
+        // above), which the `&mut` keeps to this call.
+        unsafe { to_rows(src.as_ptr(), 16, len, planes.as_mut_ptr(), len, channels) };
+    }
+
+    /// Channels out of position-major vectors: `rows[c * stride + q]` = lane `c` of the
+    /// vector at `src[q * step ..]`, for each of the first `channels` lanes and every `q <
+    /// len`, 16 positions at a time by transposes in registers.
+    ///
+    /// # Safety
+    ///
+    /// `channels` is at most 16; `src` is valid for reads of a vector at each `q * step`,
+    /// `q < len`; `rows` for writes of `channels` rows of `len` floats, `stride` apart,
+    /// that nothing else touches during the call.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn to_rows(
+        src: *const f32,
+        step: usize,
+        len: usize,
+        rows: *mut f32,
+        stride: usize,
+        channels: usize,
+    ) {
         let mut q0 = 0;
         while q0 < len {
             let n = (len - q0).min(16);
-            let mut rows = [_mm512_setzero_ps(); 16];
+            let mut v = [_mm512_setzero_ps(); 16];
             unroll16!(Q => {
                 if Q < n {
-                    // SAFETY: 16 floats of `src` (checked above).
-                    rows[Q] = unsafe { _mm512_maskz_loadu_ps(u16::MAX, src[(q0 + Q) * 16..].as_ptr()) };
+                    // SAFETY: the vector of position `q0 + Q < len` (the contract).
+                    v[Q] = unsafe { _mm512_loadu_ps(src.add((q0 + Q) * step)) };
                 }
             });
-            transpose!(rows);
+            transpose!(v);
             unroll16!(C => {
                 if C < channels {
-                    // SAFETY: lanes `C * len + q0 .. + n` of `planes` (checked above).
-                    unsafe {
-                        _mm512_mask_storeu_ps(planes[C * len + q0..].as_mut_ptr(), first(n), rows[C])
-                    };
+                    // SAFETY: floats `q0 .. q0 + n <= len` of row `C < channels` (the
+                    // contract).
+                    unsafe { _mm512_mask_storeu_ps(rows.add(C * stride + q0), first(n), v[C]) };
                 }
             });
             q0 += n;
