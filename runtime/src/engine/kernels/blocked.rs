@@ -547,6 +547,17 @@ mod avx2 {
             );
         }
     }
+
+    #[test]
+    fn vectors_move_to_rows_apart() {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (the `if`); `strided_rows` passes buffers that
+            // hold what each call reads and writes.
+            super::strided_rows(8, |s, step, l, r, stride, c| unsafe {
+                to_rows(s, step, l, r, stride, c)
+            });
+        }
+    }
 }
 
 /// The moves between planes and blocks as 16 x 16 transposes in registers, on CPUs
@@ -813,6 +824,17 @@ mod x86 {
             );
         }
     }
+
+    #[test]
+    fn vectors_move_to_rows_apart() {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512 (the `if`); `strided_rows` passes buffers that
+            // hold what each call reads and writes.
+            super::strided_rows(16, |s, step, l, r, stride, c| unsafe {
+                to_rows(s, step, l, r, stride, c)
+            });
+        }
+    }
 }
 
 /// Checks a pair of moves (`to_positions`, `to_planes`) of blocks of `lanes` channels,
@@ -850,5 +872,26 @@ fn round_trip(
         to_planes(&dense, len, &mut back, channels);
         assert_eq!(&back[..channels * len], &planes[..]);
         assert!(back[channels * len..].iter().all(|&v| v == 0.0), "wrote past the planes");
+    }
+}
+
+/// Checks a move of vectors to rows (`to_rows`) with the vectors further apart than
+/// their lanes and the rows further apart than their length, as a lanes product's sums
+/// are written out: fewer channels than lanes, a partial chunk of positions alone and
+/// after whole ones, and nothing written between the rows.
+#[cfg(test)]
+fn strided_rows(lanes: usize, to_rows: impl Fn(*const f32, usize, usize, *mut f32, usize, usize)) {
+    let (step, channels) = (lanes + 3, lanes - 3);
+    for len in [lanes - 1, 2 * lanes + 5] {
+        let stride = len + 2;
+        let src: Vec<f32> = (0..(len - 1) * step + lanes).map(|v| v as f32).collect();
+        let mut rows = vec![-1f32; channels * stride];
+        to_rows(src.as_ptr(), step, len, rows.as_mut_ptr(), stride, channels);
+        for c in 0..channels {
+            for q in 0..stride {
+                let want = if q < len { src[q * step + c] } else { -1.0 };
+                assert_eq!(rows[c * stride + q], want, "{len} positions: row {c}, position {q}");
+            }
+        }
     }
 }
